@@ -1,0 +1,102 @@
+"""Data: the embedded Fashion-MNIST default (Debian's `dataset-fashion-mnist` IDX files)."""
+
+import gzip
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+class DataMissingError(FileNotFoundError):
+    """The dataset files are not where we looked."""
+
+
+def _find(root: Path, stem: str) -> Path:
+    for name in (stem + ".gz", stem):
+        if (root / name).is_file():
+            return root / name
+    raise DataMissingError(
+        f"Fashion-MNIST file {stem}(.gz) not found in {root}.\n"
+        "Install the Debian package:  sudo apt-get install -y dataset-fashion-mnist\n"
+        f"(it puts the IDX files in {FASHION_MNIST_DIR}), or pass --data DIR with the four IDX files."
+    )
+
+
+def read_idx(path) -> np.ndarray:
+    """Read an IDX file (optionally gzipped) into a uint8 numpy array."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4:
+        raise ValueError(f"{path}: not an IDX file (too short)")
+    zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or dtype != 0x08:
+        raise ValueError(f"{path}: not an unsigned-byte IDX file (magic {raw[:4].hex()})")
+    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise ValueError(f"{path}: truncated IDX file ({data.size} of {int(np.prod(dims))} values)")
+    return data.reshape(dims)
+
+
+def load_fashion_mnist(split: str = "train", root=None):
+    """Fashion-MNIST as tensors.
+
+    Args:
+        split: "train" (60k) or "test" (10k).
+        root: folder with the IDX files; default $LAZYDIT_DATA or /usr/share/datasets/fashion-mnist.
+    Returns:
+        images (N, 1, 28, 28) float32 in [-1, 1], labels (N,) long.
+    """
+    if split not in _FILES:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    root = Path(root or os.environ.get("LAZYDIT_DATA") or FASHION_MNIST_DIR)
+    img_stem, lbl_stem = _FILES[split]
+    images = read_idx(_find(root, img_stem))
+    labels = read_idx(_find(root, lbl_stem))
+    if images.shape[0] != labels.shape[0]:
+        raise ValueError(f"{root}: {images.shape[0]} images but {labels.shape[0]} labels")
+    x = torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0).unsqueeze(1)
+    return x, torch.from_numpy(labels.astype(np.int64))
+
+
+class InfiniteSampler:
+    """Endless shuffled mini-batches of (x, y) from in-memory tensors, deterministic for a seed."""
+
+    def __init__(self, x, y, batch_size: int, seed: int = 0, flip: bool = False):
+        self.x, self.y, self.batch_size, self.flip = x, y, batch_size, flip
+        self.generator = torch.Generator().manual_seed(seed)
+        self._perm, self._pos = None, 0
+
+    def state_dict(self):
+        return {"generator": self.generator.get_state(), "perm": self._perm, "pos": self._pos}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["generator"])
+        self._perm, self._pos = state["perm"], state["pos"]
+
+    def __next__(self):
+        n = self.x.shape[0]
+        if self._perm is None or self._pos + self.batch_size > n:
+            self._perm, self._pos = torch.randperm(n, generator=self.generator), 0
+        idx = self._perm[self._pos : self._pos + self.batch_size]
+        self._pos += self.batch_size
+        x, y = self.x[idx], self.y[idx]
+        if self.flip:  # reference preprocessing: random horizontal flip
+            mask = torch.rand(len(idx), generator=self.generator) < 0.5
+            x = torch.where(mask[:, None, None, None], x.flip(-1), x)
+        return x, y
+
+    def __iter__(self):
+        return self

@@ -1,0 +1,218 @@
+"""Gaussian diffusion as DiT uses it: linear 1000-step schedule, respacing, DDIM (eta=0), guidance, training loss.
+
+Samplers are plain functions (k-diffusion style) and know nothing about lazy gates.
+"""
+
+import math
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .models import guided_channels
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def linear_betas(num_timesteps=NUM_TRAIN_TIMESTEPS):
+    """(1) beta_t = linspace(1e-4, 0.02) scaled to 1000 steps, float64."""
+    scale = 1000 / num_timesteps
+    return np.linspace(scale * 0.0001, scale * 0.02, num_timesteps, dtype=np.float64)
+
+
+def alphas_cumprod(num_timesteps=NUM_TRAIN_TIMESTEPS):
+    """(2) abar_t = prod_{s<=t} (1 - beta_s), float64 (1000,)."""
+    return np.cumprod(1.0 - linear_betas(num_timesteps))
+
+
+def respaced_timesteps(steps: int, num_timesteps=NUM_TRAIN_TIMESTEPS) -> list:
+    """The reference respacing (`space_timesteps(1000, [T])`): T original timesteps, ascending.
+
+    Args:
+        steps: T, number of sampling steps (1 <= T <= 1000).
+    Returns:
+        timestep_map: list of T ints; respaced index k runs the model at original timestep timestep_map[k].
+    """
+    if not 1 <= steps <= num_timesteps:
+        raise ValueError(f"steps must be in [1, {num_timesteps}], got {steps}")
+    if steps == 1:
+        return [0]
+    stride = (num_timesteps - 1) / (steps - 1)
+    cur, out = 0.0, []
+    for _ in range(steps):
+        out.append(round(cur))  # Python round, as the reference
+        cur += stride
+    return out
+
+
+class Schedule:
+    """The respaced schedule of T steps: abar and abar_prev per respaced index k (float64 numpy)."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+        self.timestep_map = respaced_timesteps(steps)
+        abar = alphas_cumprod()
+        self.abar = abar[self.timestep_map]  # (T,)
+        self.abar_prev = np.append(1.0, self.abar[:-1])  # abar_prev of k=0 is 1
+
+    def timesteps(self, k: int, batch: int, device) -> torch.Tensor:
+        """Original timestep of respaced index k, as the (B,) long tensor the model receives."""
+        return torch.full((batch,), self.timestep_map[k], dtype=torch.long, device=device)
+
+    def q_sample(self, x0, k: int, noise):
+        """(3) x_k = sqrt(abar_k) x0 + sqrt(1 - abar_k) eps."""
+        a = float(self.abar[k])
+        return math.sqrt(a) * x0 + math.sqrt(1 - a) * noise
+
+    def ddim_step(self, x, eps, k: int):
+        """(4) One DDIM step (eta = 0) from respaced index k to k-1, in float32 as the reference.
+
+        x0_hat = sqrt(1/abar_k) x_k - sqrt(1/abar_k - 1) eps;  x_{k-1} = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev) eps.
+        """
+        a, ap = self.abar[k], self.abar_prev[k]
+        x0 = float(np.sqrt(1.0 / a)) * x - float(np.sqrt(1.0 / a - 1)) * eps
+        eps = (float(np.sqrt(1.0 / a)) * x - x0) / float(np.sqrt(1.0 / a - 1))  # reference re-derives eps
+        return float(np.sqrt(ap)) * x0 + float(np.sqrt(1 - ap)) * eps
+
+
+def model_eps(model, x, t, y, cfg_scale: float):
+    """eps prediction (B, C, H, W): one forward, with the reference CFG when cfg_scale != 1 (x, y are [x; x], [y; null])."""
+    C = x.shape[1]
+    if cfg_scale == 1.0:
+        return model(x, t, y)[:, :C]
+    out = model(x, t, y)
+    g = guided_channels(C)
+    eps, rest = out[:, :g], out[:, g:C]
+    cond, uncond = eps.chunk(2)
+    half = uncond + cfg_scale * (cond - uncond)
+    return torch.cat([torch.cat([half, half]), rest], dim=1)
+
+
+def ddim_sample(
+    model,
+    y,
+    steps: int,
+    *,
+    x=None,
+    cfg_scale: float = 1.0,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    null_label: int | None = None,
+    progress: bool = True,
+    callback=None,
+):
+    """DDIM (eta = 0) over the reference respacing of T steps, with optional classifier-free guidance.
+
+    Args:
+        model: a DiT (or anything with `.config` and forward(x, t, y) -> (B, C_out, H, W)).
+        y: (B,) long class labels.
+        steps: T, number of sampling steps.
+        x: (B, C, H, W) initial noise; drawn from `generator` / `seed` (on y's device) when None.
+        cfg_scale: guidance scale w; 1.0 disables guidance (one forward of B rows per step).
+        generator, seed: source of the initial noise (deterministic for a given seed).
+        null_label: label of the unconditional branch; defaults to config.num_classes.
+        progress: show a progress bar.
+        callback: called as callback(dict(k=k, i=i, x=x_k, x_prev=x_{k-1}, eps=eps)) after every step.
+    Returns:
+        (B, C, H, W) samples x_0 (conditional half only when guided).
+    """
+    cfg = model.config
+    B, device = y.shape[0], y.device
+    if x is None:
+        if generator is None:
+            generator = torch.Generator(device=device).manual_seed(0 if seed is None else seed)
+        shape = (B, cfg.in_channels, cfg.input_size, cfg.input_size)
+        x = torch.randn(shape, generator=generator, device=device)
+    x = x.to(device=device, dtype=next(model.parameters()).dtype)
+    guided = cfg_scale != 1.0
+    if guided:  # (5) the batch is [x; x] with labels [y; null]
+        null = cfg.num_classes if null_label is None else null_label
+        x = torch.cat([x, x])
+        y = torch.cat([y, torch.full_like(y, null)])
+    sched = Schedule(steps)
+    bar = tqdm(range(steps - 1, -1, -1), desc=f"DDIM-{steps}", disable=not progress, leave=False)
+    with torch.no_grad():
+        for i, k in enumerate(bar):
+            t = sched.timesteps(k, x.shape[0], device)
+            eps = model_eps(model, x, t, y, cfg_scale)
+            x_prev = sched.ddim_step(x, eps, k)
+            if callback is not None:
+                callback(dict(k=k, i=i, x=x, x_prev=x_prev, eps=eps))
+            x = x_prev
+    return x.chunk(2)[0] if guided else x
+
+
+# ---------------------------------------------------------------- training loss (DDPM, as guided-diffusion)
+
+
+def _normal_kl(mean1, logvar1, mean2, logvar2):
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def _approx_std_normal_cdf(x):
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3))))
+
+
+def _discretized_gaussian_log_likelihood(x, means, log_scales):
+    centered = x - means
+    inv_stdv = torch.exp(-log_scales)
+    cdf_plus = _approx_std_normal_cdf(inv_stdv * (centered + 1.0 / 255.0))
+    cdf_min = _approx_std_normal_cdf(inv_stdv * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    cdf_delta = cdf_plus - cdf_min
+    return torch.where(
+        x < -0.999, log_cdf_plus,
+        torch.where(x > 0.999, log_one_minus_cdf_min, torch.log(cdf_delta.clamp(min=1e-12))),
+    )
+
+
+class TrainingLoss:
+    """DDPM training loss on the full 1000-step chain: eps-MSE (+ the VB term when the model learns sigma)."""
+
+    def __init__(self, num_timesteps=NUM_TRAIN_TIMESTEPS):
+        betas = linear_betas(num_timesteps)
+        abar = np.cumprod(1.0 - betas)
+        abar_prev = np.append(1.0, abar[:-1])
+        self.num_timesteps = num_timesteps
+        post_var = betas * (1.0 - abar_prev) / (1.0 - abar)
+        self._np = dict(
+            sqrt_abar=np.sqrt(abar),
+            sqrt_1m_abar=np.sqrt(1.0 - abar),
+            post_logvar=np.log(np.append(post_var[1], post_var[1:])),
+            post_c1=betas * np.sqrt(abar_prev) / (1.0 - abar),
+            post_c2=(1.0 - abar_prev) * np.sqrt(1.0 - betas) / (1.0 - abar),
+            log_betas=np.log(betas),
+            sqrt_recip_abar=np.sqrt(1.0 / abar),
+            sqrt_recipm1_abar=np.sqrt(1.0 / abar - 1),
+        )
+
+    def _at(self, name, t, ndim):
+        v = torch.from_numpy(self._np[name]).to(t.device)[t].float()
+        return v.view(-1, *([1] * (ndim - 1)))
+
+    def __call__(self, model, x0, t, y, noise=None):
+        """Per-sample loss (B,) at original timesteps t; the model runs in its current train/eval mode."""
+        noise = torch.randn_like(x0) if noise is None else noise
+        xt = self._at("sqrt_abar", t, x0.ndim) * x0 + self._at("sqrt_1m_abar", t, x0.ndim) * noise
+        out = model(xt, t, y)
+        C = x0.shape[1]
+        loss = ((out[:, :C] - noise) ** 2).mean(dim=tuple(range(1, x0.ndim)))
+        if out.shape[1] == 2 * C:  # learn_sigma: VB term with a stop-grad on the mean (Nichol & Dhariwal)
+            loss = loss + self._vb(out[:, :C].detach(), out[:, C:], x0, xt, t)
+        return loss
+
+    def _vb(self, eps, var_values, x0, xt, t):
+        n = x0.ndim
+        min_log = self._at("post_logvar", t, n)
+        max_log = self._at("log_betas", t, n)
+        frac = (var_values + 1) / 2
+        model_logvar = frac * max_log + (1 - frac) * min_log
+        pred_x0 = self._at("sqrt_recip_abar", t, n) * xt - self._at("sqrt_recipm1_abar", t, n) * eps
+        model_mean = self._at("post_c1", t, n) * pred_x0 + self._at("post_c2", t, n) * xt
+        true_mean = self._at("post_c1", t, n) * x0 + self._at("post_c2", t, n) * xt
+        dims = tuple(range(1, n))
+        kl = _normal_kl(true_mean, min_log, model_mean, model_logvar).mean(dim=dims) / math.log(2.0)
+        nll = -_discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_logvar).mean(dim=dims) / math.log(2.0)
+        vb = torch.where(t == 0, nll, kl)
+        return vb  # LossType.MSE, as DiT: the VB term is not rescaled

@@ -1,0 +1,108 @@
+"""High-level runs: sample with or without gates and report cost; calibrate a threshold to a target lazy ratio."""
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .cost import sampling_macs
+from .diffusion import ddim_sample
+from .lazy import LazyGates, apply_lazy
+
+
+@dataclass
+class SampleReport:
+    """What one sampling run cost: steps, lazy ratio, TMACs per image (paper's way), seconds."""
+
+    name: str
+    steps: int
+    lazy_ratio: float
+    tmacs: float
+    seconds: float
+    stats: dict = field(default_factory=dict)  # per step / layer / branch ratios (lazy runs)
+
+    def row(self) -> dict:
+        return dict(sampler=self.name, steps=self.steps, lazy_ratio=round(self.lazy_ratio, 4),
+                    tmacs=self.tmacs, gmacs=round(self.tmacs * 1e3, 4), seconds=round(self.seconds, 3))
+
+
+def class_grid_labels(num_classes: int, per_class: int, device="cpu") -> torch.Tensor:
+    """Labels 0..C-1, each repeated per_class times, ordered so that a grid of C columns shows one class per column."""
+    return torch.arange(num_classes, device=device).repeat(per_class)
+
+
+def sample(model, y, steps: int, *, gates: LazyGates | None = None, threshold: float | None = None,
+           cfg_scale: float = 1.0, seed: int = 0, x=None, force=None, progress: bool = True, name: str | None = None):
+    """Sample with plain DDIM, or with LazyDiT gates attached for the run, and report the cost.
+
+    Args:
+        model: a DiT.
+        y: (B,) labels.
+        steps: T.
+        gates: LazyGates for T steps (None: plain DDIM).
+        threshold: compute threshold (default: the gates').
+        cfg_scale: guidance scale (1.0: none).
+        seed: initial-noise seed (same seed, same noise for every sampler).
+        x: explicit initial noise (overrides seed).
+        force: optional (T, L, 2) bool skip plan used instead of the gate scores.
+        progress: progress bar.
+        name: label of the report row.
+    Returns:
+        (samples (B, C, H, W), SampleReport)
+    """
+    handle = None
+    if gates is not None:
+        gates.check_steps(steps)
+        handle = apply_lazy(model, gates, mode="sample", threshold=threshold)
+        handle.state.force = force
+    try:
+        sync = torch.cuda.synchronize if y.is_cuda else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        out = ddim_sample(model, y, steps, x=x, cfg_scale=cfg_scale, seed=seed, progress=progress)
+        sync()
+        seconds = time.perf_counter() - t0
+        stats = handle.stats() if handle else None
+    finally:
+        if handle:
+            handle.remove()
+    macs = sampling_macs(model.config, steps, stats)
+    report = SampleReport(
+        name=name or (f"Lazy-{steps}" if gates is not None else f"DDIM-{steps}"), steps=steps,
+        lazy_ratio=stats.lazy_ratio if stats else 0.0, tmacs=macs / 1e12, seconds=seconds,
+        stats=stats.as_dict() if stats else {},
+    )
+    return out, report
+
+
+def calibrate_threshold(model, gates: LazyGates, target: float, y, *, cfg_scale: float = 1.0, seed: int = 0,
+                        iters: int = 14, tol: float = 0.005, progress: bool = True):
+    """Bisect the compute threshold so that sampling `y` reaches the target lazy ratio.
+
+    The lazy ratio rises with the threshold (a row computes iff p >= threshold); the search runs in logit space.
+    Args:
+        model, gates: the DiT and its gates (T = gates.steps).
+        target: wanted lazy ratio (at most ~0.5 with the reference parity).
+        y: (B,) labels of the calibration batch.
+    Returns:
+        (threshold, reached lazy ratio)
+    """
+    lo, hi = -12.0, 12.0  # logits of the threshold
+    best = (gates.threshold, None)
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        th = 1 / (1 + math.exp(-mid))
+        _, rep = sample(model, y, gates.steps, gates=gates, threshold=th, cfg_scale=cfg_scale, seed=seed,
+                        progress=False)
+        if best[1] is None or abs(rep.lazy_ratio - target) < abs(best[1] - target):
+            best = (th, rep.lazy_ratio)
+        if progress:
+            print(f"  threshold {th:.6f}: lazy ratio {rep.lazy_ratio:.4f} (target {target:.4f})")
+        if abs(rep.lazy_ratio - target) <= tol:
+            break
+        if rep.lazy_ratio < target:
+            lo = mid
+        else:
+            hi = mid
+    return best
