@@ -1,5 +1,6 @@
 """Checkpoints: loading DiT weights strictly (flat state dicts, training checkpoints), atomic writes."""
 
+import argparse
 import json
 import os
 import tempfile
@@ -41,7 +42,8 @@ def read_state_dict(path, key: str | None = None) -> dict:
     if path.suffix == ".safetensors":
         return load_file(str(path))
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):  # DiT's train.py stores args as a Namespace
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # truncated or foreign files
         raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e})") from e
     if not isinstance(obj, dict):
@@ -90,10 +92,12 @@ def load_dit(path, name: str | None = None, **overrides) -> DiT:
         The DiT in eval mode.
     """
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
     meta = read_model_metadata(path) if path.suffix == ".safetensors" else {}
     if "config" in meta:
         cfg = DiTConfig(**{**meta["config"], **overrides})
-        model, name = DiT(cfg), meta.get("name", name)
+        model, name = DiT(cfg), meta.get("name") or name
         model.name = name
     elif name is None:
         raise ValueError(f"{path} carries no model config: pass the model name (e.g. --model DiT-XL/2)")

@@ -80,7 +80,8 @@ def model_eps(model, x, t, y, cfg_scale: float):
     C = x.shape[1]
     if cfg_scale == 1.0:
         return model(x, t, y)[:, :C]
-    out = model(x, t, y)
+    half = x[: len(x) // 2]  # as forward_with_cfg: both halves run on the conditional half's x
+    out = model(torch.cat([half, half]), t, y)
     g = guided_channels(C)
     eps, rest = out[:, :g], out[:, g:C]
     cond, uncond = eps.chunk(2)
