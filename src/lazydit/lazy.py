@@ -37,10 +37,12 @@ class LazyGates(nn.Module):
     the whole bank every step.
     """
 
-    def __init__(self, depth: int, hidden_size: int, steps: int, threshold: float = 0.5, meta: dict | None = None):
+    def __init__(self, depth: int, hidden_size: int, steps: int, threshold: float = 0.5, meta: dict | None = None,
+                 parity: bool = True):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(depth, 2, steps, hidden_size))
         self.threshold = threshold
+        self.parity = parity  # reference parity: odd respaced indices always compute (their gates are untrained)
         self.meta = dict(meta or {})  # model name/config, training arguments, ...
 
     @property
@@ -71,7 +73,7 @@ class LazyGates(nn.Module):
     def save(self, path, extra: dict | None = None):
         """Write the gates as .safetensors with metadata (model config, T, threshold, timestep map, extras)."""
         meta = {**self.meta, **(extra or {})}
-        meta.update(format=GATE_FORMAT, steps=self.steps, threshold=self.threshold,
+        meta.update(format=GATE_FORMAT, steps=self.steps, threshold=self.threshold, parity=self.parity,
                     timestep_map=respaced_timesteps(self.steps))
         self.meta = {k: v for k, v in meta.items() if k != "format"}
         header = {k: json.dumps(v) for k, v in meta.items()}
@@ -96,7 +98,7 @@ class LazyGates(nn.Module):
         L, two, T, D = weight.shape
         if two != 2 or T != meta.get("steps"):
             raise GateMismatchError(f"{path}: gate bank of shape {tuple(weight.shape)} does not match its metadata")
-        gates = cls(L, D, T, float(meta.get("threshold", 0.5)), meta)
+        gates = cls(L, D, T, float(meta.get("threshold", 0.5)), meta, parity=bool(meta.get("parity", True)))
         gates.weight.data.copy_(weight)
         return gates
 
@@ -218,8 +220,8 @@ class LazyState:
             return pb * forward(module, z) + (1 - pb) * cache
         # sample: hard decisions per row
         B = z.shape[0]
-        if cache is None or cache.shape[0] != B:
-            out = forward(module, z)  # nothing to reuse: compute every row
+        if cache is None or cache.shape[0] != B or (self.gates.parity and self.k % 2 == 1):
+            out = forward(module, z)  # nothing to reuse, or an odd step under the reference parity: compute
             n_compute = B
         else:
             if self.force is not None:
