@@ -1,0 +1,39 @@
+"""The embedded default shipped inside the package: a Fashion-MNIST DiT and its gate sets (docs/embedded.md)."""
+
+from pathlib import Path
+
+from .checkpoint import load_dit
+from .lazy import LazyGates
+
+ASSETS = Path(__file__).parent / "assets"
+DEFAULT_MODEL = ASSETS / "fmnist_dit.safetensors"
+SHIPPED_STEPS = (10, 20, 50)
+
+
+def gates_path(steps: int) -> Path:
+    return ASSETS / f"fmnist_gates_T{steps}.safetensors"
+
+
+def _missing(path: Path):
+    return FileNotFoundError(
+        f"shipped asset {path.name} is missing from {path.parent}: reinstall lazydit, or rebuild it with the "
+        "commands in docs/embedded.md"
+    )
+
+
+def default_model(device="cpu"):
+    """The shipped EMA Fashion-MNIST DiT (eval mode) on `device`."""
+    if not DEFAULT_MODEL.is_file():
+        raise _missing(DEFAULT_MODEL)
+    return load_dit(DEFAULT_MODEL).to(device)
+
+
+def default_gates(steps: int, device="cpu") -> LazyGates:
+    """The shipped gate set for T = steps (10, 20 or 50)."""
+    if steps not in SHIPPED_STEPS:
+        raise ValueError(f"shipped gates exist for T in {SHIPPED_STEPS}, not {steps}: train your own with "
+                         f"`lazydit train-gates --steps {steps}`")
+    path = gates_path(steps)
+    if not path.is_file():
+        raise _missing(path)
+    return LazyGates.load(path).to(device)

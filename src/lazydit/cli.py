@@ -1,0 +1,258 @@
+"""The `lazydit` command line: parses arguments and calls the library."""
+
+import argparse
+import json
+import sys
+
+import torch
+
+
+def _print_table(rows, cols):
+    widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in cols]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c)).ljust(w) for c, w in zip(cols, widths)))
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)
+
+
+def _emit(args, rows, cols):
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        _print_table(rows, cols)
+
+
+def _load_model(args):
+    from .assets import default_model
+    from .checkpoint import load_dit
+
+    if args.model in (None, "default"):
+        return default_model(args.device)
+    return load_dit(args.model, args.model_name).to(args.device)
+
+
+def _load_gates(path, steps, device):
+    from .assets import default_gates
+    from .lazy import LazyGates
+
+    if path == "default":
+        return default_gates(steps, device)
+    gates = LazyGates.load(path).to(device)
+    return gates
+
+
+def cmd_demo(args):
+    from .demo import run_demo
+
+    rows = run_demo(args.out, per_class=args.per_class, cfg_scale=args.cfg, seed=args.seed, device=args.device,
+                    progress=not args.json)
+    _emit(args, rows, ["sampler", "steps", "lazy_ratio", "tmacs", "gmacs", "seconds", "png"])
+    if not args.json:
+        print(f"\nside by side: {args.out}/compare.png")
+
+
+def cmd_pretrain(args):
+    from .pretrain import PretrainConfig, pretrain
+
+    cfg = PretrainConfig(model=args.model_name, data=args.data, out=args.out, steps=args.iters,
+                         batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay, seed=args.seed,
+                         ckpt_every=args.ckpt_every, max_minutes=args.max_minutes, bf16=args.bf16,
+                         resume=args.resume, flip=args.flip)
+    path = pretrain(cfg, device=args.device)
+    print(json.dumps({"model": str(path)}) if args.json else f"EMA model written to {path}")
+
+
+def cmd_train_gates(args):
+    from .data import InfiniteSampler, load_fashion_mnist
+    from .pipeline import calibrate_threshold, class_grid_labels
+    from .training import GateTrainConfig, train_gates
+
+    model = _load_model(args)
+    cfg = model.config
+    if (cfg.in_channels, cfg.input_size) != (1, 28):
+        sys.exit(f"error: train-gates reads Fashion-MNIST (1x28x28), but the model takes "
+                 f"{cfg.in_channels}x{cfg.input_size}x{cfg.input_size}")
+    x, y = load_fashion_mnist("train", args.data)
+    data = InfiniteSampler(x, y, args.batch_size, seed=args.seed)
+    rho_attn = args.rho if args.rho_attn is None else args.rho_attn
+    rho_mlp = args.rho if args.rho_mlp is None else args.rho_mlp
+    tcfg = GateTrainConfig(steps=args.steps, iters=args.iters, batch_size=args.batch_size, lr=args.lr,
+                           rho_attn=rho_attn, rho_mlp=rho_mlp, seed=args.seed, ckpt_every=args.ckpt_every,
+                           out=args.out, resume=args.resume)
+    gates = train_gates(model, data, tcfg, progress=not args.json,
+                        extra_meta={"model_path": str(args.model or "default")})
+    result = {"gates": f"{args.out}/gates.safetensors", "steps": args.steps, "threshold": gates.threshold}
+    if args.target_ratio is not None:
+        yc = class_grid_labels(cfg.num_classes, args.calib_per_class, args.device)
+        th, ratio = calibrate_threshold(model, gates, args.target_ratio, yc, cfg_scale=args.cfg, seed=args.seed,
+                                        progress=not args.json)
+        gates.threshold = th
+        gates.save(f"{args.out}/gates.safetensors",
+                   extra={"calibration": {"target": args.target_ratio, "reached": ratio, "cfg_scale": args.cfg,
+                                          "images": len(yc), "seed": args.seed}})
+        result.update(threshold=th, calibrated_lazy_ratio=ratio)
+    print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
+
+
+def cmd_calibrate(args):
+    from .pipeline import calibrate_threshold, class_grid_labels
+
+    model = _load_model(args)
+    gates = _load_gates(args.gates, args.steps, args.device)
+    yc = class_grid_labels(model.config.num_classes, args.calib_per_class, args.device)
+    th, ratio = calibrate_threshold(model, gates, args.target_ratio, yc, cfg_scale=args.cfg, seed=args.seed,
+                                    progress=not args.json)
+    gates.threshold = th
+    out = args.out or args.gates
+    gates.save(out, extra={"calibration": {"target": args.target_ratio, "reached": ratio, "cfg_scale": args.cfg,
+                                           "images": len(yc), "seed": args.seed}})
+    res = {"gates": out, "threshold": th, "lazy_ratio": ratio}
+    print(json.dumps(res) if args.json else "\n".join(f"{k}: {v}" for k, v in res.items()))
+
+
+def cmd_sample(args):
+    from .images import save_grid, save_npz
+    from .pipeline import class_grid_labels, sample
+
+    model = _load_model(args)
+    gates = _load_gates(args.gates, args.steps, args.device) if args.gates else None
+    nc = model.config.num_classes
+    if args.labels:
+        y = torch.tensor([int(v) for v in args.labels.split(",")], device=args.device)
+        if (y < 0).any() or (y >= nc).any():
+            sys.exit(f"error: labels must be in [0, {nc})")
+    else:
+        y = class_grid_labels(min(nc, 10), args.per_class, args.device)
+    x, rep = sample(model, y, args.steps, gates=gates, threshold=args.threshold, cfg_scale=args.cfg,
+                    seed=args.seed, progress=not args.json)
+    if args.out.endswith(".npz"):
+        save_npz(x, args.out, labels=y.cpu().numpy())
+    else:
+        save_grid(x, args.out, nrow=min(len(y), 10), scale=args.scale)
+    row = {**rep.row(), "out": args.out}
+    if args.report and gates is not None:
+        row["per_step"], row["per_layer"], row["per_branch"] = (rep.stats[k] for k in
+                                                                ("per_step", "per_layer", "per_branch"))
+    _emit(args, [row], ["sampler", "steps", "lazy_ratio", "tmacs", "gmacs", "seconds", "out"])
+
+
+def cmd_cost(args):
+    from .cost import forward_macs
+    from .models import model_config
+
+    cfg = model_config(args.model, **({"input_size": args.image_size // 8} if args.image_size else {}))
+    rows = []
+    for s in [int(v) for v in args.steps.split(",")]:
+        rows.append(dict(model=args.model, image_size=args.image_size or cfg.input_size * 8, steps=s,
+                         tmacs=round(s * forward_macs(cfg) / 1e12, 3),
+                         tmacs_with_attention=round(s * forward_macs(cfg, True) / 1e12, 3)))
+    _emit(args, rows, ["model", "image_size", "steps", "tmacs", "tmacs_with_attention"])
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="lazydit", description="LazyDiT: learned lazy gates for diffusion transformers")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp, model=True):
+        sp.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--json", action="store_true", help="print the figures as JSON")
+        if model:
+            sp.add_argument("--model", default="default",
+                            help="model file (.safetensors from lazydit, released .pt, training checkpoint); "
+                                 "'default' is the shipped Fashion-MNIST DiT")
+            sp.add_argument("--model-name", default=None, help="zoo name (DiT-XL/2, ...) for files without a config")
+
+    sp = sub.add_parser("demo", help="sample the shipped model with DDIM-50, DDIM-25 and Lazy-50 (offline)")
+    common(sp, model=False)
+    sp.add_argument("--out", default="lazydit-demo")
+    sp.add_argument("--per-class", type=int, default=4)
+    sp.add_argument("--cfg", type=float, default=2.0)
+    sp.set_defaults(func=cmd_demo)
+
+    sp = sub.add_parser("pretrain", help="train a class-conditional DiT on Fashion-MNIST (with EMA)")
+    common(sp, model=False)
+    sp.add_argument("--model-name", default="DiT-FMNIST")
+    sp.add_argument("--data", default=None, help="folder with the Fashion-MNIST IDX files")
+    sp.add_argument("--out", default="runs/pretrain")
+    sp.add_argument("--iters", type=int, default=20000)
+    sp.add_argument("--batch-size", type=int, default=64)
+    sp.add_argument("--lr", type=float, default=3e-4)
+    sp.add_argument("--ema-decay", type=float, default=0.999)
+    sp.add_argument("--ckpt-every", type=int, default=500)
+    sp.add_argument("--max-minutes", type=float, default=None)
+    sp.add_argument("--bf16", action="store_true")
+    sp.add_argument("--flip", action="store_true", help="random horizontal flips")
+    sp.add_argument("--resume", action="store_true")
+    sp.set_defaults(func=cmd_pretrain)
+
+    sp = sub.add_parser("train-gates", help="train LazyDiT gates on a frozen model (3-pass recipe)")
+    common(sp)
+    sp.add_argument("--data", default=None)
+    sp.add_argument("--steps", type=int, required=True, help="T, sampling steps the gates are for")
+    sp.add_argument("--iters", type=int, default=500)
+    sp.add_argument("--batch-size", type=int, default=64)
+    sp.add_argument("--lr", type=float, default=1e-4)
+    sp.add_argument("--rho", type=float, default=1e-2, help="penalty on both branches")
+    sp.add_argument("--rho-attn", type=float, default=None)
+    sp.add_argument("--rho-mlp", type=float, default=None)
+    sp.add_argument("--ckpt-every", type=int, default=100)
+    sp.add_argument("--out", default="runs/gates")
+    sp.add_argument("--resume", action="store_true")
+    sp.add_argument("--target-ratio", type=float, default=None,
+                    help="after training, calibrate the threshold to this lazy ratio")
+    sp.add_argument("--calib-per-class", type=int, default=4)
+    sp.add_argument("--cfg", type=float, default=2.0, help="guidance scale used for calibration")
+    sp.set_defaults(func=cmd_train_gates)
+
+    sp = sub.add_parser("calibrate", help="set a gate file's threshold so sampling reaches a target lazy ratio")
+    common(sp)
+    sp.add_argument("--gates", required=True)
+    sp.add_argument("--steps", type=int, required=True)
+    sp.add_argument("--target-ratio", type=float, required=True)
+    sp.add_argument("--calib-per-class", type=int, default=4)
+    sp.add_argument("--cfg", type=float, default=2.0)
+    sp.add_argument("--out", default=None, help="write here instead of over --gates")
+    sp.set_defaults(func=cmd_calibrate)
+
+    sp = sub.add_parser("sample", help="sample a PNG grid or an ADM .npz (arr_0: N x H x W x C uint8)")
+    common(sp)
+    sp.add_argument("--gates", default=None, help="gate file, or 'default' for the shipped set of --steps")
+    sp.add_argument("--steps", type=int, default=50)
+    sp.add_argument("--cfg", type=float, default=2.0)
+    sp.add_argument("--threshold", type=float, default=None)
+    sp.add_argument("--labels", default=None, help="comma-separated class labels")
+    sp.add_argument("--per-class", type=int, default=4)
+    sp.add_argument("--scale", type=int, default=3, help="PNG upscaling")
+    sp.add_argument("--report", action="store_true", help="add per-step/layer/branch lazy ratios (with --json)")
+    sp.add_argument("--out", default="samples.png")
+    sp.set_defaults(func=cmd_sample)
+
+    sp = sub.add_parser("cost", help="TMACs per image the paper's way (Linear+Conv, CFG not doubled)")
+    sp.add_argument("--model", default="DiT-XL/2")
+    sp.add_argument("--image-size", type=int, default=None, help="image size; latent = size / 8")
+    sp.add_argument("--steps", default="50")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_cost)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    from .checkpoint import CheckpointError
+    from .data import DataMissingError
+    from .lazy import GateMismatchError
+
+    try:
+        args.func(args)
+    except (DataMissingError, GateMismatchError, CheckpointError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from lazydit.assets import SHIPPED_STEPS, default_gates, default_model, gates_path
+from lazydit.checkpoint import save_model
+from lazydit.cli import main
+from lazydit.lazy import LazyGates
+
+from conftest import tiny_model
+
+
+def run_json(capsys, *argv):
+    main(list(argv) + ["--json"])
+    return json.loads(capsys.readouterr().out)
+
+
+def test_shipped_assets_fit_together():
+    model = default_model()
+    assert model.config.input_size == 28 and model.config.in_channels == 1 and model.config.num_classes == 10
+    for T in SHIPPED_STEPS:
+        g = default_gates(T)
+        g.check_model(model)
+        assert g.steps == T and torch.all(g.weight[:, :, 1::2] == 0)
+        assert "training" in g.meta
+
+
+def test_demo_prints_rows_and_writes_pngs(tmp_path, capsys):
+    rows = run_json(capsys, "demo", "--out", str(tmp_path), "--per-class", "1")
+    assert [r["sampler"] for r in rows] == ["DDIM-50", "DDIM-25", "Lazy-50"]
+    for r in rows:
+        assert {"steps", "lazy_ratio", "tmacs", "seconds"} <= set(r)
+    assert rows[0]["lazy_ratio"] == 0 and rows[2]["lazy_ratio"] > 0.2
+    assert rows[2]["tmacs"] < rows[0]["tmacs"]
+    assert abs(rows[1]["tmacs"] * 2 - rows[0]["tmacs"]) < 1e-12
+    for name in ("ddim50.png", "ddim25.png", "lazy50.png", "compare.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def test_sample_npz_is_adm_format(tmp_path, capsys):
+    out = tmp_path / "s.npz"
+    rows = run_json(capsys, "sample", "--steps", "10", "--gates", "default", "--labels", "0,3,9", "--out", str(out))
+    arr = np.load(out)["arr_0"]
+    assert arr.shape == (3, 28, 28, 1) and arr.dtype == np.uint8
+    assert rows[0]["sampler"] == "Lazy-10"
+
+
+def test_sample_with_gates_for_another_T_fails_clearly(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["sample", "--steps", "25", "--gates", "default"])
+    assert "shipped gates exist" in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        main(["sample", "--steps", "50", "--gates", str(gates_path(20))])
+    assert "T=20" in str(e.value)
+
+
+def test_gates_for_another_model_fail_clearly(tmp_path):
+    other = tiny_model()
+    save_model(other, tmp_path / "m.safetensors")
+    with pytest.raises(SystemExit) as e:
+        main(["sample", "--model", str(tmp_path / "m.safetensors"), "--steps", "50", "--gates", "default"])
+    assert "gates are for a model" in str(e.value)
+
+
+def test_missing_data_says_how_to_get_it(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(["train-gates", "--steps", "10", "--iters", "1", "--data", str(tmp_path / "none"), "--out",
+              str(tmp_path / "g")])
+    assert "apt-get install -y dataset-fashion-mnist" in str(e.value) and "--data" in str(e.value)
+
+
+def test_train_gates_cli_resume_and_calibrate(tmp_path, fake_fmnist, capsys):
+    common = ["train-gates", "--steps", "10", "--batch-size", "4", "--data", str(fake_fmnist), "--rho", "0.05",
+              "--ckpt-every", "2", "--lr", "1e-2"]
+    a = run_json(capsys, *common, "--iters", "4", "--out", str(tmp_path / "a"))
+    run_json(capsys, *common, "--iters", "2", "--out", str(tmp_path / "b"))
+    b = run_json(capsys, *common, "--iters", "4", "--out", str(tmp_path / "b"), "--resume")
+    ga, gb = LazyGates.load(a["gates"]), LazyGates.load(b["gates"])
+    assert torch.equal(ga.weight, gb.weight)
+    res = run_json(capsys, "calibrate", "--gates", a["gates"], "--steps", "10", "--target-ratio", "0.2",
+                   "--calib-per-class", "1", "--out", str(tmp_path / "c.safetensors"))
+    assert abs(res["lazy_ratio"] - 0.2) < 0.1
+    assert LazyGates.load(tmp_path / "c.safetensors").threshold == pytest.approx(res["threshold"])
+
+
+def test_cost_prints_paper_figures(capsys):
+    rows = run_json(capsys, "cost", "--model", "DiT-XL/2", "--image-size", "256", "--steps", "50,40,25,20,7")
+    for r, want in zip(rows, (5.72, 4.57, 2.86, 2.29, 0.80)):
+        assert abs(r["tmacs"] - want) <= 0.01
+    rows = run_json(capsys, "cost", "--model", "DiT-XL/2", "--image-size", "512", "--steps", "50,10")
+    for r, want in zip(rows, (22.85, 4.57)):
+        assert abs(r["tmacs"] - want) <= 0.01
