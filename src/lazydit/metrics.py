@@ -1,0 +1,143 @@
+"""Sample-quality metrics on precomputed features, matching the ADM evaluator (openai/guided-diffusion).
+
+FID / sFID (Fréchet distance of feature Gaussians), Inception Score, improved precision / recall
+(Kynkäänniemi et al. 2019, k = 3) and KID. Feature extraction (Inception-v3) is not part of this module:
+every function takes feature or probability arrays of shape (N, D).
+"""
+
+import warnings
+
+import numpy as np
+from scipy import linalg
+from scipy.special import xlogy
+
+
+def feature_stats(feats):
+    """Mean and covariance of a feature set. Args: feats (N, D). Returns: (mu (D,), sigma (D, D)) in float64."""
+    feats = np.asarray(feats, dtype=np.float64)
+    return feats.mean(axis=0), np.cov(feats, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """|mu1-mu2|^2 + Tr(s1 + s2 - 2 sqrtm(s1 s2)) as ADM. Args: two (mu, sigma) pairs, eps jitter. Returns: float."""
+    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
+    sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
+    with warnings.catch_warnings():  # ADM passes disp=False (deprecated in SciPy 1.17) to silence sqrtm
+        warnings.simplefilter("ignore")
+        covmean = linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        warnings.warn(f"fid calculation produces singular product; adding {eps} to diagonal of cov estimates")
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"Imaginary component {np.max(np.abs(covmean.imag))}")
+        covmean = covmean.real
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def fid_from_features(a, b):
+    """FID between two feature sets. Args: a (N1, D), b (N2, D). Returns: float."""
+    return frechet_distance(*feature_stats(a), *feature_stats(b))
+
+
+def inception_score_splits(probs, splits=10):
+    """Per-split IS exp(E_x KL(p(y|x) || p(y))). Args: probs (N, C) softmax rows, splits. Returns: (splits,) array."""
+    probs = np.asarray(probs, dtype=np.float64)
+    scores = []
+    for part in np.array_split(probs, splits):
+        py = part.mean(axis=0, keepdims=True)
+        kl = (xlogy(part, part) - xlogy(part, py)).sum(axis=1).mean()  # 0 log 0 = 0
+        scores.append(np.exp(kl))
+    return np.array(scores)
+
+
+def inception_score(probs, splits=10):
+    """Mean IS over `splits` equal splits (ADM reports only the mean; std: inception_score_splits(...).std()).
+
+    Args: probs (N, C) class probabilities, splits number of splits. Returns: float.
+    """
+    return float(inception_score_splits(probs, splits).mean())
+
+
+def _sq_dists(x, y):
+    """Squared Euclidean distances (float32, clamped at 0, as ADM's DistanceBlock). Returns: (len(x), len(y))."""
+    d = (x * x).sum(1)[:, None] - 2 * (x @ y.T) + (y * y).sum(1)[None, :]
+    return np.maximum(d, 0)
+
+
+def _sq_radii(feats, k, batch):
+    """Squared distance to the k-th nearest neighbour (self = 0-th), in row x column blocks. Returns: (N,)."""
+    if len(feats) <= k:
+        raise ValueError(f"need more than k={k} points, got {len(feats)}")
+    radii = np.empty(len(feats), dtype=np.float32)
+    for i in range(0, len(feats), batch):
+        rows = feats[i : i + batch]
+        best = np.empty((len(rows), 0), dtype=np.float32)  # running k+1 smallest squared distances
+        for j in range(0, len(feats), batch):
+            cand = np.concatenate([best, _sq_dists(rows, feats[j : j + batch])], axis=1)
+            best = np.partition(cand, min(k, cand.shape[1] - 1), axis=1)[:, : k + 1]
+        radii[i : i + batch] = np.partition(best, k, axis=1)[:, k]
+    return radii
+
+
+def manifold_radii(feats, k=3, batch=10000):
+    """k-NN radius of each point within its own set, the point itself counting as the 0-th neighbour.
+
+    Args: feats (N, D), k, batch block size. Returns: (N,) float32 distances.
+    """
+    return np.sqrt(_sq_radii(np.asarray(feats, dtype=np.float32), k, batch))
+
+
+def precision_recall(real_feats, fake_feats, k=3, batch=10000):
+    """Improved precision / recall (Kynkäänniemi 2019) as ADM's ManifoldEstimator.
+
+    Precision = share of fake points within distance <= radius of some real point; recall = share of real
+    points within the radius of some fake point. Args: real_feats (N1, D), fake_feats (N2, D), k, batch.
+    Returns: (precision, recall) floats.
+    """
+    real = np.asarray(real_feats, dtype=np.float32)
+    fake = np.asarray(fake_feats, dtype=np.float32)
+    r_real, r_fake = _sq_radii(real, k, batch), _sq_radii(fake, k, batch)  # compare squared, as ADM
+    real_in = np.zeros(len(real), dtype=bool)
+    fake_in = np.zeros(len(fake), dtype=bool)
+    for i in range(0, len(real), batch):
+        for j in range(0, len(fake), batch):
+            d = _sq_dists(real[i : i + batch], fake[j : j + batch])
+            real_in[i : i + batch] |= (d <= r_fake[None, j : j + batch]).any(axis=1)
+            fake_in[j : j + batch] |= (d <= r_real[i : i + batch, None]).any(axis=0)
+    return float(fake_in.mean()), float(real_in.mean())
+
+
+def kid(a, b, subsets=100, subset_size=1000, degree=3, gamma=None, coef0=1, seed=0):
+    """Kernel Inception Distance: unbiased MMD^2 with kernel (gamma x.y + coef0)^degree, gamma = 1/D by default.
+
+    Args: a (N1, D), b (N2, D), subsets, subset_size (clipped to min(N1, N2)), degree, gamma, coef0, seed.
+    Returns: float, the mean over subsets.
+    """
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    gamma = 1.0 / a.shape[1] if gamma is None else gamma
+    m = min(subset_size, len(a), len(b))
+    rng = np.random.default_rng(seed)
+    vals = []
+    for _ in range(subsets):
+        x = a[rng.choice(len(a), m, replace=False)]
+        y = b[rng.choice(len(b), m, replace=False)]
+        kxx, kyy, kxy = ((u @ v.T * gamma + coef0) ** degree for u, v in ((x, x), (y, y), (x, y)))
+        within = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+        vals.append(within - 2 * kxy.mean())
+    return float(np.mean(vals))
+
+
+def load_npz_samples(path):
+    """Load an ADM sample batch. Args: path to .npz with arr_0 (N, H, W, C) uint8. Returns: that array."""
+    with np.load(path, allow_pickle=False) as f:
+        if "arr_0" not in f.files:
+            raise ValueError(f"{path}: no 'arr_0' in npz (keys: {f.files})")
+        arr = f["arr_0"]
+    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] not in (1, 3):
+        raise ValueError(f"{path}: arr_0 must be (N, H, W, C) uint8 with C in (1, 3), got {arr.shape} {arr.dtype}")
+    return arr
