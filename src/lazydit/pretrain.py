@@ -33,6 +33,7 @@ class PretrainConfig:
     max_minutes: float | None = None  # stop (and save) after this wall-clock budget
     bf16: bool = False  # bf16 autocast (CUDA)
     resume: bool = False  # continue from out/checkpoint.pt
+    preview: bool = True  # write a DDIM-25 sample grid with every checkpoint
 
 
 def _ema_update(ema, model, decay):
@@ -70,18 +71,25 @@ def pretrain(cfg: PretrainConfig, device="cpu", progress=True) -> Path:
         sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(state["rng"])
         step, log = state["step"], state.get("log", [])
-    gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 1 + step)
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)  # timesteps and noise
+    if cfg.resume and ckpt.exists():
+        if "gen" in state:
+            gen.set_state(state["gen"])
+        else:  # checkpoints written before the generator was saved: a fresh, step-dependent stream
+            gen.manual_seed(cfg.seed + 1 + step)
 
     def save():
         torch_save_atomic(dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
-                               sampler=sampler.state_dict(), rng=torch.get_rng_state(), step=step,
+                               sampler=sampler.state_dict(), rng=torch.get_rng_state(), gen=gen.get_state(), step=step,
                                args=asdict(cfg), log=log), ckpt)
         save_model(ema, out / "model.safetensors", extra={"pretrain": asdict(cfg), "step": step})
+        (out / "log.json").write_text(json.dumps(log))
+        if not cfg.preview:
+            return
         labels = torch.arange(10, device=device).repeat_interleave(4)
         samples = ddim_sample(ema, labels, 25, cfg_scale=2.0, seed=0, progress=False)
         save_grid(samples.reshape(10, 4, *samples.shape[1:]).transpose(0, 1).reshape(samples.shape),
                   out / f"preview_{step:06d}.png", nrow=10, scale=2)
-        (out / "log.json").write_text(json.dumps(log))
 
     model.train()
     t0, start = time.time(), step
