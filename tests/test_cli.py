@@ -35,13 +35,15 @@ def test_demo_prints_rows_and_writes_pngs(tmp_path, capsys):
     assert rows[0]["lazy_ratio"] == 0 and rows[2]["lazy_ratio"] > 0.2
     assert rows[2]["tmacs"] < rows[0]["tmacs"]
     assert abs(rows[1]["tmacs"] * 2 - rows[0]["tmacs"]) < 1e-12
-    for name in ("ddim50.png", "ddim25.png", "lazy50.png", "compare.png"):
+    for name in ("ddim50.png", "ddim25.png", "lazy50.png", "lazy50_heatmap.png", "compare.png"):
         assert (tmp_path / name).stat().st_size > 0
 
 
 def test_sample_npz_is_adm_format(tmp_path, capsys):
     out = tmp_path / "s.npz"
-    rows = run_json(capsys, "sample", "--steps", "10", "--gates", "default", "--labels", "0,3,9", "--out", str(out))
+    rows = run_json(capsys, "sample", "--steps", "10", "--gates", "default", "--labels", "0,3,9", "--out", str(out),
+                    "--heatmap", str(tmp_path / "h.png"))
+    assert (tmp_path / "h.png").stat().st_size > 0
     arr = np.load(out)["arr_0"]
     assert arr.shape == (3, 28, 28, 1) and arr.dtype == np.uint8
     assert rows[0]["sampler"] == "Lazy-10"

@@ -135,6 +135,11 @@ def cmd_sample(args):
     else:
         save_grid(x, args.out, nrow=min(len(y), 10), scale=args.scale)
     row = {**rep.row(), "out": args.out}
+    if args.heatmap and gates is not None:
+        from .plots import laziness_heatmap
+
+        laziness_heatmap(rep.stats["per_step_layer_branch"], args.heatmap, title=f"{rep.name}")
+        row["heatmap"] = args.heatmap
     if args.report and gates is not None:
         row["per_step"], row["per_layer"], row["per_branch"] = (rep.stats[k] for k in
                                                                 ("per_step", "per_layer", "per_branch"))
@@ -230,6 +235,7 @@ def build_parser():
     sp.add_argument("--per-class", type=int, default=4)
     sp.add_argument("--scale", type=int, default=3, help="PNG upscaling")
     sp.add_argument("--report", action="store_true", help="add per-step/layer/branch lazy ratios (with --json)")
+    sp.add_argument("--heatmap", default=None, help="also write the layer x step laziness heat map (PNG)")
     sp.add_argument("--out", default="samples.png")
     sp.set_defaults(func=cmd_sample)
 

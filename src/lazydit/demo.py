@@ -7,6 +7,7 @@ import torch
 from .assets import default_gates, default_model
 from .images import make_grid, save_grid, to_uint8
 from .pipeline import class_grid_labels, sample
+from .plots import laziness_heatmap
 
 
 def run_demo(out="lazydit-demo", per_class: int = 4, cfg_scale: float = 2.0, seed: int = 0, device="cpu",
@@ -14,7 +15,7 @@ def run_demo(out="lazydit-demo", per_class: int = 4, cfg_scale: float = 2.0, see
     """Sample the same 10-class grid three ways and write PNG grids.
 
     Args:
-        out: output folder (ddim50.png, ddim25.png, lazy50.png, compare.png).
+        out: output folder (ddim50.png, ddim25.png, lazy50.png, lazy50_heatmap.png, compare.png).
         per_class: samples per class (grid rows).
         cfg_scale: guidance scale.
         seed: initial noise seed, shared by the three samplers.
@@ -37,6 +38,9 @@ def run_demo(out="lazydit-demo", per_class: int = 4, cfg_scale: float = 2.0, see
         save_grid(x, png, nrow=model.config.num_classes, scale=3)
         grids.append((rep, to_uint8(x)))
         rows.append({**rep.row(), "png": str(png)})
+        if g is not None:
+            laziness_heatmap(rep.stats["per_step_layer_branch"], out / f"{png.stem}_heatmap.png",
+                             title=f"{name}: where the gates skip (lazy ratio {rep.lazy_ratio:.0%})")
     compare_figure(grids, model.config.num_classes, out / "compare.png")
     return rows
 

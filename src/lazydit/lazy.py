@@ -143,7 +143,8 @@ class LazyStats:
         """Lazy ratio kept along `dims` (0 step, 1 layer, 2 branch), summed over the others."""
         keep = (dims,) if isinstance(dims, int) else tuple(dims)
         red = tuple(d for d in range(3) if d not in keep)
-        return self.skipped.sum(red).double() / self.total.sum(red).clamp(min=1).double()
+        skipped, total = (self.skipped.sum(red), self.total.sum(red)) if red else (self.skipped, self.total)
+        return skipped.double() / total.clamp(min=1).double()
 
     def as_dict(self) -> dict:
         return {

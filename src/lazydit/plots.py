@@ -1,0 +1,35 @@
+"""Plots: the layer x step laziness heat map (the paper's Figure 4), MHSA and FFN side by side."""
+
+from pathlib import Path
+
+import numpy as np
+
+
+def laziness_heatmap(per_step_layer_branch, path, title: str = ""):
+    """Write a PNG heat map of the lazy ratio per layer (rows) and sampling step (columns, first step left).
+
+    Args:
+        per_step_layer_branch: (T, L, 2) nested list or array of lazy ratios (LazyStats.ratio((0, 1, 2))).
+        path: output PNG.
+        title: figure title.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r = np.asarray(per_step_layer_branch, dtype=float)[::-1]  # sampling order: k = T-1 first
+    T, L, _ = r.shape
+    fig, axes = plt.subplots(1, 2, figsize=(2 + 0.12 * T * 2, 1.2 + 0.25 * L), dpi=130, sharey=True)
+    for ax, b, name in zip(axes, (0, 1), ("MHSA", "FFN")):
+        im = ax.imshow(r[:, :, b].T, aspect="auto", cmap="viridis", vmin=0, vmax=1, origin="lower",
+                       extent=(0.5, T + 0.5, -0.5, L - 0.5))
+        ax.set_title(f"{name}: {r[:, :, b].mean():.0%} lazy", fontsize=9)
+        ax.set_xlabel("sampling step")
+    axes[0].set_ylabel("layer")
+    fig.colorbar(im, ax=axes, fraction=0.03, label="lazy ratio")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
