@@ -122,7 +122,7 @@ def test_parity_odd_steps_always_compute():
     _, rep = sample(model, labels(4), T, gates=gates, progress=False)
     per_step = torch.tensor(rep.stats["per_step"])
     full = torch.tensor(rep.stats["per_step_layer_branch"])
-    assert full.shape == (T, 3, 2) and torch.allclose(full.mean(dim=(1, 2)), per_step.double())
+    assert full.shape == (T, 3, 2) and torch.allclose(full.mean(dim=(1, 2)), per_step)
     assert len(rep.stats["per_layer"]) == 3 and set(rep.stats["per_branch"]) == {"attn", "mlp"}
     assert torch.all(per_step[1::2] == 0)  # odd respaced indices compute
     assert per_step[T - 1] == 0  # first step: empty caches
