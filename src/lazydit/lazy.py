@@ -9,6 +9,7 @@ a row skips its module when p < threshold (0.5), reusing the module's pre-gate o
 """
 
 import json
+import math
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,6 +172,11 @@ class LazyState:
     skipped: torch.Tensor | None = None
     total: torch.Tensor | None = None
 
+    @property
+    def logit_threshold(self) -> float:
+        th = min(max(self.threshold, 1e-300), 1 - 1e-16)
+        return math.log(th) - math.log1p(-th)
+
     def __post_init__(self):
         self.timestep_index = {t: k for k, t in enumerate(respaced_timesteps(self.gates.steps))}
         self.reset_stats()
@@ -228,8 +234,8 @@ class LazyState:
             if self.force is not None:
                 compute = torch.full((B,), not bool(self.force[self.k, layer, branch]), device=z.device)
             else:
-                p = torch.sigmoid(self.gates.logit(layer, branch, self.k, z).float())
-                compute = p >= self.threshold
+                # p >= threshold, compared in logit space so that thresholds near 0 or 1 stay exact
+                compute = self.gates.logit(layer, branch, self.k, z).float() >= self.logit_threshold
             n_compute = int(compute.sum())  # one host sync per module, as the reference
             if n_compute == B:
                 out = forward(module, z)

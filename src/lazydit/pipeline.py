@@ -88,7 +88,7 @@ def calibrate_threshold(model, gates: LazyGates, target: float, y, *, cfg_scale:
     Returns:
         (threshold, reached lazy ratio)
     """
-    lo, hi = -12.0, 12.0  # logits of the threshold
+    lo, hi = -60.0, 60.0  # logits of the threshold (gate logits are sums over tokens: they can be large)
     best = (gates.threshold, None)
     for _ in range(iters):
         mid = (lo + hi) / 2
