@@ -163,3 +163,30 @@ def test_gate_file_round_trip_and_mismatches(tmp_path, model):
     bad.write_bytes(b"garbage" * 10)
     with pytest.raises(GateMismatchError):
         LazyGates.load(bad)
+
+
+def test_batch_uniform_equals_per_sample_when_rows_agree():
+    model = tiny_model(seed=3)
+    gates = random_gates(model, 10, scale=0.05)
+    y = torch.zeros(4, dtype=torch.long)
+    noise = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(2)).expand(4, -1, -1, -1)
+    a, ra = sample(model, y, 10, gates=gates, x=noise, progress=False)
+    b, rb = sample(model, y, 10, gates=gates, x=noise, uniform=True, progress=False)
+    assert 0 < ra.lazy_ratio and ra.lazy_ratio == rb.lazy_ratio
+    assert torch.equal(a, b)
+
+
+def test_batch_uniform_and_tied_cfg_decisions():
+    model = tiny_model(seed=3)
+    gates = random_gates(model, 10, scale=0.05)
+    y = torch.arange(4) % 4
+    for kw in (dict(uniform=True), dict(tie_cfg=True)):
+        h = apply_lazy(model, gates, **kw)
+        ddim_sample(model, y, 10, cfg_scale=2.0, seed=1, progress=False)
+        skipped = h.stats().skipped
+        h.remove()
+        if kw.get("uniform"):
+            assert torch.all((skipped == 0) | (skipped == 8))  # all 8 rows or none
+        else:
+            assert torch.all(skipped % 2 == 0)  # cond/uncond pairs skip together
+        assert skipped.sum() > 0

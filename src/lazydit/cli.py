@@ -129,7 +129,7 @@ def cmd_sample(args):
     else:
         y = class_grid_labels(min(nc, 10), args.per_class, args.device)
     x, rep = sample(model, y, args.steps, gates=gates, threshold=args.threshold, cfg_scale=args.cfg,
-                    seed=args.seed, progress=not args.json)
+                    seed=args.seed, uniform=args.uniform, tie_cfg=args.tie_cfg, progress=not args.json)
     if args.out.endswith(".npz"):
         save_npz(x, args.out, labels=y.cpu().numpy())
     else:
@@ -235,6 +235,8 @@ def build_parser():
     sp.add_argument("--per-class", type=int, default=4)
     sp.add_argument("--scale", type=int, default=3, help="PNG upscaling")
     sp.add_argument("--report", action="store_true", help="add per-step/layer/branch lazy ratios (with --json)")
+    sp.add_argument("--uniform", action="store_true", help="one skip decision per module for the whole batch")
+    sp.add_argument("--tie-cfg", action="store_true", help="cond and uncond rows of a pair decide together")
     sp.add_argument("--heatmap", default=None, help="also write the layer x step laziness heat map (PNG)")
     sp.add_argument("--out", default="samples.png")
     sp.set_defaults(func=cmd_sample)

@@ -169,6 +169,8 @@ class LazyState:
     caches: dict = field(default_factory=dict)  # (layer, branch) -> (B, N, D) pre-gate output of the last step
     probs: list = field(default_factory=list)  # soft mode: (branch, p (B,)) per module, for the penalty
     force: torch.Tensor | None = None  # optional (T, L, 2) bool plan: True = skip every row there
+    uniform: bool = False  # one decision per module for the whole batch (majority of the rows' decisions)
+    tie_cfg: bool = False  # cond row b and uncond row b + B/2 decide together (compute if either computes)
     skipped: torch.Tensor | None = None
     total: torch.Tensor | None = None
 
@@ -236,6 +238,11 @@ class LazyState:
             else:
                 # p >= threshold, compared in logit space so that thresholds near 0 or 1 stay exact
                 compute = self.gates.logit(layer, branch, self.k, z).float() >= self.logit_threshold
+                if self.tie_cfg and B % 2 == 0:
+                    either = compute[: B // 2] | compute[B // 2 :]
+                    compute = torch.cat([either, either])
+                if self.uniform:
+                    compute = (2 * compute.sum() >= B).expand(B)
             n_compute = int(compute.sum())  # one host sync per module, as the reference
             if n_compute == B:
                 out = forward(module, z)
@@ -305,7 +312,8 @@ class LazyHandle:
         self.remove()
 
 
-def apply_lazy(model, gates: LazyGates, mode: str = "sample", threshold: float | None = None) -> LazyHandle:
+def apply_lazy(model, gates: LazyGates, mode: str = "sample", threshold: float | None = None,
+               uniform: bool = False, tie_cfg: bool = False) -> LazyHandle:
     """Attach LazyDiT gates to a DiT from the outside.
 
     Args:
@@ -313,6 +321,10 @@ def apply_lazy(model, gates: LazyGates, mode: str = "sample", threshold: float |
         gates: a LazyGates bank that fits the model (checked).
         mode: "sample" (hard per-row skips), "soft" (training mix), "record" (fill caches), "off" (bare).
         threshold: compute iff p >= threshold; defaults to the gates' own (0.5 unless calibrated).
+        uniform: batch-uniform decisions (beyond the reference): a module computes for every row when at least
+            half of the rows would compute, else every row reuses its cache.
+        tie_cfg: tie the decisions of the cond and uncond halves of a CFG batch (beyond the reference, which
+            lets them decide independently): a pair computes if either row would.
     Returns:
         LazyHandle; `handle.remove()` restores the bare model.
     """
@@ -321,7 +333,8 @@ def apply_lazy(model, gates: LazyGates, mode: str = "sample", threshold: float |
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     gates.check_model(model)
-    state = LazyState(gates, mode=mode, threshold=gates.threshold if threshold is None else threshold)
+    state = LazyState(gates, mode=mode, threshold=gates.threshold if threshold is None else threshold,
+                      uniform=uniform, tie_cfg=tie_cfg)
     model._lazy_state = state
     for i, block in enumerate(model.blocks):
         for b, name in enumerate(BRANCHES):

@@ -33,7 +33,8 @@ def class_grid_labels(num_classes: int, per_class: int, device="cpu") -> torch.T
 
 
 def sample(model, y, steps: int, *, gates: LazyGates | None = None, threshold: float | None = None,
-           cfg_scale: float = 1.0, seed: int = 0, x=None, force=None, progress: bool = True, name: str | None = None):
+           cfg_scale: float = 1.0, seed: int = 0, x=None, force=None, uniform: bool = False, tie_cfg: bool = False,
+           progress: bool = True, name: str | None = None):
     """Sample with plain DDIM, or with LazyDiT gates attached for the run, and report the cost.
 
     Args:
@@ -46,6 +47,7 @@ def sample(model, y, steps: int, *, gates: LazyGates | None = None, threshold: f
         seed: initial-noise seed (same seed, same noise for every sampler).
         x: explicit initial noise (overrides seed).
         force: optional (T, L, 2) bool skip plan used instead of the gate scores.
+        uniform, tie_cfg: batch-uniform decisions / tied CFG halves (see `apply_lazy`).
         progress: progress bar.
         name: label of the report row.
     Returns:
@@ -54,7 +56,7 @@ def sample(model, y, steps: int, *, gates: LazyGates | None = None, threshold: f
     handle = None
     if gates is not None:
         gates.check_steps(steps)
-        handle = apply_lazy(model, gates, mode="sample", threshold=threshold)
+        handle = apply_lazy(model, gates, mode="sample", threshold=threshold, uniform=uniform, tie_cfg=tie_cfg)
         handle.state.force = force
     try:
         sync = torch.cuda.synchronize if y.is_cuda else (lambda: None)
