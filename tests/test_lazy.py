@@ -5,6 +5,7 @@ import torch
 
 from lazydit import ddim_sample
 from lazydit.lazy import GateMismatchError, LazyGates, apply_lazy
+from lazydit.models import modulate
 from lazydit.pipeline import sample
 
 from conftest import tiny_model
@@ -51,52 +52,33 @@ def test_attach_keeps_types_and_keys_and_remove_restores(model):
 
 def test_forced_skip_reuses_previous_pre_gate_output_times_current_gate(model):
     T, y = 10, labels(2)
-    gates = LazyGates.for_model(model, T)
     block = model.blocks[1]
-    seen = {}
+    seen = {"attn": [], "block_in": [], "block_out": []}
+    def grab_block(m, args, out):  # a forward hook must return None, or it replaces the output
+        seen["block_in"].append([t.detach().clone() for t in args])
+        seen["block_out"].append(out.detach().clone())
 
-    def grab(mod, args, out):  # record the attn output (pre-gate) at every call
-        seen.setdefault("attn", []).append(out.detach().clone())
-
+    hooks = [
+        block.attn.register_forward_hook(lambda m, a, out: seen["attn"].append(out.detach().clone())),
+        block.register_forward_hook(grab_block),
+    ]
     force = torch.zeros(T, 3, 2, dtype=torch.bool)
-    force[T - 2, 1, 0] = True  # skip block 1's attn at the second sampling step
-    captured = {}
-    orig_block_forward = type(block).forward
-
-    def block_spy(self, x, c):
-        captured.setdefault("x", []).append(x.detach().clone())
-        captured.setdefault("c", []).append(c.detach().clone())
-        return orig_block_forward(self, x, c)
-
-    import types
-
-    block.forward = types.MethodType(block_spy, block)
-    hook = block.attn.register_forward_hook(grab)
-    h = apply_lazy(model, gates)
-    h.state.force = force
-    ddim_sample(model, y, T, seed=0, progress=False)
-    h.remove()
-    hook.remove()
-    del block.forward
-    # step 0 computed attn; step 1 reused it: the attn "output" at step 1 is exactly the cached step-0 output
+    force[T - 2, 1, 0] = True  # skip block 1's attn at the second sampling step (respaced index T-2)
+    with apply_lazy(model, LazyGates.for_model(model, T)) as h:
+        h.state.force = force
+        ddim_sample(model, y, T, seed=0, progress=False)
+        stats = h.stats()
+    for hk in hooks:
+        hk.remove()
+    # the attn "output" at step 2 is exactly the pre-gate output cached at step 1
     assert torch.equal(seen["attn"][1], seen["attn"][0])
-    # and the block applied the CURRENT step's gate to it: recompute the block by hand
-    x1, c1 = captured["x"][1], captured["c"][1]
-    sm, scm, gm, sf, scf, gf = block.adaLN_modulation(c1).chunk(6, dim=1)
-    from lazydit.models import modulate
-
-    xa = x1 + gm.unsqueeze(1) * seen["attn"][0]
-    expected = xa + gf.unsqueeze(1) * block.mlp(modulate(block.norm2(xa), sf, scf))
-    got = orig_block_forward.__get__(block)  # noqa: F841 (bare forward for reference below)
-    h2 = apply_lazy(model, gates)
-    h2.state.force = force
-    outs = []
-    hook2 = block.register_forward_hook(lambda m, a, o: outs.append(o.detach().clone()))
-    ddim_sample(model, y, T, seed=0, progress=False)
-    hook2.remove()
-    h2.remove()
-    torch.testing.assert_close(outs[1], expected, rtol=0, atol=1e-6)
-    stats = h2.stats()
+    # and the block scaled it by the CURRENT step's gate_msa: recompute block 1 at step 2 by hand
+    x1, c1 = seen["block_in"][1]
+    shift_mlp, scale_mlp, gate_mlp = block.adaLN_modulation(c1).chunk(6, dim=1)[3:]
+    gate_msa = block.adaLN_modulation(c1).chunk(6, dim=1)[2]
+    xa = x1 + gate_msa.unsqueeze(1) * seen["attn"][0]
+    expected = xa + gate_mlp.unsqueeze(1) * block.mlp(modulate(block.norm2(xa), shift_mlp, scale_mlp))
+    torch.testing.assert_close(seen["block_out"][1], expected, rtol=0, atol=1e-6)
     assert int(stats.skipped.sum()) == 2 and int(stats.skipped[T - 2, 1, 0]) == 2
 
 
