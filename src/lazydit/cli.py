@@ -69,7 +69,6 @@ def cmd_pretrain(args):
 
 def cmd_train_gates(args):
     from .data import InfiniteSampler, load_fashion_mnist
-    from .pipeline import calibrate_threshold, class_grid_labels
     from .training import GateTrainConfig, train_gates
 
     model = _load_model(args)
@@ -88,29 +87,29 @@ def cmd_train_gates(args):
                         extra_meta={"model_path": str(args.model or "default")})
     result = {"gates": f"{args.out}/gates.safetensors", "steps": args.steps, "threshold": gates.threshold}
     if args.target_ratio is not None:
-        yc = class_grid_labels(cfg.num_classes, args.calib_per_class, args.device)
-        th, ratio = calibrate_threshold(model, gates, args.target_ratio, yc, cfg_scale=args.cfg, seed=args.seed,
-                                        progress=not args.json)
-        gates.threshold = th
-        gates.save(f"{args.out}/gates.safetensors",
-                   extra={"calibration": {"target": args.target_ratio, "reached": ratio, "cfg_scale": args.cfg,
-                                          "images": len(yc), "seed": args.seed}})
+        th, ratio = _calibrate_and_save(model, gates, args, f"{args.out}/gates.safetensors")
         result.update(threshold=th, calibrated_lazy_ratio=ratio)
     print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
 
 
-def cmd_calibrate(args):
+def _calibrate_and_save(model, gates, args, out):
+    """Bisect the threshold to args.target_ratio on the class-grid batch and write the gates with the result."""
     from .pipeline import calibrate_threshold, class_grid_labels
 
-    model = _load_model(args)
-    gates = _load_gates(args.gates, args.steps, args.device)
     yc = class_grid_labels(model.config.num_classes, args.calib_per_class, args.device)
     th, ratio = calibrate_threshold(model, gates, args.target_ratio, yc, cfg_scale=args.cfg, seed=args.seed,
                                     progress=not args.json)
     gates.threshold = th
-    out = args.out or args.gates
     gates.save(out, extra={"calibration": {"target": args.target_ratio, "reached": ratio, "cfg_scale": args.cfg,
                                            "images": len(yc), "seed": args.seed}})
+    return th, ratio
+
+
+def cmd_calibrate(args):
+    model = _load_model(args)
+    gates = _load_gates(args.gates, args.steps, args.device)
+    out = args.out or args.gates
+    th, ratio = _calibrate_and_save(model, gates, args, out)
     res = {"gates": out, "threshold": th, "lazy_ratio": ratio}
     print(json.dumps(res) if args.json else "\n".join(f"{k}: {v}" for k, v in res.items()))
 
