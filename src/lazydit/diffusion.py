@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .models import guided_channels
+from .models import combine_cfg
 
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -81,12 +81,7 @@ def model_eps(model, x, t, y, cfg_scale: float):
     if cfg_scale == 1.0:
         return model(x, t, y)[:, :C]
     half = x[: len(x) // 2]  # as forward_with_cfg: both halves run on the conditional half's x
-    out = model(torch.cat([half, half]), t, y)
-    g = guided_channels(C)
-    eps, rest = out[:, :g], out[:, g:C]
-    cond, uncond = eps.chunk(2)
-    half = uncond + cfg_scale * (cond - uncond)
-    return torch.cat([torch.cat([half, half]), rest], dim=1)
+    return combine_cfg(model(torch.cat([half, half]), t, y), C, cfg_scale)[:, :C]
 
 
 def ddim_sample(

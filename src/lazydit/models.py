@@ -241,17 +241,21 @@ class DiT(nn.Module):
     def forward_with_cfg(self, x, t, y, cfg_scale):
         """Classifier-free guidance as the reference: batch [x; x] with labels [y; null]."""
         half = x[: len(x) // 2]
-        out = self.forward(torch.cat([half, half]), t, y)
-        g = guided_channels(self.in_channels)
-        eps, rest = out[:, :g], out[:, g:]
-        cond, uncond = eps.chunk(2)
-        half_eps = uncond + cfg_scale * (cond - uncond)
-        return torch.cat([torch.cat([half_eps, half_eps]), rest], dim=1)
+        return combine_cfg(self.forward(torch.cat([half, half]), t, y), self.in_channels, cfg_scale)
 
 
 def guided_channels(in_channels):
     """Channels CFG applies to: the reference guides 3 of 4 latent channels; all eps channels otherwise."""
     return 3 if in_channels == 4 else in_channels
+
+
+def combine_cfg(out, in_channels, cfg_scale):
+    """out (2B, C_out, H, W) of [cond; uncond] rows -> eps_u + w (eps_c - eps_u) on the guided channels, both halves."""
+    g = guided_channels(in_channels)
+    eps, rest = out[:, :g], out[:, g:]
+    cond, uncond = eps.chunk(2)
+    half_eps = uncond + cfg_scale * (cond - uncond)
+    return torch.cat([torch.cat([half_eps, half_eps]), rest], dim=1)
 
 
 def get_2d_sincos_pos_embed(embed_dim, grid_size):
