@@ -6,12 +6,22 @@ types and state-dict keys stay as they were, and `handle.remove()` restores the 
 
 Conventions (the released code's): a gate gives p = sigmoid(sum_tokens Z . w_k), the probability to COMPUTE;
 a row skips its module when p < threshold (0.5), reusing the module's pre-gate output of the previous step.
+
+Two kinds of gates (a flag of the gate bank, stored in its file):
+- reference (the paper's, the default): the gate of step k scores Z_k, the module's modulated input at step k itself,
+  so the module's LayerNorm and modulation always run and every module branches on a fresh score (one host sync
+  per module, as the released code).
+- look-ahead (beyond the reference): the gate of step k scores Z_{k+1}, the input recorded at the last fully
+  computed step (the odd step k+1 under the reference parity). The plan of step k is known when step k+1 ends:
+  one host transfer per step pair, and a skipped module costs nothing, not its LayerNorm or modulation either.
+  Trained by the same 3-pass recipe (the record pass already produces Z_{k+1}).
 """
 
+import copy
 import json
 import math
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -21,6 +31,7 @@ from safetensors.torch import save_file
 
 from .checkpoint import atomic_write
 from .diffusion import respaced_timesteps
+from .models import modulate
 
 BRANCHES = ("attn", "mlp")
 GATE_FORMAT = "lazydit-gates-v1"
@@ -39,11 +50,14 @@ class LazyGates(nn.Module):
     """
 
     def __init__(self, depth: int, hidden_size: int, steps: int, threshold: float = 0.5, meta: dict | None = None,
-                 parity: bool = True):
+                 parity: bool = True, lookahead: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(depth, 2, steps, hidden_size))
         self.threshold = threshold
         self.parity = parity  # reference parity: odd respaced indices always compute (their gates are untrained)
+        self.lookahead = lookahead  # gate k scores the input recorded at step k+1 (see the module docstring)
+        if lookahead and not parity:
+            raise ValueError("look-ahead gates need the reference parity (the odd step k+1 computes every module)")
         self.meta = dict(meta or {})  # model name/config, training arguments, ...
 
     @property
@@ -59,11 +73,11 @@ class LazyGates(nn.Module):
         return self.weight.shape[3]
 
     @classmethod
-    def for_model(cls, model, steps: int, threshold: float = 0.5):
+    def for_model(cls, model, steps: int, threshold: float = 0.5, lookahead: bool = False):
         """Zero gates sized for `model` (a DiT) and T = steps, with the model's config in the metadata."""
         cfg = model.config
         meta = {"model_name": getattr(model, "name", "") or "", "model_config": dict(cfg.__dict__)}
-        gates = cls(len(model.blocks), cfg.hidden_size, steps, threshold, meta)
+        gates = cls(len(model.blocks), cfg.hidden_size, steps, threshold, meta, lookahead=lookahead)
         return gates.to(next(model.parameters()).device)
 
     def logit(self, layer: int, branch: int, k: int, z: torch.Tensor) -> torch.Tensor:
@@ -75,7 +89,7 @@ class LazyGates(nn.Module):
         """Write the gates as .safetensors with metadata (model config, T, threshold, timestep map, extras)."""
         meta = {**self.meta, **(extra or {})}
         meta.update(format=GATE_FORMAT, steps=self.steps, threshold=self.threshold, parity=self.parity,
-                    timestep_map=respaced_timesteps(self.steps))
+                    lookahead=self.lookahead, timestep_map=respaced_timesteps(self.steps))
         self.meta = {k: v for k, v in meta.items() if k != "format"}
         header = {k: json.dumps(v) for k, v in meta.items()}
         tensor = {"weight": self.weight.detach().float().contiguous().cpu()}
@@ -99,7 +113,8 @@ class LazyGates(nn.Module):
         L, two, T, D = weight.shape
         if two != 2 or T != meta.get("steps"):
             raise GateMismatchError(f"{path}: gate bank of shape {tuple(weight.shape)} does not match its metadata")
-        gates = cls(L, D, T, float(meta.get("threshold", 0.5)), meta, parity=bool(meta.get("parity", True)))
+        gates = cls(L, D, T, float(meta.get("threshold", 0.5)), meta, parity=bool(meta.get("parity", True)),
+                    lookahead=bool(meta.get("lookahead", False)))
         gates.weight.data.copy_(weight)
         return gates
 
@@ -168,11 +183,27 @@ class LazyState:
     k: int = 0  # current respaced step index
     caches: dict = field(default_factory=dict)  # (layer, branch) -> (B, N, D) pre-gate output of the last step
     probs: list = field(default_factory=list)  # soft mode: (branch, p (B,)) per module, for the penalty
-    force: torch.Tensor | None = None  # optional (T, L, 2) bool plan: True = skip every row there
+    force: torch.Tensor | None = None  # optional skip plan, True = skip: (T, L, 2) every row, or (T, L, 2, B) per row
     uniform: bool = False  # one decision per module for the whole batch (majority of the rows' decisions)
     tie_cfg: bool = False  # cond row b and uncond row b + B/2 decide together (compute if either computes)
     skipped: torch.Tensor | None = None
     total: torch.Tensor | None = None
+    record_decisions: bool = False  # keep every row's decision in `decisions`
+    decisions: torch.Tensor | None = None  # (T, L, 2, B) bool, True = computed (when record_decisions)
+    inputs: dict = field(default_factory=dict)  # look-ahead, record mode: (layer, branch) -> Z of the recorded step
+    scores: dict = field(default_factory=dict)  # look-ahead sampling: (layer, branch) -> (B,) compute, next step
+    plan: torch.Tensor | None = None  # look-ahead sampling: (L, 2, B) bool compute plan of this step, on the host
+    compile: bool = False  # look-ahead: run each branch as a torch.compile region
+    compile_mode: str | None = None  # torch.compile mode of those regions
+    fns: dict = field(default_factory=dict)  # look-ahead: (layer, branch) -> fused branch function (built lazily)
+
+    def __deepcopy__(self, memo):
+        """Copy everything but the branch functions: they close over the original modules and are rebuilt."""
+        new = copy.copy(self)
+        memo[id(self)] = new
+        for f in fields(self):
+            setattr(new, f.name, {} if f.name == "fns" else copy.deepcopy(getattr(self, f.name), memo))
+        return new
 
     @property
     def logit_threshold(self) -> float:
@@ -187,11 +218,15 @@ class LazyState:
         """Forget the caches (a new batch starts)."""
         self.caches.clear()
         self.probs.clear()
+        self.inputs.clear()
+        self.scores.clear()
+        self.plan = None
 
     def reset_stats(self):
         shape = (self.gates.steps, self.gates.depth, 2)
         self.skipped = torch.zeros(shape, dtype=torch.long)
         self.total = torch.zeros(shape, dtype=torch.long)
+        self.decisions = None
 
     def stats(self) -> LazyStats:
         return LazyStats(self.skipped.clone(), self.total.clone())
@@ -208,9 +243,39 @@ class LazyState:
         if self.mode == "sample" and k == self.gates.steps - 1:
             self.reset()  # the first sampling step starts a new batch
         self.k = k
+        if self.mode == "sample" and self.gates.lookahead:
+            self.plan = None
+            if self.scores and k % 2 == 0:  # the scores of step k+1 become the plan of step k: one transfer
+                L = self.gates.depth
+                plan = torch.stack([torch.stack([self.scores[(i, b)] for b in range(2)]) for i in range(L)])
+                self.plan = self._combine(plan).cpu()
+            self.scores.clear()
+
+    def _combine(self, compute: torch.Tensor) -> torch.Tensor:
+        """Apply tie_cfg / uniform to compute decisions (..., B)."""
+        B = compute.shape[-1]
+        if self.tie_cfg and B % 2 == 0:
+            either = compute[..., : B // 2] | compute[..., B // 2 :]
+            compute = torch.cat([either, either], dim=-1)
+        if self.uniform:
+            compute = (2 * compute.sum(-1, keepdim=True) >= B).expand(compute.shape)
+        return compute
+
+    def _forced(self, layer: int, branch: int, B: int) -> torch.Tensor:
+        """Compute decisions (B,) of the forced plan at the current step, on the host."""
+        f = self.force[self.k, layer, branch].cpu()
+        return (~f).expand(B) if f.dim() == 0 else ~f
+
+    def _count(self, layer: int, branch: int, B: int, n_compute: int, rows: torch.Tensor | None):
+        self.skipped[self.k, layer, branch] += B - n_compute
+        self.total[self.k, layer, branch] += B
+        if self.record_decisions:
+            if self.decisions is None or self.decisions.shape[-1] != B:
+                self.decisions = torch.ones(self.gates.steps, self.gates.depth, 2, B, dtype=torch.bool)
+            self.decisions[self.k, layer, branch] = True if rows is None else rows.cpu()
 
     def run(self, module, layer: int, branch: int, z: torch.Tensor) -> torch.Tensor:
-        """The lazy forward of one module on its modulated input z (B, N, D)."""
+        """The lazy forward of one module on its modulated input z (B, N, D) (reference gates)."""
         forward = type(module).forward
         mode = self.mode
         if mode == "off":
@@ -218,50 +283,113 @@ class LazyState:
         if mode == "record":
             out = forward(module, z)
             self.caches[(layer, branch)] = out.detach()
+            if self.gates.lookahead:
+                self.inputs[(layer, branch)] = z.detach()
             return out
         cache = self.caches.get((layer, branch))
         if mode == "soft":  # y = p F(z) + (1 - p) cache
             if cache is None:
                 raise RuntimeError("soft mode needs caches: run the model once in 'record' mode first")
-            p = torch.sigmoid(self.gates.logit(layer, branch, self.k, z))
+            zg = self.inputs[(layer, branch)] if self.gates.lookahead else z  # look-ahead: score recorded Z
+            p = torch.sigmoid(self.gates.logit(layer, branch, self.k, zg))
             self.probs.append((branch, p))
             pb = p.to(z.dtype)[:, None, None]
             return pb * forward(module, z) + (1 - pb) * cache
         # sample: hard decisions per row
         B = z.shape[0]
+        compute = None
         if cache is None or cache.shape[0] != B or (self.gates.parity and self.k % 2 == 1):
             out = forward(module, z)  # nothing to reuse, or an odd step under the reference parity: compute
             n_compute = B
         else:
             if self.force is not None:
-                compute = torch.full((B,), not bool(self.force[self.k, layer, branch]), device=z.device)
+                compute = self._forced(layer, branch, B)
             else:
                 # p >= threshold, compared in logit space so that thresholds near 0 or 1 stay exact
-                compute = self.gates.logit(layer, branch, self.k, z).float() >= self.logit_threshold
-                if self.tie_cfg and B % 2 == 0:
-                    either = compute[: B // 2] | compute[B // 2 :]
-                    compute = torch.cat([either, either])
-                if self.uniform:
-                    compute = (2 * compute.sum() >= B).expand(B)
+                compute = self._combine(self.gates.logit(layer, branch, self.k, z).float() >= self.logit_threshold)
             n_compute = int(compute.sum())  # one host sync per module, as the reference
             if n_compute == B:
                 out = forward(module, z)
             elif n_compute == 0:
                 out = cache  # reuse and leave the cache as it is
             else:
-                idx = compute.nonzero().squeeze(1)
+                idx = compute.nonzero().squeeze(1).to(z.device)
                 out = cache.clone()
                 out[idx] = forward(module, z[idx]).to(out.dtype)
         self.caches[(layer, branch)] = out
-        self.skipped[self.k, layer, branch] += B - n_compute
-        self.total[self.k, layer, branch] += B
+        self._count(layer, branch, B, n_compute, compute)
         return out
+
+    def run_branch(self, layer: int, branch: int, x, shift, scale, gate, norm, module) -> torch.Tensor:
+        """One look-ahead branch of a block in sample mode: x (B, N, D) -> x + gate * F(modulate(norm(x))).
+
+        The plan of this step was fixed when step k+1 ended; skipped rows reuse the cached output without
+        touching LayerNorm or modulation. At an odd step every row computes and scores the gate of step k-1.
+        """
+        key, B = (layer, branch), x.shape[0]
+        cache = self.caches.get(key)
+        rows = None  # host (B,) bool compute decisions; None: every row computes
+        if cache is not None and cache.shape[0] == B and self.k % 2 == 0:
+            if self.force is not None:
+                rows = self._forced(layer, branch, B)
+            elif self.plan is not None and self.plan.shape[-1] == B:
+                rows = self.plan[layer, branch]
+        fn = self.fns.get(key)
+        if fn is None:
+            fn = _branch_fn(norm, module)
+            fn = self.fns[key] = torch.compile(fn, mode=self.compile_mode) if self.compile else fn
+        if rows is None or bool(rows.all()):
+            w = None
+            if self.k % 2 == 1 and self.force is None:
+                w = self.gates.weight[layer, branch, self.k - 1]
+            x, out, logit = fn(x, shift, scale, gate, w)
+            if logit is not None:  # p >= threshold in logit space, kept on the device until the step ends
+                self.scores[key] = logit.float() >= self.logit_threshold
+            n_compute = B
+        elif not bool(rows.any()):
+            out = cache
+            x = x + gate.unsqueeze(1) * out
+            n_compute = 0
+        else:
+            idx = rows.nonzero().squeeze(1)
+            idx = idx.pin_memory().to(x.device, non_blocking=True) if x.is_cuda else idx.to(x.device)
+            _, part, _ = fn(x[idx], shift[idx], scale[idx], gate[idx], None)
+            out = cache.clone()
+            out[idx] = part.to(out.dtype)
+            x = x + gate.unsqueeze(1) * out
+            n_compute = len(idx)
+        self.caches[key] = out
+        self._count(layer, branch, B, n_compute, rows)
+        return x
+
+
+def _branch_fn(norm, module):
+    """The fused work of one branch: Z = modulate(norm(x)), out = F(Z), the gated residual, and the gate score."""
+    forward = type(module).forward
+
+    def branch(x, shift, scale, gate, w):
+        z = modulate(norm(x), shift, scale)  # (B, N, D)
+        out = forward(module, z)
+        logit = None if w is None else z.sum(dim=1) @ w.to(z.dtype)  # (B,) score of the next (even) step
+        return x + gate.unsqueeze(1) * out, out, logit
+
+    return branch
 
 
 def _lazy_forward(self, z):
     """Replacement forward of an attached attn/mlp instance."""
     state, layer, branch = self._lazy_ctx
     return state.run(self, layer, branch, z)
+
+
+def _lookahead_block_forward(self, x, c):
+    """Replacement forward of a DiT block under look-ahead gates (sample mode; other modes run the block as is)."""
+    state, layer = self._lazy_block_ctx
+    if state.mode != "sample":
+        return type(self).forward(self, x, c)
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+    x = state.run_branch(layer, 0, x, shift_msa, scale_msa, gate_msa, self.norm1, self.attn)
+    return state.run_branch(layer, 1, x, shift_mlp, scale_mlp, gate_mlp, self.norm2, self.mlp)
 
 
 def _pre_hook(model, args, kwargs):
@@ -299,6 +427,8 @@ class LazyHandle:
         """Detach the gates: the model is the bare model again."""
         self._hook.remove()
         for block in self.model.blocks:
+            block.__dict__.pop("forward", None)
+            block.__dict__.pop("_lazy_block_ctx", None)
             for name in BRANCHES:
                 module = getattr(block, name)
                 module.__dict__.pop("forward", None)
@@ -313,7 +443,8 @@ class LazyHandle:
 
 
 def apply_lazy(model, gates: LazyGates, mode: str = "sample", threshold: float | None = None,
-               uniform: bool = False, tie_cfg: bool = False) -> LazyHandle:
+               uniform: bool = False, tie_cfg: bool = False, compile: bool = False, compile_mode: str | None = None,
+               record_decisions: bool = False) -> LazyHandle:
     """Attach LazyDiT gates to a DiT from the outside.
 
     Args:
@@ -325,6 +456,10 @@ def apply_lazy(model, gates: LazyGates, mode: str = "sample", threshold: float |
             half of the rows would compute, else every row reuses its cache.
         tie_cfg: tie the decisions of the cond and uncond halves of a CFG batch (beyond the reference, which
             lets them decide independently): a pair computes if either row would.
+        compile: look-ahead gates only: run each branch's fused work (LayerNorm, modulate, module, gated residual,
+            gate score) as a `torch.compile` region (one per branch, no graph break inside).
+        compile_mode: `torch.compile` mode of those regions, e.g. "reduce-overhead" for CUDA graphs on a GPU.
+        record_decisions: keep every row's decision, `handle.state.decisions` (T, L, 2, B), True = computed.
     Returns:
         LazyHandle; `handle.remove()` restores the bare model.
     """
@@ -333,13 +468,22 @@ def apply_lazy(model, gates: LazyGates, mode: str = "sample", threshold: float |
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     gates.check_model(model)
+    if compile and not gates.lookahead:
+        raise ValueError("compile=True needs look-ahead gates (the reference path branches on every module)")
     state = LazyState(gates, mode=mode, threshold=gates.threshold if threshold is None else threshold,
-                      uniform=uniform, tie_cfg=tie_cfg)
+                      uniform=uniform, tie_cfg=tie_cfg, record_decisions=record_decisions, compile=compile,
+                      compile_mode=compile_mode)
     model._lazy_state = state
     for i, block in enumerate(model.blocks):
         for b, name in enumerate(BRANCHES):
             module = getattr(block, name)
             module._lazy_ctx = (state, i, b)
             module.forward = types.MethodType(_lazy_forward, module)
+        if gates.lookahead:
+            if not all(hasattr(block, a) for a in ("norm1", "norm2", "adaLN_modulation")):
+                raise TypeError(f"look-ahead gates need DiT blocks (norm1/attn/norm2/mlp/adaLN_modulation), "
+                                f"not {type(block).__name__}")
+            block._lazy_block_ctx = (state, i)
+            block.forward = types.MethodType(_lookahead_block_forward, block)
     hook = model.register_forward_pre_hook(_pre_hook, with_kwargs=True)
     return LazyHandle(model, state, hook)

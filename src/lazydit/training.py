@@ -26,6 +26,7 @@ class GateTrainConfig:
     ckpt_every: int = 100  # steps between atomic checkpoints
     out: str | None = None  # folder for checkpoint.pt and gates.safetensors (None: no files)
     resume: bool = False  # continue from out/checkpoint.pt
+    lookahead: bool = False  # train look-ahead gates: gate k-1 scores the input recorded at step k (beyond the paper)
 
 
 def gate_loss_step(model, handle, x0, y, k: int, drop, noise, sched: Schedule, rho_attn: float, rho_mlp: float):
@@ -79,7 +80,7 @@ def train_gates(model, data, cfg: GateTrainConfig, threshold: float = 0.5, progr
         raise ValueError("gate training needs T >= 2 (odd respaced indices)")
     device = next(model.parameters()).device
     model.eval().requires_grad_(False)
-    gates = LazyGates.for_model(model, cfg.steps, threshold)
+    gates = LazyGates.for_model(model, cfg.steps, threshold, lookahead=cfg.lookahead)
     opt = torch.optim.AdamW(gates.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     sched = Schedule(cfg.steps)
