@@ -7,11 +7,12 @@ from .lazy import LazyGates
 
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_MODEL = ASSETS / "fmnist_dit.safetensors"
-SHIPPED_STEPS = (10, 20, 50)
+SHIPPED_STEPS = (10, 20, 50)  # reference gates
+SHIPPED_LOOKAHEAD_STEPS = (50,)  # look-ahead gates
 
 
-def gates_path(steps: int) -> Path:
-    return ASSETS / f"fmnist_gates_T{steps}.safetensors"
+def gates_path(steps: int, lookahead: bool = False) -> Path:
+    return ASSETS / f"fmnist_gates_T{steps}{'_lookahead' if lookahead else ''}.safetensors"
 
 
 def _missing(path: Path):
@@ -28,12 +29,14 @@ def default_model(device="cpu"):
     return load_dit(DEFAULT_MODEL).to(device)
 
 
-def default_gates(steps: int, device="cpu") -> LazyGates:
-    """The shipped gate set for T = steps (10, 20 or 50)."""
-    if steps not in SHIPPED_STEPS:
-        raise ValueError(f"shipped gates exist for T in {SHIPPED_STEPS}, not {steps}: train your own with "
-                         f"`lazydit train-gates --steps {steps}`")
-    path = gates_path(steps)
+def default_gates(steps: int, device="cpu", lookahead: bool = False) -> LazyGates:
+    """The shipped gate set for T = steps (reference gates: 10, 20 or 50; look-ahead gates: 50)."""
+    shipped = SHIPPED_LOOKAHEAD_STEPS if lookahead else SHIPPED_STEPS
+    if steps not in shipped:
+        kind = "look-ahead gates" if lookahead else "gates"
+        raise ValueError(f"shipped {kind} exist for T in {shipped}, not {steps}: train your own with "
+                         f"`lazydit train-gates --steps {steps}{' --lookahead' if lookahead else ''}`")
+    path = gates_path(steps, lookahead)
     if not path.is_file():
         raise _missing(path)
     return LazyGates.load(path).to(device)

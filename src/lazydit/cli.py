@@ -40,8 +40,8 @@ def _load_gates(path, steps, device):
     from .assets import default_gates
     from .lazy import LazyGates
 
-    if path == "default":
-        return default_gates(steps, device)
+    if path in ("default", "default-lookahead"):
+        return default_gates(steps, device, lookahead=path == "default-lookahead")
     gates = LazyGates.load(path).to(device)
     return gates
 
@@ -82,7 +82,7 @@ def cmd_train_gates(args):
     rho_mlp = args.rho if args.rho_mlp is None else args.rho_mlp
     tcfg = GateTrainConfig(steps=args.steps, iters=args.iters, batch_size=args.batch_size, lr=args.lr,
                            rho_attn=rho_attn, rho_mlp=rho_mlp, seed=args.seed, ckpt_every=args.ckpt_every,
-                           out=args.out, resume=args.resume)
+                           out=args.out, resume=args.resume, lookahead=args.lookahead)
     gates = train_gates(model, data, tcfg, progress=not args.json,
                         extra_meta={"model_path": str(args.model or "default")})
     result = {"gates": f"{args.out}/gates.safetensors", "steps": args.steps, "threshold": gates.threshold}
@@ -128,7 +128,8 @@ def cmd_sample(args):
     else:
         y = class_grid_labels(min(nc, 10), args.per_class, args.device)
     x, rep = sample(model, y, args.steps, gates=gates, threshold=args.threshold, cfg_scale=args.cfg,
-                    seed=args.seed, uniform=args.uniform, tie_cfg=args.tie_cfg, progress=not args.json)
+                    seed=args.seed, uniform=args.uniform, tie_cfg=args.tie_cfg, compile=args.compile,
+                    progress=not args.json)
     if args.out.endswith(".npz"):
         save_npz(x, args.out, labels=y.cpu().numpy())
     else:
@@ -212,6 +213,8 @@ def build_parser():
                     help="after training, calibrate the threshold to this lazy ratio")
     sp.add_argument("--calib-per-class", type=int, default=4)
     sp.add_argument("--cfg", type=float, default=2.0, help="guidance scale used for calibration")
+    sp.add_argument("--lookahead", action="store_true",
+                    help="look-ahead gates: plan step k from the inputs of step k+1 (faster; beyond the paper)")
     sp.set_defaults(func=cmd_train_gates)
 
     sp = sub.add_parser("calibrate", help="set a gate file's threshold so sampling reaches a target lazy ratio")
@@ -226,7 +229,8 @@ def build_parser():
 
     sp = sub.add_parser("sample", help="sample a PNG grid or an ADM .npz (arr_0: N x H x W x C uint8)")
     common(sp)
-    sp.add_argument("--gates", default=None, help="gate file, or 'default' for the shipped set of --steps")
+    sp.add_argument("--gates", default=None, help="gate file, or 'default' / 'default-lookahead' for the shipped "
+                                                  "reference / look-ahead set of --steps")
     sp.add_argument("--steps", type=int, default=50)
     sp.add_argument("--cfg", type=float, default=2.0)
     sp.add_argument("--threshold", type=float, default=None)
@@ -237,6 +241,7 @@ def build_parser():
     sp.add_argument("--uniform", action="store_true", help="one skip decision per module for the whole batch")
     sp.add_argument("--tie-cfg", action="store_true", help="cond and uncond rows of a pair decide together")
     sp.add_argument("--heatmap", default=None, help="also write the layer x step laziness heat map (PNG)")
+    sp.add_argument("--compile", action="store_true", help="torch.compile the branches (look-ahead gates only)")
     sp.add_argument("--out", default="samples.png")
     sp.set_defaults(func=cmd_sample)
 

@@ -34,7 +34,7 @@ def class_grid_labels(num_classes: int, per_class: int, device="cpu") -> torch.T
 
 def sample(model, y, steps: int, *, gates: LazyGates | None = None, threshold: float | None = None,
            cfg_scale: float = 1.0, seed: int = 0, x=None, force=None, uniform: bool = False, tie_cfg: bool = False,
-           progress: bool = True, name: str | None = None):
+           compile: bool = False, compile_mode: str | None = None, progress: bool = True, name: str | None = None):
     """Sample with plain DDIM, or with LazyDiT gates attached for the run, and report the cost.
 
     Args:
@@ -48,6 +48,7 @@ def sample(model, y, steps: int, *, gates: LazyGates | None = None, threshold: f
         x: explicit initial noise (overrides seed).
         force: optional (T, L, 2) bool skip plan used instead of the gate scores.
         uniform, tie_cfg: batch-uniform decisions / tied CFG halves (see `apply_lazy`).
+        compile, compile_mode: torch.compile regions per branch (look-ahead gates; see `apply_lazy`).
         progress: progress bar.
         name: label of the report row.
     Returns:
@@ -56,7 +57,8 @@ def sample(model, y, steps: int, *, gates: LazyGates | None = None, threshold: f
     handle = None
     if gates is not None:
         gates.check_steps(steps)
-        handle = apply_lazy(model, gates, mode="sample", threshold=threshold, uniform=uniform, tie_cfg=tie_cfg)
+        handle = apply_lazy(model, gates, mode="sample", threshold=threshold, uniform=uniform, tie_cfg=tie_cfg,
+                            compile=compile, compile_mode=compile_mode)
         handle.state.force = force
     try:
         sync = torch.cuda.synchronize if y.is_cuda else (lambda: None)
@@ -71,7 +73,8 @@ def sample(model, y, steps: int, *, gates: LazyGates | None = None, threshold: f
             handle.remove()
     macs = sampling_macs(model.config, steps, stats)
     report = SampleReport(
-        name=name or (f"Lazy-{steps}" if gates is not None else f"DDIM-{steps}"), steps=steps,
+        name=name or (f"Lazy{'-LA' if gates is not None and gates.lookahead else ''}-{steps}" if gates is not None
+                      else f"DDIM-{steps}"), steps=steps,
         lazy_ratio=stats.lazy_ratio if stats else 0.0, tmacs=macs / 1e12, seconds=seconds,
         stats=stats.as_dict() if stats else {},
     )

@@ -1,0 +1,158 @@
+"""Dense vs reference-lazy vs look-ahead-lazy sampling wall-clock, measured in one run (issue: fast lazy sampling).
+
+    python benchmarks/bench_fast.py                       # CPU, the embedded default with its shipped gates
+    python benchmarks/bench_fast.py --preset gpu          # one GPU: DiT-XL/2 256², random weights, bf16, 50% plan
+    python benchmarks/bench_fast.py --preset tiny         # a few seconds: smoke test of the script itself
+
+Rows, per batch size and compile setting, all at --steps with CFG:
+  dense-T      plain DDIM-T (the bare model)
+  dense-T/2    plain DDIM with half the steps (what lazy sampling must beat at equal MACs)
+  ref-lazy-T   reference gates: score each module on its current input, one host sync per module (the paper's code)
+  la-lazy-T    look-ahead gates: plan of step k fixed at step k+1, skipped modules skip LayerNorm/modulate too
+Compile settings: "eager" for every row; with --compile also "compiled": dense rows compile each DiT block
+(regional `torch.compile`), look-ahead rows compile each branch (`apply_lazy(..., compile=True)`); the reference
+path branches on a host value per module and stays eager (its row is repeated for comparison).
+
+Gates: "shipped" (the embedded default's reference and look-ahead gates, at their calibrated ratios) or "plan50"
+(zero gates with threshold 0.75 through the real code path: every even step skips every module, ~49% lazy).
+Prints a table and one JSON object (also written to --json-out): median seconds over --repeats after a warm-up,
+ratios against dense-T and dense-T/2 measured in the same run, peak memory on CUDA.
+"""
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+from lazydit.assets import default_gates, default_model
+from lazydit.lazy import LazyGates
+from lazydit.models import create_model
+from lazydit.pipeline import sample
+
+PRESETS = {
+    "cpu": dict(model="embedded", batch="16", steps=50, cfg=2.0, dtype="float32", gates="shipped", repeats=5),
+    "gpu": dict(model="DiT-XL/2", batch="1,8", steps=50, cfg=1.5, dtype="bfloat16", gates="plan50", repeats=3,
+                compile=True, device="cuda"),
+    "tiny": dict(model="tiny", batch="2", steps=10, cfg=2.0, dtype="float32", gates="plan50", repeats=1),
+}
+
+
+def build(args):
+    """The model and the two gate sets (reference, look-ahead)."""
+    dtype = getattr(torch, args.dtype)
+    if args.model == "embedded":
+        model = default_model(args.device)
+    elif args.model == "tiny":
+        torch.manual_seed(0)
+        model = create_model("DiT-S/2", depth=2, hidden_size=64, num_heads=2, input_size=8, in_channels=1,
+                             num_classes=4, learn_sigma=False).to(args.device)
+    else:  # random weights with non-zero adaLN so that every module matters
+        torch.manual_seed(0)
+        model = create_model(args.model, input_size=args.image_size // 8).to(args.device)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad and p.abs().sum() == 0:
+                    p.normal_(0, 0.02)
+    model = model.to(dtype).eval()
+    if args.gates == "shipped":
+        ref, la = default_gates(args.steps, args.device), default_gates(args.steps, args.device, lookahead=True)
+    else:  # zero gates give p = 0.5 < 0.75: every gated (even) step skips every module
+        ref = LazyGates.for_model(model, args.steps, threshold=0.75)
+        la = LazyGates.for_model(model, args.steps, threshold=0.75, lookahead=True)
+    return model, ref, la
+
+
+def time_rows(model, rows, y, args):
+    """Median seconds per row, the rows interleaved so that drift hits all of them alike."""
+    times, reports = {r[0]: [] for r in rows}, {}
+    for name, m, steps, gates, kw in rows:  # warm-up (and compilation) of every row
+        sample(m, y, steps, gates=gates, cfg_scale=args.cfg, seed=0, progress=False, **kw)
+    for rep_i in range(args.repeats):
+        for name, m, steps, gates, kw in rows:
+            _, rep = sample(m, y, steps, gates=gates, cfg_scale=args.cfg, seed=rep_i, progress=False, name=name, **kw)
+            times[name].append(rep.seconds)
+            reports[name] = rep
+    return times, reports
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    ap.add_argument("--model", help="'embedded', 'tiny' or a zoo name (random weights)")
+    ap.add_argument("--image-size", type=int, default=256)
+    ap.add_argument("--batch", help="comma-separated batch sizes (images; CFG doubles the rows)")
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--cfg", type=float)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--gates", choices=["shipped", "plan50"])
+    ap.add_argument("--repeats", type=int)
+    ap.add_argument("--compile", action="store_true", default=None, help="also run the compiled setting")
+    ap.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json-out", default=None)
+    args = ap.parse_args(argv)
+    for k, v in PRESETS[args.preset].items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    args.device = args.device or "cpu"
+    args.compile = bool(args.compile)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    model, ref, la = build(args)
+    T, half = args.steps, args.steps // 2
+    settings = ["eager"] + (["compiled"] if args.compile else [])
+    results = []
+    for B in [int(b) for b in args.batch.split(",")]:
+        y = torch.arange(B, device=args.device) % model.config.num_classes
+        for setting in settings:
+            dense = model
+            if setting == "compiled":
+                dense = copy.deepcopy(model)
+                for blk in dense.blocks:
+                    blk.compile(mode=args.compile_mode)
+            la_kw = dict(compile=setting == "compiled", compile_mode=args.compile_mode)
+            rows = [(f"dense-{T}", dense, T, None, {}), (f"dense-{half}", dense, half, None, {}),
+                    (f"ref-lazy-{T}", model, T, ref, {}), (f"la-lazy-{T}", model, T, la, la_kw)]
+            if args.device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.time()
+            times, reports = time_rows(model, rows, y, args)
+            med = {name: statistics.median(v) for name, v in times.items()}
+            for name, *_ in rows:
+                rep = reports[name]
+                results.append(dict(
+                    batch=B, setting=setting, sampler=name, steps=rep.steps, lazy_ratio=round(rep.lazy_ratio, 4),
+                    tmacs=rep.tmacs, median_s=round(med[name], 4), min_s=round(min(times[name]), 4),
+                    speedup_vs_dense=round(med[f"dense-{T}"] / med[name], 3),
+                    over_half_steps=round(med[name] / med[f"dense-{half}"], 3),
+                ))
+            if args.device.startswith("cuda"):
+                results[-1]["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            print(f"  batch {B} {setting}: {time.time() - t0:.1f} s", flush=True)
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else (platform.processor() or
+                                                                                     platform.machine())
+    out = dict(preset=args.preset, device=args.device, device_name=device_name, threads=torch.get_num_threads(),
+               torch=torch.__version__, model=args.model, dtype=args.dtype, steps=T, cfg=args.cfg, gates=args.gates,
+               repeats=args.repeats, compile_mode=args.compile_mode, rows=results)
+    print(f"{'batch':>5} {'setting':9} {'sampler':12} {'lazy':>6} {'TMACs':>9} {'median s':>9} "
+          f"{'vs dense':>8} {'/ half-T':>8}")
+    for r in results:
+        print(f"{r['batch']:5d} {r['setting']:9} {r['sampler']:12} {r['lazy_ratio']:6.1%} {r['tmacs']:9.5f} "
+              f"{r['median_s']:9.3f} {r['speedup_vs_dense']:7.2f}x {r['over_half_steps']:7.3f}x")
+    print(json.dumps(out))
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(out, f, indent=1)
+    return out
+
+
+if __name__ == "__main__":
+    main()
