@@ -177,3 +177,28 @@ def test_compiled_lookahead_equals_eager(model):
 def test_compile_needs_lookahead_gates(model):
     with pytest.raises(ValueError, match="look-ahead"):
         apply_lazy(model, LazyGates.for_model(model, T), compile=True)
+
+
+def test_gates_attach_to_large_dit_unchanged():
+    from lazydit.cost import sampling_macs
+    from lazydit.large_dit import LargeDiT, LargeDiTConfig
+
+    torch.manual_seed(0)
+    m = LargeDiT(LargeDiTConfig(hidden_size=32, depth=2, num_heads=4, input_size=8, num_classes=4, qk_norm=True,
+                                learn_sigma=True)).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    y, x = torch.tensor([0, 1, 2, 3]), torch.randn(4, 4, 8, 8)
+    dense = ddim_sample(m, y, T, x=x, cfg_scale=1.5, progress=False)
+    skipped = {}
+    for look in (False, True):
+        with apply_lazy(m, LazyGates.for_model(m, T, lookahead=look)) as h:  # zero gates: every module computes
+            assert torch.equal(ddim_sample(m, y, T, x=x, cfg_scale=1.5, progress=False), dense)
+        with apply_lazy(m, LazyGates.for_model(m, T, threshold=0.75, lookahead=look)) as h:  # skip even steps
+            skipped[look] = ddim_sample(m, y, T, x=x, cfg_scale=1.5, progress=False)
+            assert h.stats().lazy_ratio == 0.5
+            assert sampling_macs(m.config, T, h.stats()) < 0.6 * sampling_macs(m.config, T)
+    assert not torch.allclose(skipped[False], dense)
+    torch.testing.assert_close(skipped[True], skipped[False], rtol=0, atol=1e-6)
+    assert "forward" not in m.blocks[0].attention.__dict__  # removed again

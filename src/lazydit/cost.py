@@ -3,8 +3,16 @@
 from .models import DiTConfig
 
 
+def _large(cfg) -> bool:
+    return type(cfg).__name__ == "LargeDiTConfig"
+
+
 def module_macs(cfg: DiTConfig) -> dict:
     """Linear MACs of one attn and one mlp module for one image: {"attn": 4 N D^2, "mlp": 2 N D H}."""
+    if _large(cfg):  # Large-DiT: SwiGLU FFN, no biases (lazydit.large_dit)
+        from .large_dit import module_macs as large_module_macs
+
+        return large_module_macs(cfg)
     N, D = cfg.num_tokens, cfg.hidden_size
     H = int(D * cfg.mlp_ratio)
     return {"attn": N * D * 3 * D + N * D * D, "mlp": N * D * H + N * H * D}
@@ -24,6 +32,10 @@ def forward_macs(cfg: DiTConfig, attention_matmuls: bool = False) -> int:
     Returns:
         MACs (int). DiT-XL/2 at 256^2: 114.39e9 (118.6e9 with attention matmuls).
     """
+    if _large(cfg):
+        from .large_dit import forward_macs as large_forward_macs
+
+        return large_forward_macs(cfg, attention_matmuls)
     N, D, p = cfg.num_tokens, cfg.hidden_size, cfg.patch_size
     m = module_macs(cfg)
     per_block = m["attn"] + m["mlp"] + D * 6 * D  # + adaLN modulation Linear(D, 6D) on one row

@@ -274,14 +274,14 @@ class LazyState:
                 self.decisions = torch.ones(self.gates.steps, self.gates.depth, 2, B, dtype=torch.bool)
             self.decisions[self.k, layer, branch] = True if rows is None else rows.cpu()
 
-    def run(self, module, layer: int, branch: int, z: torch.Tensor) -> torch.Tensor:
+    def run(self, module, layer: int, branch: int, z: torch.Tensor, *extra) -> torch.Tensor:
         """The lazy forward of one module on its modulated input z (B, N, D) (reference gates)."""
         forward = type(module).forward
         mode = self.mode
         if mode == "off":
-            return forward(module, z)
+            return forward(module, z, *extra)
         if mode == "record":
-            out = forward(module, z)
+            out = forward(module, z, *extra)
             self.caches[(layer, branch)] = out.detach()
             if self.gates.lookahead:
                 self.inputs[(layer, branch)] = z.detach()
@@ -294,12 +294,12 @@ class LazyState:
             p = torch.sigmoid(self.gates.logit(layer, branch, self.k, zg))
             self.probs.append((branch, p))
             pb = p.to(z.dtype)[:, None, None]
-            return pb * forward(module, z) + (1 - pb) * cache
+            return pb * forward(module, z, *extra) + (1 - pb) * cache
         # sample: hard decisions per row
         B = z.shape[0]
         compute = None
         if cache is None or cache.shape[0] != B or (self.gates.parity and self.k % 2 == 1):
-            out = forward(module, z)  # nothing to reuse, or an odd step under the reference parity: compute
+            out = forward(module, z, *extra)  # nothing to reuse, or an odd step under the reference parity: compute
             n_compute = B
         else:
             if self.force is not None:
@@ -309,18 +309,18 @@ class LazyState:
                 compute = self._combine(self.gates.logit(layer, branch, self.k, z).float() >= self.logit_threshold)
             n_compute = int(compute.sum())  # one host sync per module, as the reference
             if n_compute == B:
-                out = forward(module, z)
+                out = forward(module, z, *extra)
             elif n_compute == 0:
                 out = cache  # reuse and leave the cache as it is
             else:
                 idx = compute.nonzero().squeeze(1).to(z.device)
                 out = cache.clone()
-                out[idx] = forward(module, z[idx]).to(out.dtype)
+                out[idx] = forward(module, z[idx], *extra).to(out.dtype)
         self.caches[(layer, branch)] = out
         self._count(layer, branch, B, n_compute, compute)
         return out
 
-    def run_branch(self, layer: int, branch: int, x, shift, scale, gate, norm, module) -> torch.Tensor:
+    def run_branch(self, layer: int, branch: int, x, shift, scale, gate, norm, module, extra=()) -> torch.Tensor:
         """One look-ahead branch of a block in sample mode: x (B, N, D) -> x + gate * F(modulate(norm(x))).
 
         The plan of this step was fixed when step k+1 ended; skipped rows reuse the cached output without
@@ -342,7 +342,7 @@ class LazyState:
             w = None
             if self.k % 2 == 1 and self.force is None:
                 w = self.gates.weight[layer, branch, self.k - 1]
-            x, out, logit = fn(x, shift, scale, gate, w)
+            x, out, logit = fn(x, shift, scale, gate, w, *extra)
             if logit is not None:  # p >= threshold in logit space, kept on the device until the step ends
                 self.scores[key] = logit.float() >= self.logit_threshold
             n_compute = B
@@ -353,7 +353,7 @@ class LazyState:
         else:
             idx = rows.nonzero().squeeze(1)
             idx = idx.pin_memory().to(x.device, non_blocking=True) if x.is_cuda else idx.to(x.device)
-            _, part, _ = fn(x[idx], shift[idx], scale[idx], gate[idx], None)
+            _, part, _ = fn(x[idx], shift[idx], scale[idx], gate[idx], None, *extra)
             out = cache.clone()
             out[idx] = part.to(out.dtype)
             x = x + gate.unsqueeze(1) * out
@@ -367,29 +367,46 @@ def _branch_fn(norm, module):
     """The fused work of one branch: Z = modulate(norm(x)), out = F(Z), the gated residual, and the gate score."""
     forward = type(module).forward
 
-    def branch(x, shift, scale, gate, w):
+    def branch(x, shift, scale, gate, w, *extra):
         z = modulate(norm(x), shift, scale)  # (B, N, D)
-        out = forward(module, z)
+        out = forward(module, z, *extra)
         logit = None if w is None else z.sum(dim=1) @ w.to(z.dtype)  # (B,) score of the next (even) step
         return x + gate.unsqueeze(1) * out, out, logit
 
     return branch
 
 
-def _lazy_forward(self, z):
+def _lazy_forward(self, z, *extra):
     """Replacement forward of an attached attn/mlp instance."""
     state, layer, branch = self._lazy_ctx
-    return state.run(self, layer, branch, z)
+    return state.run(self, layer, branch, z, *extra)
 
 
-def _lookahead_block_forward(self, x, c):
-    """Replacement forward of a DiT block under look-ahead gates (sample mode; other modes run the block as is)."""
+def branch_names(block):
+    """Names of a block's two gated sub-modules: DiT's (attn, mlp), or the block class's `lazy_branches`."""
+    return getattr(type(block), "lazy_branches", BRANCHES)
+
+
+def norm_names(block):
+    """Names of the norms in front of the two branches: DiT's (norm1, norm2), or the class's `lazy_norms`."""
+    return getattr(type(block), "lazy_norms", ("norm1", "norm2"))
+
+
+def _lookahead_block_forward(self, x, *args, **kwargs):
+    """Replacement forward of a block under look-ahead gates (sample mode; other modes run the block as is).
+
+    Blocks other than DiT's describe themselves with `lazy_branches`, `lazy_norms` and `lazy_inputs(*args)` ->
+    (c, (extra args of branch 0, extra args of branch 1)), e.g. Large-DiT's rotary frequencies.
+    """
     state, layer = self._lazy_block_ctx
     if state.mode != "sample":
-        return type(self).forward(self, x, c)
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-    x = state.run_branch(layer, 0, x, shift_msa, scale_msa, gate_msa, self.norm1, self.attn)
-    return state.run_branch(layer, 1, x, shift_mlp, scale_mlp, gate_mlp, self.norm2, self.mlp)
+        return type(self).forward(self, x, *args, **kwargs)
+    c, extras = self.lazy_inputs(*args, **kwargs) if hasattr(self, "lazy_inputs") else (args[0], ((), ()))
+    mods = self.adaLN_modulation(c).chunk(6, dim=1)
+    for b, (norm, name) in enumerate(zip(norm_names(self), branch_names(self))):  # chunks: shift, scale, gate
+        x = state.run_branch(layer, b, x, *mods[3 * b : 3 * b + 3], getattr(self, norm), getattr(self, name),
+                             extras[b])
+    return x
 
 
 def _pre_hook(model, args, kwargs):
@@ -429,7 +446,7 @@ class LazyHandle:
         for block in self.model.blocks:
             block.__dict__.pop("forward", None)
             block.__dict__.pop("_lazy_block_ctx", None)
-            for name in BRANCHES:
+            for name in branch_names(block):
                 module = getattr(block, name)
                 module.__dict__.pop("forward", None)
                 module.__dict__.pop("_lazy_ctx", None)
@@ -475,13 +492,13 @@ def apply_lazy(model, gates: LazyGates, mode: str = "sample", threshold: float |
                       compile_mode=compile_mode)
     model._lazy_state = state
     for i, block in enumerate(model.blocks):
-        for b, name in enumerate(BRANCHES):
+        for b, name in enumerate(branch_names(block)):
             module = getattr(block, name)
             module._lazy_ctx = (state, i, b)
             module.forward = types.MethodType(_lazy_forward, module)
         if gates.lookahead:
-            if not all(hasattr(block, a) for a in ("norm1", "norm2", "adaLN_modulation")):
-                raise TypeError(f"look-ahead gates need DiT blocks (norm1/attn/norm2/mlp/adaLN_modulation), "
+            if not all(hasattr(block, a) for a in (*norm_names(block), "adaLN_modulation")):
+                raise TypeError(f"look-ahead gates need DiT-style blocks (two norms, adaLN_modulation), "
                                 f"not {type(block).__name__}")
             block._lazy_block_ctx = (state, i)
             block.forward = types.MethodType(_lookahead_block_forward, block)
