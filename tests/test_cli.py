@@ -94,3 +94,15 @@ def test_cost_prints_paper_figures(capsys):
     rows = run_json(capsys, "cost", "--model", "DiT-XL/2", "--image-size", "512", "--steps", "50,10")
     for r, want in zip(rows, (22.85, 4.57)):
         assert abs(r["tmacs"] - want) <= 0.01
+
+
+def test_eval_scores_shipped_model_and_an_existing_npz(tmp_path, capsys):
+    out = tmp_path / "s.npz"
+    [row] = run_json(capsys, "eval", "--gates", "default", "--steps", "10", "--num-samples", "20",
+                     "--batch-size", "10", "--out", str(out), "--device", "cpu")
+    assert row["sampler"] == "Lazy-10" and row["n"] == 20 and 0 < row["lazy_ratio"] < 0.5
+    assert {"fid", "sfid", "inception_score", "precision", "recall", "kid", "tmacs", "seconds"} <= set(row)
+    [again] = run_json(capsys, "eval", "--samples", str(out), "--device", "cpu")
+    assert again["fid"] == pytest.approx(row["fid"]) and again["n"] == 20
+    with pytest.raises(SystemExit, match="inception-weights"):
+        main(["eval", "--extractor", "inception", "--device", "cpu"])

@@ -146,6 +146,51 @@ def cmd_sample(args):
     _emit(args, [row], ["sampler", "steps", "lazy_ratio", "tmacs", "gmacs", "seconds", "out"])
 
 
+def _extractor_and_ref(args):
+    """The feature extractor and its reference statistics for `eval`."""
+    from . import features
+
+    if args.extractor == "fmnist":
+        ext = features.default_classifier(args.device)
+        ref = features.load_reference(args.ref) if args.ref else features.default_reference()
+        return ext, ref
+    from .evaluation import reference_from_images
+    from .inception import load_inception
+
+    if not args.inception_weights or not args.ref:
+        sys.exit("error: --extractor inception needs --inception-weights FILE and --ref FILE")
+    ext = load_inception(args.inception_weights, args.device)
+    try:
+        return ext, features.load_reference(args.ref)
+    except ValueError:  # an ADM reference batch: real images under arr_0
+        import numpy as np
+
+        with np.load(args.ref) as f:
+            if "arr_0" not in f.files:
+                raise ValueError(f"{args.ref}: neither lazydit reference statistics nor an ADM batch (arr_0)")
+            return ext, reference_from_images(ext, f["arr_0"], progress=not args.json)
+
+
+def cmd_eval(args):
+    from .evaluation import EvalConfig, evaluate_config, score
+    from .metrics import load_npz_samples
+
+    extractor, ref = _extractor_and_ref(args)
+    if args.samples:  # score an existing ADM .npz
+        images = load_npz_samples(args.samples)
+        row = dict(sampler=args.samples, n=len(images), **score(extractor, images, ref, progress=not args.json))
+    else:
+        model = _load_model(args)
+        gates = None if args.gates in (None, "none") else _load_gates(args.gates, args.steps, args.device)
+        cfg = EvalConfig(steps=args.steps, cfg_scale=args.cfg, num_samples=args.num_samples,
+                         batch_size=args.batch_size, seed=args.seed, threshold=args.threshold, uniform=args.uniform,
+                         tie_cfg=args.tie_cfg, name=args.name)
+        row = evaluate_config(model, cfg, extractor, ref, gates=gates, out=args.out, progress=not args.json)
+        row["out"] = args.out
+    _emit(args, [row], ["sampler", "steps", "n", "fid", "sfid", "inception_score", "precision", "recall", "kid",
+                        "lazy_ratio", "tmacs", "seconds"])
+
+
 def cmd_cost(args):
     from .cost import forward_macs
     from .models import model_config
@@ -244,6 +289,26 @@ def build_parser():
     sp.add_argument("--compile", action="store_true", help="torch.compile the branches (look-ahead gates only)")
     sp.add_argument("--out", default="samples.png")
     sp.set_defaults(func=cmd_sample)
+
+    sp = sub.add_parser("eval", help="sample one configuration and score it: FID, sFID, IS, precision, recall, "
+                                     "KID, lazy ratio, TMACs, wall-clock")
+    common(sp)
+    sp.add_argument("--gates", default=None, help="gate file, 'default', 'default-lookahead' or none (plain DDIM)")
+    sp.add_argument("--steps", type=int, default=50)
+    sp.add_argument("--cfg", type=float, default=2.0)
+    sp.add_argument("--threshold", type=float, default=None)
+    sp.add_argument("--uniform", action="store_true")
+    sp.add_argument("--tie-cfg", action="store_true")
+    sp.add_argument("--num-samples", type=int, default=5000)
+    sp.add_argument("--batch-size", type=int, default=250)
+    sp.add_argument("--name", default=None, help="row label")
+    sp.add_argument("--out", default=None, help="also keep the samples as an ADM .npz (resumable parts meanwhile)")
+    sp.add_argument("--samples", default=None, help="score this ADM .npz instead of sampling")
+    sp.add_argument("--extractor", choices=["fmnist", "inception"], default="fmnist",
+                    help="fmnist: the shipped classifier and test-split statistics; inception: InceptionV3 (FID)")
+    sp.add_argument("--inception-weights", default=None, help="pt_inception-2015-12-05-6726825d.pth (local file)")
+    sp.add_argument("--ref", default=None, help="reference statistics (.npz from lazydit) or an ADM reference batch")
+    sp.set_defaults(func=cmd_eval)
 
     sp = sub.add_parser("cost", help="TMACs per image the paper's way (Linear+Conv, CFG not doubled)")
     sp.add_argument("--model", default="DiT-XL/2")

@@ -8,7 +8,7 @@ import torch
 
 from .cost import sampling_macs
 from .diffusion import ddim_sample
-from .lazy import LazyGates, apply_lazy
+from .lazy import LazyGates, LazyStats, apply_lazy
 
 
 @dataclass
@@ -21,6 +21,7 @@ class SampleReport:
     tmacs: float
     seconds: float
     stats: dict = field(default_factory=dict)  # per step / layer / branch ratios (lazy runs)
+    lazy: LazyStats | None = field(default=None, repr=False)  # the raw counts (lazy runs)
 
     def row(self) -> dict:
         return dict(sampler=self.name, steps=self.steps, lazy_ratio=round(self.lazy_ratio, 4),
@@ -76,7 +77,7 @@ def sample(model, y, steps: int, *, gates: LazyGates | None = None, threshold: f
         name=name or (f"Lazy{'-LA' if gates is not None and gates.lookahead else ''}-{steps}" if gates is not None
                       else f"DDIM-{steps}"), steps=steps,
         lazy_ratio=stats.lazy_ratio if stats else 0.0, tmacs=macs / 1e12, seconds=seconds,
-        stats=stats.as_dict() if stats else {},
+        stats=stats.as_dict() if stats else {}, lazy=stats,
     )
     return out, report
 

@@ -1,0 +1,88 @@
+"""The eval harness: same labels/noise for every configuration, resumable generation, every metric in one row."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from lazydit.evaluation import EvalConfig, eval_labels, evaluate_config, generate, reference_from_images
+from lazydit.features import FMNISTClassifier
+from lazydit.lazy import LazyGates
+
+from conftest import tiny_model
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny_model(input_size=28, patch_size=7, num_classes=10)
+    torch.manual_seed(0)
+    ext = FMNISTClassifier(channels=(4, 8, 8, 16)).eval()
+    real = np.random.default_rng(0).integers(0, 256, (64, 28, 28, 1), dtype=np.uint8)
+    return model, ext, reference_from_images(ext, real, progress=False)
+
+
+def test_labels_are_uniform_and_seeded():
+    y = eval_labels(100, 10, seed=3)
+    assert torch.equal(torch.bincount(y), torch.full((10,), 10))
+    assert torch.equal(y, eval_labels(100, 10, seed=3)) and not torch.equal(y, eval_labels(100, 10, seed=4))
+
+
+def test_generate_writes_an_adm_npz_and_refuses_foreign_parts(setup, tmp_path):
+    model, _, _ = setup
+    cfg = EvalConfig(steps=4, cfg_scale=2.0, num_samples=10, batch_size=4, seed=1)
+    full = generate(model, cfg, progress=False)
+    assert full["images"].shape == (10, 28, 28, 1) and full["images"].dtype == np.uint8
+    out = tmp_path / "s.npz"
+    parts = tmp_path / "s.npz.parts"
+    parts.mkdir()
+    (parts / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="another configuration"):
+        generate(model, cfg, out=out, progress=False)
+    (parts / "config.json").unlink()
+    first = generate(model, cfg, out=out, progress=False)
+    assert not parts.exists()  # parts are removed once the .npz is written
+    with np.load(out) as f:
+        assert np.array_equal(f["arr_0"], full["images"]) and np.array_equal(f["arr_1"], full["labels"])
+    assert np.array_equal(first["images"], full["images"])
+
+
+def test_resume_reuses_written_parts(setup, tmp_path, monkeypatch):
+    model, _, _ = setup
+    cfg = EvalConfig(steps=4, num_samples=8, batch_size=4)
+    out = tmp_path / "s.npz"
+    import lazydit.evaluation as ev
+
+    calls = []
+    real_sample = ev.sample
+
+    def failing_sample(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # interrupted during the second batch
+        return real_sample(*a, **kw)
+
+    monkeypatch.setattr(ev, "sample", failing_sample)
+    with pytest.raises(KeyboardInterrupt):
+        generate(model, cfg, out=out, progress=False)
+    assert (tmp_path / "s.npz.parts" / "part_00000.npz").exists()
+    calls.clear()
+    monkeypatch.setattr(ev, "sample", lambda *a, **kw: (calls.append(1), real_sample(*a, **kw))[1])
+    resumed = generate(model, cfg, out=out, progress=False)
+    assert len(calls) == 1  # only the missing batch was sampled
+    assert np.array_equal(resumed["images"], generate(model, cfg, progress=False)["images"])
+
+
+def test_evaluate_config_row_has_every_column(setup):
+    model, ext, ref = setup
+    gates = LazyGates.for_model(model, 4, threshold=0.75)  # skip every even step
+    cfg = EvalConfig(steps=4, num_samples=12, batch_size=6)
+    dense = evaluate_config(model, cfg, ext, ref, progress=False)
+    lazy = evaluate_config(model, cfg, ext, ref, gates=gates, progress=False)
+    for row in (dense, lazy):
+        for k in ("fid", "sfid", "inception_score", "precision", "recall", "kid", "lazy_ratio", "tmacs", "seconds"):
+            assert isinstance(row[k], float) and np.isfinite(row[k]), k
+        json.dumps(row)
+    assert dense["sampler"] == "DDIM-4" and lazy["sampler"] == "Lazy-4"
+    assert dense["lazy_ratio"] == 0 and lazy["lazy_ratio"] == 0.5
+    assert lazy["tmacs"] < 0.6 * dense["tmacs"]
