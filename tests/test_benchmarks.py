@@ -22,3 +22,20 @@ def test_bench_fast_tiny(capsys, tmp_path):
     assert rows["la-lazy-10"]["lazy_ratio"] == rows["ref-lazy-10"]["lazy_ratio"] == 0.5  # the plan50 schedule
     assert rows["dense-10"]["speedup_vs_dense"] == 1.0 and rows["dense-5"]["over_half_steps"] == 1.0
     assert json.loads((tmp_path / "b.json").read_text())["rows"] == out["rows"]
+
+
+def test_paper_tables_small_run_writes_markdown_csv_and_plot(tmp_path, capsys):
+    args = ["--only", "DDIM-7,Lazy-10@30", "--num-samples", "20", "--batch-size", "20", "--calib-per-class", "1", "--run",
+            str(tmp_path / "run"), "--docs", str(tmp_path / "docs"), "--quiet"]
+    load("paper_tables").main(args)
+    md = (tmp_path / "docs" / "paper_tables.md").read_text()
+    assert "| Lazy-10@30 |" in md and "| DDIM-7 |" in md and "Rows not run yet" in md
+    assert "| Lazy-10@30 | DDIM-7 |" in md  # the equal-TMACs pairing
+    assert (tmp_path / "docs" / "images" / "quality_vs_tmacs.png").stat().st_size > 0
+    rows = (tmp_path / "docs" / "paper_tables.csv").read_text().splitlines()
+    assert rows[0].startswith("sampler,steps,target") and len(rows) == 3
+    lazy = json.loads((tmp_path / "run" / "Lazy-10@30.json").read_text())
+    assert abs(lazy["calibration_ratio"] - 0.3) < 0.05 and lazy["threshold"] is not None
+    capsys.readouterr()
+    load("paper_tables").main(args)  # finished rows are not run again
+    assert "FID" not in capsys.readouterr().out

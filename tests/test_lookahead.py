@@ -202,3 +202,12 @@ def test_gates_attach_to_large_dit_unchanged():
     assert not torch.allclose(skipped[False], dense)
     torch.testing.assert_close(skipped[True], skipped[False], rtol=0, atol=1e-6)
     assert "forward" not in m.blocks[0].attention.__dict__  # removed again
+
+
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_only_the_allowed_branch_is_lazy(model, lookahead):
+    g = LazyGates.for_model(model, T, threshold=0.75, lookahead=lookahead)  # would skip both on even steps
+    for branches, expect in ((("attn",), (0.5, 0.0)), (("mlp",), (0.0, 0.5)), (("attn", "mlp"), (0.5, 0.5))):
+        with apply_lazy(model, g, branches=branches) as h:
+            ddim_sample(model, labels(), T, cfg_scale=3.0, seed=0, progress=False)
+            assert h.stats().ratio(2).tolist() == list(expect)

@@ -32,6 +32,7 @@ class EvalConfig:
     threshold: float | None = None  # gate compute threshold (None: the gates' own)
     uniform: bool = False  # batch-uniform gate decisions
     tie_cfg: bool = False  # cond/uncond rows decide together
+    branches: tuple = ("attn", "mlp")  # branches allowed to be lazy (individual-laziness ablation)
     name: str | None = None  # row label (default: DDIM-T / Lazy-T / Lazy-LA-T)
 
 
@@ -70,6 +71,7 @@ def generate(model, cfg: EvalConfig, gates=None, out=None, progress: bool = True
         parts.mkdir(parents=True, exist_ok=True)
         meta = {**asdict(cfg), "gates": None if gates is None else dict(steps=gates.steps, lookahead=gates.lookahead,
                                                                           threshold=gates.threshold)}
+        meta = json.loads(json.dumps(meta))  # tuples -> lists, as read back
         mpath = parts / "config.json"
         if mpath.exists() and json.loads(mpath.read_text()) != meta:
             raise ValueError(f"{parts} holds parts of another configuration: delete it or choose another --out")
@@ -86,7 +88,7 @@ def generate(model, cfg: EvalConfig, gates=None, out=None, progress: bool = True
         else:
             x, rep = sample(model, y.to(device), cfg.steps, gates=gates, threshold=cfg.threshold,
                             cfg_scale=cfg.cfg_scale, seed=cfg.seed * 1_000_003 + i, uniform=cfg.uniform,
-                            tie_cfg=cfg.tie_cfg, progress=False, name=cfg.name)
+                            tie_cfg=cfg.tie_cfg, branches=cfg.branches, progress=False, name=cfg.name)
             img, lab = to_uint8(x), y.numpy()
             info = dict(name=rep.name, seconds=rep.seconds)
             if rep.lazy is not None:

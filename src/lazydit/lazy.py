@@ -186,6 +186,7 @@ class LazyState:
     force: torch.Tensor | None = None  # optional skip plan, True = skip: (T, L, 2) every row, or (T, L, 2, B) per row
     uniform: bool = False  # one decision per module for the whole batch (majority of the rows' decisions)
     tie_cfg: bool = False  # cond row b and uncond row b + B/2 decide together (compute if either computes)
+    skippable: tuple = (0, 1)  # branches allowed to skip (0 attn, 1 mlp): the individual-laziness ablation
     skipped: torch.Tensor | None = None
     total: torch.Tensor | None = None
     record_decisions: bool = False  # keep every row's decision in `decisions`
@@ -298,7 +299,8 @@ class LazyState:
         # sample: hard decisions per row
         B = z.shape[0]
         compute = None
-        if cache is None or cache.shape[0] != B or (self.gates.parity and self.k % 2 == 1):
+        if (cache is None or cache.shape[0] != B or (self.gates.parity and self.k % 2 == 1)
+                or branch not in self.skippable):
             out = forward(module, z, *extra)  # nothing to reuse, or an odd step under the reference parity: compute
             n_compute = B
         else:
@@ -329,7 +331,7 @@ class LazyState:
         key, B = (layer, branch), x.shape[0]
         cache = self.caches.get(key)
         rows = None  # host (B,) bool compute decisions; None: every row computes
-        if cache is not None and cache.shape[0] == B and self.k % 2 == 0:
+        if cache is not None and cache.shape[0] == B and self.k % 2 == 0 and branch in self.skippable:
             if self.force is not None:
                 rows = self._forced(layer, branch, B)
             elif self.plan is not None and self.plan.shape[-1] == B:
@@ -461,7 +463,7 @@ class LazyHandle:
 
 def apply_lazy(model, gates: LazyGates, mode: str = "sample", threshold: float | None = None,
                uniform: bool = False, tie_cfg: bool = False, compile: bool = False, compile_mode: str | None = None,
-               record_decisions: bool = False) -> LazyHandle:
+               record_decisions: bool = False, branches=("attn", "mlp")) -> LazyHandle:
     """Attach LazyDiT gates to a DiT from the outside.
 
     Args:
@@ -477,6 +479,8 @@ def apply_lazy(model, gates: LazyGates, mode: str = "sample", threshold: float |
             gate score) as a `torch.compile` region (one per branch, no graph break inside).
         compile_mode: `torch.compile` mode of those regions, e.g. "reduce-overhead" for CUDA graphs on a GPU.
         record_decisions: keep every row's decision, `handle.state.decisions` (T, L, 2, B), True = computed.
+        branches: the branches allowed to be lazy, ("attn",) or ("mlp",) for the paper's individual-laziness
+            ablation; the other branch always computes. Names are DiT's ("attn", "mlp") for every model.
     Returns:
         LazyHandle; `handle.remove()` restores the bare model.
     """
@@ -489,7 +493,7 @@ def apply_lazy(model, gates: LazyGates, mode: str = "sample", threshold: float |
         raise ValueError("compile=True needs look-ahead gates (the reference path branches on every module)")
     state = LazyState(gates, mode=mode, threshold=gates.threshold if threshold is None else threshold,
                       uniform=uniform, tie_cfg=tie_cfg, record_decisions=record_decisions, compile=compile,
-                      compile_mode=compile_mode)
+                      compile_mode=compile_mode, skippable=tuple(BRANCHES.index(b) for b in branches))
     model._lazy_state = state
     for i, block in enumerate(model.blocks):
         for b, name in enumerate(branch_names(block)):

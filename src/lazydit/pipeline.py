@@ -35,7 +35,8 @@ def class_grid_labels(num_classes: int, per_class: int, device="cpu") -> torch.T
 
 def sample(model, y, steps: int, *, gates: LazyGates | None = None, threshold: float | None = None,
            cfg_scale: float = 1.0, seed: int = 0, x=None, force=None, uniform: bool = False, tie_cfg: bool = False,
-           compile: bool = False, compile_mode: str | None = None, progress: bool = True, name: str | None = None):
+           compile: bool = False, compile_mode: str | None = None, branches=("attn", "mlp"), progress: bool = True,
+           name: str | None = None):
     """Sample with plain DDIM, or with LazyDiT gates attached for the run, and report the cost.
 
     Args:
@@ -50,6 +51,7 @@ def sample(model, y, steps: int, *, gates: LazyGates | None = None, threshold: f
         force: optional (T, L, 2) bool skip plan used instead of the gate scores.
         uniform, tie_cfg: batch-uniform decisions / tied CFG halves (see `apply_lazy`).
         compile, compile_mode: torch.compile regions per branch (look-ahead gates; see `apply_lazy`).
+        branches: the branches allowed to be lazy (("attn",) / ("mlp",): the individual-laziness ablation).
         progress: progress bar.
         name: label of the report row.
     Returns:
@@ -59,7 +61,7 @@ def sample(model, y, steps: int, *, gates: LazyGates | None = None, threshold: f
     if gates is not None:
         gates.check_steps(steps)
         handle = apply_lazy(model, gates, mode="sample", threshold=threshold, uniform=uniform, tie_cfg=tie_cfg,
-                            compile=compile, compile_mode=compile_mode)
+                            compile=compile, compile_mode=compile_mode, branches=branches)
         handle.state.force = force
     try:
         sync = torch.cuda.synchronize if y.is_cuda else (lambda: None)
@@ -83,7 +85,7 @@ def sample(model, y, steps: int, *, gates: LazyGates | None = None, threshold: f
 
 
 def calibrate_threshold(model, gates: LazyGates, target: float, y, *, cfg_scale: float = 1.0, seed: int = 0,
-                        iters: int = 14, tol: float = 0.005, progress: bool = True):
+                        iters: int = 14, tol: float = 0.005, progress: bool = True, branches=("attn", "mlp")):
     """Bisect the compute threshold so that sampling `y` reaches the target lazy ratio.
 
     The lazy ratio rises with the threshold (a row computes iff p >= threshold); the search runs in logit space.
@@ -91,6 +93,7 @@ def calibrate_threshold(model, gates: LazyGates, target: float, y, *, cfg_scale:
         model, gates: the DiT and its gates (T = gates.steps).
         target: wanted lazy ratio (at most ~0.5 with the reference parity).
         y: (B,) labels of the calibration batch.
+        branches: the branches allowed to be lazy (see `sample`).
     Returns:
         (threshold, reached lazy ratio)
     """
@@ -100,7 +103,7 @@ def calibrate_threshold(model, gates: LazyGates, target: float, y, *, cfg_scale:
         mid = (lo + hi) / 2
         th = 1 / (1 + math.exp(-mid))
         _, rep = sample(model, y, gates.steps, gates=gates, threshold=th, cfg_scale=cfg_scale, seed=seed,
-                        progress=False)
+                        branches=branches, progress=False)
         if best[1] is None or abs(rep.lazy_ratio - target) < abs(best[1] - target):
             best = (th, rep.lazy_ratio)
         if progress:

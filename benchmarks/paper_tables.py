@@ -1,0 +1,185 @@
+"""The paper's Table 1 / Table 3 on the embedded default: DDIM at many step counts against LazyDiT at equal TMACs.
+
+    python benchmarks/paper_tables.py [--num-samples 5000] [--cfg 1.5] [--run runs/paper_tables] [--docs docs]
+    python benchmarks/paper_tables.py --only DDIM-25,Lazy-50@50   # some rows; the write-up uses whatever is done
+
+Rows: DDIM 50, 40, 30, 25, 20, 14, 10, 7 and Lazy 50@20%, 50@40%, 50@50%, 40@50%, 20@30%, 20@50%, 10@30%, with the
+shipped gates of each T (reference gates, 3-pass recipe, rho 1e-2); plus LazyLA-50@50, the shipped look-ahead gates
+(beyond the paper: the fast sampling path), next to the reference row. The ratio of a Lazy row is reached by
+calibrating the compute threshold on a 40-image class grid (lazydit.pipeline.calibrate_threshold) at the table's
+guidance scale; the threshold, the calibration ratio and the ratio measured over all samples are recorded.
+Every row samples the same labels and the same initial noise (lazydit.evaluation), and is scored with the shipped
+Fashion-MNIST evaluator against the test-split statistics: FID, sFID, IS, precision, recall (k=3), KID.
+Each finished row is saved as JSON under --run and skipped when the script runs again; an interrupted row resumes
+from its last sampled batch. Writes <docs>/paper_tables.md, <docs>/paper_tables.csv and
+<docs>/images/quality_vs_tmacs.png from the rows that are done.
+"""
+
+import argparse
+import csv
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from lazydit.assets import default_gates, default_model
+from lazydit.evaluation import EvalConfig, evaluate_config
+from lazydit.features import default_classifier, default_reference
+from lazydit.pipeline import calibrate_threshold, class_grid_labels
+
+DDIM_STEPS = (50, 40, 30, 25, 20, 14, 10, 7)
+LAZY_ROWS = ((50, 0.2), (50, 0.4), (50, 0.5), (40, 0.5), (20, 0.3), (20, 0.5), (10, 0.3))
+LOOKAHEAD_ROWS = ((50, 0.5),)  # beyond the paper: look-ahead gates (the fast path), next to the reference row
+PAIRS = (("Lazy-50@50", "DDIM-25"), ("Lazy-40@50", "DDIM-20"), ("Lazy-20@50", "DDIM-10"), ("Lazy-10@30", "DDIM-7"),
+         ("Lazy-50@40", "DDIM-30"), ("Lazy-20@30", "DDIM-14"), ("Lazy-50@20", "DDIM-40"), ("LazyLA-50@50", "DDIM-25"))
+COLUMNS = ("sampler", "steps", "target", "lazy_ratio", "tmacs", "fid", "sfid", "inception_score", "precision",
+           "recall", "kid", "seconds_per_image", "threshold")
+
+
+def row_names():
+    return ([f"DDIM-{s}" for s in DDIM_STEPS] + [f"Lazy-{t}@{round(r * 100)}" for t, r in LAZY_ROWS]
+            + [f"LazyLA-{t}@{round(r * 100)}" for t, r in LOOKAHEAD_ROWS])
+
+
+def run_row(name, model, extractor, ref, args):
+    """Sample and score one row (calibrating the threshold of a Lazy row first)."""
+    steps = int(name.split("-")[1].split("@")[0])
+    cfg = EvalConfig(steps=steps, cfg_scale=args.cfg, num_samples=args.num_samples, batch_size=args.batch_size,
+                     seed=args.seed, name=name)
+    gates, extra = None, {}
+    if name.startswith("Lazy"):
+        target = int(name.split("@")[1]) / 100
+        gates = default_gates(steps, lookahead=name.startswith("LazyLA"))
+        yc = class_grid_labels(model.config.num_classes, args.calib_per_class)
+        th, reached = calibrate_threshold(model, gates, target, yc, cfg_scale=args.cfg, seed=args.seed,
+                                          progress=False)
+        cfg.threshold = th
+        extra = dict(target=target, calibration_ratio=round(reached, 4), rho=gates.meta.get("training", {}).get(
+            "rho_attn"))
+    row = evaluate_config(model, cfg, extractor, ref, gates=gates, out=Path(args.run) / f"{name}.npz",
+                          progress=not args.quiet)
+    return {**row, **extra}
+
+
+def write_up(rows, args, meta):
+    """Markdown + CSV + the quality-versus-TMACs plot from the finished rows."""
+    docs = Path(args.docs)
+    (docs / "images").mkdir(parents=True, exist_ok=True)
+    order = {n: i for i, n in enumerate(row_names())}
+    rows = sorted(rows, key=lambda r: order.get(r["sampler"], 99))
+    with open(docs / "paper_tables.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    by = {r["sampler"]: r for r in rows}
+    lines = [
+        "# The paper's Table 1 / Table 3 on the embedded default",
+        "",
+        f"Command: `{meta['command']}` ({meta['machine']}, torch {meta['torch']}, {meta['threads']} threads).",
+        f"{args.num_samples} samples per row, the same labels (uniform over the 10 classes) and initial noise for "
+        f"every row, CFG {args.cfg}, scored with the shipped Fashion-MNIST classifier against the test split "
+        "(`lazydit eval`). TMACs per image counted the paper's way (spec 3.5); seconds per image are the batched "
+        "sampling wall-clock of this run (batch "
+        f"{args.batch_size}), not a latency benchmark.",
+        "",
+        "| sampler | lazy ratio | TMACs | FID | sFID | IS | precision | recall | KID | s / image | threshold |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        th = "" if r.get("threshold") is None else f"{r['threshold']:.3g}"
+        lines.append(f"| {r['sampler']} | {r['lazy_ratio']:.1%} | {r['tmacs'] * 1e3:.3f} G | {r['fid']:.3f} | "
+                     f"{r['sfid']:.3f} | {r['inception_score']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} | "
+                     f"{r['kid']:.4f} | {r['seconds_per_image']:.4f} | {th} |")
+    lines += ["", "(TMACs column in GMACs per image: the embedded model is tiny.)", "",
+              "## Equal-TMACs pairings (the paper's claim: Lazy with more steps beats DDIM with fewer)", "",
+              "| Lazy | DDIM | TMACs Lazy / DDIM | FID Lazy | FID DDIM | Lazy better? |", "|---|---|---|---|---|---|"]
+    for lz, dd in PAIRS:
+        if lz in by and dd in by:
+            a, b = by[lz], by[dd]
+            lines.append(f"| {lz} | {dd} | {a['tmacs'] / b['tmacs']:.3f} | {a['fid']:.3f} | {b['fid']:.3f} | "
+                         f"{'yes' if a['fid'] < b['fid'] else 'no'} |")
+    missing = [n for n in row_names() if n not in by]
+    if missing:
+        lines += ["", f"Rows not run yet: {', '.join(missing)}."]
+    (docs / "paper_tables.md").write_text("\n".join(lines) + "\n")
+    plot(rows, docs / "images" / "quality_vs_tmacs.png")
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), dpi=120)
+    for ax, key, label in zip(axes, ("fid", "sfid", "inception_score"), ("FID", "sFID", "IS")):
+        ddim = sorted((r for r in rows if r["sampler"].startswith("DDIM")), key=lambda r: r["tmacs"])
+        lazy = [r for r in rows if r["sampler"].startswith("Lazy")]
+        ax.plot([r["tmacs"] * 1e3 for r in ddim], [r[key] for r in ddim], "o-", color="tab:blue", label="DDIM")
+        for r in ddim:
+            ax.annotate(str(r["steps"]), (r["tmacs"] * 1e3, r[key]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points", color="tab:blue")
+        ax.plot([r["tmacs"] * 1e3 for r in lazy], [r[key] for r in lazy], "s", color="tab:red", label="LazyDiT")
+        for r in lazy:
+            ax.annotate(r["sampler"].replace("Lazy-", ""), (r["tmacs"] * 1e3, r[key]), fontsize=7, xytext=(3, -9),
+                        textcoords="offset points", color="tab:red")
+        ax.set_xlabel("GMACs per image")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle("Quality vs cost on the embedded default (lower FID/sFID, higher IS is better)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--num-samples", type=int, default=5000)
+    ap.add_argument("--batch-size", type=int, default=250)
+    ap.add_argument("--cfg", type=float, default=1.5, help="guidance scale (the paper's tables: 1.5)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--calib-per-class", type=int, default=4, help="calibration batch: images per class")
+    ap.add_argument("--only", default=None, help="comma-separated row names (default: all)")
+    ap.add_argument("--run", default="runs/paper_tables", help="folder for per-row JSON and samples")
+    ap.add_argument("--docs", default="docs", help="where the markdown, CSV and plot go")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--write-only", action="store_true", help="only rewrite the docs from finished rows")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run = Path(args.run)
+    run.mkdir(parents=True, exist_ok=True)
+    names = args.only.split(",") if args.only else row_names()
+    unknown = set(names) - set(row_names())
+    if unknown:
+        ap.error(f"unknown rows {sorted(unknown)}; choose from {row_names()}")
+    meta = dict(command="python benchmarks/paper_tables.py" + (f" --num-samples {args.num_samples}"
+                                                                if args.num_samples != 5000 else ""),
+                machine=platform.processor() or platform.machine(), torch=torch.__version__,
+                threads=torch.get_num_threads())
+    if not args.write_only:
+        model = default_model()
+        extractor, ref = default_classifier(), default_reference()
+        for name in names:
+            path = run / f"{name}.json"
+            if path.exists():
+                continue
+            t0 = time.time()
+            row = run_row(name, model, extractor, ref, args)
+            row["num_samples"], row["cfg_scale"] = args.num_samples, args.cfg
+            path.write_text(json.dumps(row, indent=1))
+            print(f"{name}: FID {row['fid']:.3f} lazy {row['lazy_ratio']:.1%} ({time.time() - t0:.0f} s)",
+                  flush=True)
+    rows = [json.loads(p.read_text()) for p in sorted(run.glob("*.json"))]
+    rows = [r for r in rows if r.get("num_samples") == args.num_samples and r.get("cfg_scale") == args.cfg]
+    if rows:
+        write_up(rows, args, meta)
+        print(f"wrote {args.docs}/paper_tables.md, .csv and images/quality_vs_tmacs.png ({len(rows)} rows)")
+
+
+if __name__ == "__main__":
+    main()
