@@ -68,28 +68,57 @@ def cmd_pretrain(args):
 
 
 def cmd_train_gates(args):
+    from . import distributed
     from .data import InfiniteSampler, load_fashion_mnist
     from .training import GateTrainConfig, train_gates
 
+    args.device = distributed.init_distributed(args.device)  # torchrun: one GPU per process; else a no-op
+    if args.tf32:
+        distributed.set_tf32(True)
+    main = distributed.is_main()  # only rank 0 prints, writes and shows progress
     model = _load_model(args)
     cfg = model.config
     if (cfg.in_channels, cfg.input_size) != (1, 28):
         sys.exit(f"error: train-gates reads Fashion-MNIST (1x28x28), but the model takes "
                  f"{cfg.in_channels}x{cfg.input_size}x{cfg.input_size}")
     x, y = load_fashion_mnist("train", args.data)
-    data = InfiniteSampler(x, y, args.batch_size, seed=args.seed)
+    if args.batch_size % distributed.world_size():
+        sys.exit(f"error: --batch-size {args.batch_size} (global) is not divisible by {distributed.world_size()} "
+                 "processes")
+    data = distributed.RankSlice(InfiniteSampler(x, y, args.batch_size, seed=args.seed))  # same global batches
     rho_attn = args.rho if args.rho_attn is None else args.rho_attn
     rho_mlp = args.rho if args.rho_mlp is None else args.rho_mlp
     tcfg = GateTrainConfig(steps=args.steps, iters=args.iters, batch_size=args.batch_size, lr=args.lr,
                            rho_attn=rho_attn, rho_mlp=rho_mlp, seed=args.seed, ckpt_every=args.ckpt_every,
-                           out=args.out, resume=args.resume, lookahead=args.lookahead)
+                           out=args.out, resume=args.resume, lookahead=args.lookahead, bf16=args.bf16)
     gates = train_gates(model, data, tcfg, progress=not args.json,
                         extra_meta={"model_path": str(args.model or "default")})
+    distributed.cleanup()
+    if not main:
+        return
     result = {"gates": f"{args.out}/gates.safetensors", "steps": args.steps, "threshold": gates.threshold}
     if args.target_ratio is not None:
         th, ratio = _calibrate_and_save(model, gates, args, f"{args.out}/gates.safetensors")
         result.update(threshold=th, calibrated_lazy_ratio=ratio)
     print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
+
+
+def cmd_sample_ddp(args):
+    from . import distributed
+
+    args.device = distributed.init_distributed(args.device)  # torchrun: one GPU per process; else a no-op
+    if args.tf32:
+        distributed.set_tf32(True)
+    main = distributed.is_main()
+    model = _load_model(args)
+    gates = _load_gates(args.gates, args.steps, args.device) if args.gates else None
+    res = distributed.sample_sharded(model, args.num_samples, args.steps, gates=gates, cfg_scale=args.cfg,
+                                     batch_size=args.batch_size, seed=args.seed, num_classes=args.num_classes,
+                                     out_npz=args.out, threshold=args.threshold, keep_parts=args.keep_parts,
+                                     progress=main and not args.json)
+    distributed.cleanup()
+    if main:
+        print(json.dumps(res) if args.json else "\n".join(f"{k}: {v}" for k, v in res.items()))
 
 
 def _calibrate_and_save(model, gates, args, out):
@@ -246,7 +275,8 @@ def build_parser():
     sp.add_argument("--data", default=None)
     sp.add_argument("--steps", type=int, required=True, help="T, sampling steps the gates are for")
     sp.add_argument("--iters", type=int, default=500)
-    sp.add_argument("--batch-size", type=int, default=64)
+    sp.add_argument("--batch-size", type=int, default=64,
+                    help="GLOBAL batch: under torchrun each of the N processes takes batch-size / N rows")
     sp.add_argument("--lr", type=float, default=1e-4)
     sp.add_argument("--rho", type=float, default=1e-2, help="penalty on both branches")
     sp.add_argument("--rho-attn", type=float, default=None)
@@ -260,7 +290,24 @@ def build_parser():
     sp.add_argument("--cfg", type=float, default=2.0, help="guidance scale used for calibration")
     sp.add_argument("--lookahead", action="store_true",
                     help="look-ahead gates: plan step k from the inputs of step k+1 (faster; beyond the paper)")
+    sp.add_argument("--bf16", action="store_true", help="bf16 autocast of the model passes (gates stay fp32)")
+    sp.add_argument("--tf32", action="store_true", help="allow TF32 matmuls/convolutions on CUDA")
     sp.set_defaults(func=cmd_train_gates)
+
+    sp = sub.add_parser("sample-ddp", help="sample an ADM .npz for FID over all torchrun processes (or one), "
+                                           "as DiT's sample_ddp.py; resumable")
+    common(sp)
+    sp.add_argument("--gates", default=None, help="gate file, or 'default' / 'default-lookahead' (none: plain DDIM)")
+    sp.add_argument("--steps", type=int, default=50)
+    sp.add_argument("--cfg", type=float, default=1.5)
+    sp.add_argument("--threshold", type=float, default=None)
+    sp.add_argument("--num-samples", type=int, default=50000)
+    sp.add_argument("--batch-size", type=int, default=32, help="images per batch and PROCESS")
+    sp.add_argument("--num-classes", type=int, default=None, help="labels uniform over these (default: the model's)")
+    sp.add_argument("--keep-parts", action="store_true", help="keep <out>.parts/ after writing the .npz")
+    sp.add_argument("--tf32", action="store_true", help="allow TF32 matmuls/convolutions on CUDA")
+    sp.add_argument("--out", default="samples.npz")
+    sp.set_defaults(func=cmd_sample_ddp)
 
     sp = sub.add_parser("calibrate", help="set a gate file's threshold so sampling reaches a target lazy ratio")
     common(sp)

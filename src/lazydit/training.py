@@ -1,5 +1,7 @@
-"""Gate training on a frozen DiT: the released 3-pass recipe (spec 3.4), checkpointed and resumable."""
+"""Gate training on a frozen DiT: the released 3-pass recipe (spec 3.4), checkpointed and resumable, data-parallel
+under torchrun (see `train_gates`)."""
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -7,6 +9,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed as D
 from .checkpoint import torch_save_atomic
 from .diffusion import Schedule
 from .lazy import LazyGates, apply_lazy
@@ -16,7 +19,7 @@ from .lazy import LazyGates, apply_lazy
 class GateTrainConfig:
     steps: int = 50  # T: sampling steps the gates are for
     iters: int = 500  # optimiser steps (reference: 500)
-    batch_size: int = 64  # images per step (reference script: 64 per GPU x 8)
+    batch_size: int = 64  # images per step, the GLOBAL batch over all ranks (reference script: 64 per GPU x 8)
     lr: float = 1e-4  # AdamW learning rate (reference)
     weight_decay: float = 0.0  # AdamW weight decay (reference)
     rho_attn: float = 1e-2  # penalty on the attn compute probabilities (paper: 1e-2 .. 1e-1)
@@ -27,6 +30,7 @@ class GateTrainConfig:
     out: str | None = None  # folder for checkpoint.pt and gates.safetensors (None: no files)
     resume: bool = False  # continue from out/checkpoint.pt
     lookahead: bool = False  # train look-ahead gates: gate k-1 scores the input recorded at step k (beyond the paper)
+    bf16: bool = False  # bf16 autocast of the model's forward passes (gates, loss and AdamW stay fp32)
 
 
 def gate_loss_step(model, handle, x0, y, k: int, drop, noise, sched: Schedule, rho_attn: float, rho_mlp: float):
@@ -44,7 +48,7 @@ def gate_loss_step(model, handle, x0, y, k: int, drop, noise, sched: Schedule, r
     with torch.no_grad():  # pass 1: one full DDIM step at k that fills every cache
         handle.mode = "record"
         x_k = sched.q_sample(x0, k, noise)
-        eps = model(x_k, sched.timesteps(k, B, x0.device), y, force_drop_ids=drop)[:, :C]
+        eps = model(x_k, sched.timesteps(k, B, x0.device), y, force_drop_ids=drop)[:, :C].float()
         x_prev = sched.ddim_step(x_k, eps, k)
         handle.mode = "off"  # pass 2: teacher, the full model at k-1
         t_prev = sched.timesteps(k - 1, B, x0.device)
@@ -52,33 +56,64 @@ def gate_loss_step(model, handle, x0, y, k: int, drop, noise, sched: Schedule, r
     handle.mode = "soft"  # pass 3: student, y = p F(Z) + (1 - p) cache with the gates of index k-1
     handle.state.probs.clear()
     student = model(x_prev, t_prev, y, force_drop_ids=drop)
-    mse = ((teacher - student) ** 2).mean(dim=(1, 2, 3)).mean()  # all output channels
-    p_attn = torch.stack([p for b, p in handle.state.probs if b == 0], dim=1)  # (B, L)
-    p_mlp = torch.stack([p for b, p in handle.state.probs if b == 1], dim=1)
+    mse = ((teacher.float() - student.float()) ** 2).mean(dim=(1, 2, 3)).mean()  # all output channels
+    p_attn = torch.stack([p.float() for b, p in handle.state.probs if b == 0], dim=1)  # (B, L)
+    p_mlp = torch.stack([p.float() for b, p in handle.state.probs if b == 1], dim=1)
     loss = mse + rho_attn * p_attn.sum(1).mean() + rho_mlp * p_mlp.sum(1).mean()
     handle.state.probs.clear()
     return loss, mse, p_attn, p_mlp
 
 
+class GateLoss(torch.nn.Module):
+    """The gates and the 3-pass loss as one module, so that DistributedDataParallel can wrap it.
+
+    Only the gate bank is a sub-module (the frozen model is held outside the module tree): DDP then broadcasts and
+    averages just the one gate parameter, which every step uses whole (no find_unused_parameters).
+    """
+
+    def __init__(self, gates, model, handle, sched: Schedule, cfg: GateTrainConfig):
+        super().__init__()
+        self.gates = gates
+        self._ctx = (model, handle, sched, cfg)  # a plain tuple: not registered as sub-modules
+
+    def forward(self, x0, y, k: int, drop, noise):
+        model, handle, sched, cfg = self._ctx
+        amp = (torch.autocast(x0.device.type, dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext())
+        with amp:
+            return gate_loss_step(model, handle, x0, y, k, drop, noise, sched, cfg.rho_attn, cfg.rho_mlp)
+
+
 def train_gates(model, data, cfg: GateTrainConfig, threshold: float = 0.5, progress: bool = True,
                 extra_meta: dict | None = None, callback=None) -> LazyGates:
-    """Train LazyDiT gates on a frozen model.
+    """Train LazyDiT gates on a frozen model, in one process or data-parallel over a torchrun process group.
+
+    Data parallelism (when torch.distributed is initialised, see `lazydit.distributed.init_distributed`): `data`
+    yields this rank's share of the global batch (W ranks, equal shares in rank order: `distributed.RankSlice`
+    of the same global-batch iterator on every rank, or `ImageFolderLoader` / `LatentSampler` with rank and
+    world_size). Every rank draws the step index k, the label-drop mask and the noise of the GLOBAL batch from the
+    same seeded generator and keeps its rank's rows, and the gradient of the one gate parameter is averaged by
+    `DistributedDataParallel` around `GateLoss` (the mean of per-rank batch means = the global batch mean), so the
+    gates equal those of one process that sees the same global batches, up to float rounding. The logged loss,
+    mse and skip share are averaged over ranks. Only rank 0 writes the checkpoint and the gate file and shows the
+    progress bar; the checkpoint keeps every rank's data-iterator state, so resuming needs the same world size
+    when the data state differs per rank.
 
     Args:
         model: a DiT; it is frozen (requires_grad False) and put in eval mode.
-        data: an iterator of (x0 (B, C, H, W), y (B,)) batches, e.g. `InfiniteSampler`; on resume its
-            `load_state_dict` is called with the saved position when it has one.
-        cfg: GateTrainConfig.
+        data: an iterator of (x0 (B, C, H, W), y (B,)) batches (this rank's share), e.g. `InfiniteSampler`; on resume
+            its `load_state_dict` is called with the saved position when it has one.
+        cfg: GateTrainConfig (cfg.bf16: bf16 autocast of the model passes; gates and AdamW stay fp32).
         threshold: compute threshold stored with the gates.
-        progress: progress bar with loss and lazy ratio.
+        progress: progress bar with loss and lazy ratio (rank 0).
         extra_meta: more metadata for the gate file (e.g. the model path).
-        callback: called as callback(dict(iter=i, loss=..., mse=..., skip=...)) after each step.
+        callback: called on every rank as callback(dict(iter=i, loss=..., mse=..., skip=...)) after each step.
     Returns:
-        The trained LazyGates (also written to out/gates.safetensors when cfg.out is set).
+        The trained LazyGates, the same on every rank (also written to out/gates.safetensors when cfg.out is set).
     """
     if cfg.steps < 2:
         raise ValueError("gate training needs T >= 2 (odd respaced indices)")
     device = next(model.parameters()).device
+    rank, world, main = D.rank(), D.world_size(), D.is_main()
     model.eval().requires_grad_(False)
     gates = LazyGates.for_model(model, cfg.steps, threshold, lookahead=cfg.lookahead)
     opt = torch.optim.AdamW(gates.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -89,11 +124,24 @@ def train_gates(model, data, cfg: GateTrainConfig, threshold: float = 0.5, progr
     out = Path(cfg.out) if cfg.out else None
     ckpt = out / "checkpoint.pt" if out else None
 
+    def data_states():
+        if not hasattr(data, "state_dict"):
+            return None
+        mine = data.state_dict()
+        if not D.is_distributed():
+            return [mine]
+        every = [None] * world
+        torch.distributed.all_gather_object(every, mine)
+        return every
+
     def save_ckpt():
+        states = data_states()  # collective: every rank takes part
+        if not main:
+            return
         state = dict(gates=gates.state_dict(), opt=opt.state_dict(), gen=gen.get_state(), iter=it, log=log,
-                     config=asdict(cfg))
-        if hasattr(data, "state_dict"):
-            state["data"] = data.state_dict()
+                     config=asdict(cfg), world_size=world)
+        if states is not None:
+            state["data"], state["data_ranks"] = states[0], states
         torch_save_atomic(state, ckpt)
 
     if cfg.resume:
@@ -102,35 +150,49 @@ def train_gates(model, data, cfg: GateTrainConfig, threshold: float = 0.5, progr
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
         if state["config"]["steps"] != cfg.steps:
             raise ValueError(f"checkpoint is for T={state['config']['steps']}, not {cfg.steps}")
+        saved_world = state.get("world_size", 1)
+        if "data" in state and hasattr(data, "load_state_dict"):
+            ranks = state.get("data_ranks", [state["data"]])
+            if saved_world == world:
+                data.load_state_dict(ranks[rank])
+            elif all(_same(r, ranks[0]) for r in ranks):  # a rank-independent state (RankSlice of one iterator)
+                data.load_state_dict(ranks[0])
+            else:
+                raise ValueError(f"checkpoint {ckpt} was written by {saved_world} process(es) with per-rank data "
+                                 f"states: resume with {saved_world} process(es), not {world}")
         gates.load_state_dict(state["gates"])
         opt.load_state_dict(state["opt"])
         gen.set_state(state["gen"])
         it, log = state["iter"], state["log"]
-        if "data" in state and hasattr(data, "load_state_dict"):
-            data.load_state_dict(state["data"])
 
     handle = apply_lazy(model, gates, mode="soft", threshold=threshold)
-    bar = tqdm(total=cfg.iters, initial=it, desc=f"train-gates T={cfg.steps}", disable=not progress)
+    loss_fn = GateLoss(gates, model, handle, sched, cfg)
+    if D.is_distributed():  # after a resume: DDP broadcasts rank 0's gates, equal anyway
+        ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" \
+            else None
+        loss_fn = torch.nn.parallel.DistributedDataParallel(loss_fn, device_ids=ids)
+    bar = tqdm(total=cfg.iters, initial=it, desc=f"train-gates T={cfg.steps}", disable=not (progress and main))
     t0 = time.time()
     try:
         while it < cfg.iters:
             x0, y = next(data)
             x0, y = x0.to(device), y.to(device)
-            B = x0.shape[0]
+            b = x0.shape[0]  # this rank's share; the global batch is world * b
+            sl = slice(rank * b, (rank + 1) * b)
             k = int(odd[torch.randint(len(odd), (1,), generator=gen)])
-            drop = (torch.rand(B, generator=gen) < cfg.label_drop).long().to(device)
-            noise = torch.randn(x0.shape, generator=gen).to(device)
-            loss, mse, pa, pm = gate_loss_step(model, handle, x0, y, k, drop, noise, sched,
-                                               cfg.rho_attn, cfg.rho_mlp)
+            drop = (torch.rand(world * b, generator=gen)[sl] < cfg.label_drop).long().to(device)
+            noise = torch.randn((world * b, *x0.shape[1:]), generator=gen)[sl].to(device)
+            loss, mse, pa, pm = loss_fn(x0, y, k, drop, noise)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # DDP: the gate gradient is averaged over ranks here
             opt.step()
             it += 1
-            skip = float(torch.cat([pa, pm], 1).detach().lt(threshold).float().mean())
-            rec = dict(iter=it, k=k, loss=loss.item(), mse=mse.item(), skip=skip)
+            skip = torch.cat([pa, pm], 1).detach().lt(threshold).float().mean()
+            figs = D.all_reduce_(torch.stack([loss.detach(), mse.detach(), skip]).double()) / world
+            rec = dict(iter=it, k=k, loss=float(figs[0]), mse=float(figs[1]), skip=float(figs[2]))
             log.append(rec)
             bar.update(1)
-            bar.set_postfix(loss=f"{rec['loss']:.4g}", lazy=f"{skip:.0%}")
+            bar.set_postfix(loss=f"{rec['loss']:.4g}", lazy=f"{rec['skip']:.0%}")
             if callback is not None:
                 callback(rec)
             if ckpt is not None and (it % cfg.ckpt_every == 0 or it == cfg.iters):
@@ -138,8 +200,20 @@ def train_gates(model, data, cfg: GateTrainConfig, threshold: float = 0.5, progr
     finally:
         handle.remove()
         bar.close()
-    gates.meta["training"] = {**asdict(cfg), "final_iter": it, "seconds": time.time() - t0}
+    gates.meta["training"] = {**asdict(cfg), "final_iter": it, "seconds": time.time() - t0, "world_size": world}
     gates.meta.update(extra_meta or {})
-    if out is not None:
+    if out is not None and main:
         gates.save(out / "gates.safetensors")
+    D.barrier()  # the gate file exists for every rank on return
     return gates
+
+
+def _same(a, b) -> bool:
+    """Equality of nested states (dicts, lists, tensors, numbers)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if torch.is_tensor(a) and torch.is_tensor(b):
+        return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+    return type(a) is type(b) and a == b

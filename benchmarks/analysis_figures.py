@@ -1,0 +1,197 @@
+"""The paper's analyses as figures, on the embedded default.
+
+    python benchmarks/analysis_figures.py similarity   # consecutive-step cosine similarity per layer and step
+    python benchmarks/analysis_figures.py heatmap      # Figure 4: layer x step laziness, MHSA and FFN
+    python benchmarks/analysis_figures.py ablation     # MHSA only / FFN only / both: quality vs lazy ratio
+    python benchmarks/analysis_figures.py all
+
+similarity: DDIM-50 (CFG 1.5) on a 40-image class grid with the bare model; for every block's MHSA and FFN the
+cosine similarity between its output at step k+1 and at step k (per image, flattened over tokens and channels,
+averaged over images): the quantity whose lower bound the paper proves high (Theorem 2), and the reason reusing a
+cached output works. Writes docs/images/similarity.png and docs/similarity.json.
+heatmap: Lazy-50 with the shipped gates (threshold calibrated to 50% at CFG 1.5), the layer x step lazy ratio.
+ablation: gates for T=20 trained with a penalty on MHSA only (rho_attn = rho, rho_mlp = 0, only MHSA allowed to
+skip), on FFN only, and on both (equal rho, the shipped T=20 gates); each at several calibrated lazy ratios,
+scored with `lazydit eval` (--ablation-samples images per point, same labels and noise). Writes
+docs/images/ablation.png and docs/ablation.json; trained gates and samples go to --run (resumable).
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lazydit.assets import default_gates, default_model
+from lazydit.diffusion import ddim_sample
+from lazydit.pipeline import calibrate_threshold, class_grid_labels, sample
+from lazydit.plots import laziness_heatmap
+
+BRANCH_NAMES = ("MHSA", "FFN")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def similarity(model, args):
+    """(T-1, L, 2) mean cosine similarity of each module's output between consecutive sampling steps."""
+    y = class_grid_labels(model.config.num_classes, 4)
+    outs = {}  # (layer, branch) -> list over steps of (B, N*D)
+    hooks = []
+    for i, blk in enumerate(model.blocks):
+        for b, name in enumerate(("attn", "mlp")):
+            hooks.append(getattr(blk, name).register_forward_hook(
+                lambda m, a, o, key=(i, b): outs.setdefault(key, []).append(o.detach().flatten(1).float())))
+    try:
+        ddim_sample(model, y, args.steps, cfg_scale=args.cfg, seed=args.seed, progress=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    L, T = len(model.blocks), args.steps
+    sim = np.zeros((T - 1, L, 2))
+    for (i, b), seq in outs.items():
+        for s in range(T - 1):
+            sim[s, i, b] = torch.nn.functional.cosine_similarity(seq[s], seq[s + 1], dim=1).mean().item()
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6), dpi=120, gridspec_kw=dict(width_ratios=(1, 1, 0.9)))
+    for ax, b in zip(axes[:2], (0, 1)):
+        im = ax.imshow(sim[:, :, b].T, aspect="auto", origin="lower", cmap="magma", vmin=sim.min(), vmax=1,
+                       extent=(1.5, T + 0.5, -0.5, L - 0.5))
+        ax.set_title(f"{BRANCH_NAMES[b]}: cos(out_k+1, out_k), mean {sim[:, :, b].mean():.3f}", fontsize=9)
+        ax.set_xlabel("sampling step (pair step-1, step)")
+        ax.set_ylabel("layer")
+    fig.colorbar(im, ax=axes[:2], fraction=0.03)
+    for b, style in ((0, "-"), (1, "--")):
+        for i in range(L):
+            axes[2].plot(range(2, T + 1), sim[:, i, b], style, lw=1, color=plt.cm.viridis(i / max(1, L - 1)),
+                         label=f"{BRANCH_NAMES[b]} L{i}" if b == 0 or i in (0, L - 1) else None)
+    axes[2].set_xlabel("sampling step")
+    axes[2].set_ylabel("cosine similarity")
+    axes[2].set_title("per layer (solid MHSA, dashed FFN)", fontsize=9)
+    axes[2].legend(fontsize=6, ncol=2)
+    fig.suptitle(f"Consecutive-step similarity of module outputs, DDIM-{T}, CFG {args.cfg}, 40 images", fontsize=10)
+    docs = Path(args.docs)
+    fig.savefig(docs / "images" / "similarity.png", bbox_inches="tight")
+    plt.close(fig)
+    (docs / "similarity.json").write_text(json.dumps(dict(
+        steps=T, cfg=args.cfg, images=len(y), min=float(sim.min()), mean_per_branch=sim.mean((0, 1)).tolist(),
+        mean_per_layer_branch=sim.mean(0).tolist(), per_step_layer_branch=sim.round(5).tolist()), indent=1))
+    print(f"similarity: min {sim.min():.4f}, mean MHSA {sim[:, :, 0].mean():.4f}, FFN {sim[:, :, 1].mean():.4f}")
+    return sim
+
+
+def heatmap(model, args):
+    """Figure 4 from the shipped T=50 gates at a 50% target."""
+    gates = default_gates(50)
+    y = class_grid_labels(model.config.num_classes, 4)
+    th, _ = calibrate_threshold(model, gates, 0.5, y, cfg_scale=args.cfg, seed=args.seed, progress=False)
+    _, rep = sample(model, y, 50, gates=gates, threshold=th, cfg_scale=args.cfg, seed=args.seed, progress=False)
+    laziness_heatmap(rep.stats["per_step_layer_branch"], Path(args.docs) / "images" / "fig4_heatmap.png",
+                     title=f"Lazy-50, {rep.lazy_ratio:.1%} lazy (threshold {th:.3g}, CFG {args.cfg}, 40 images)")
+    per_layer = np.asarray(rep.stats["per_step_layer_branch"]).mean(0)  # (L, 2)
+    print(f"heatmap: lazy {rep.lazy_ratio:.3f}; per layer MHSA {per_layer[:, 0].round(3).tolist()}, "
+          f"FFN {per_layer[:, 1].round(3).tolist()}")
+    return rep
+
+
+def ablation(model, args):
+    """Quality vs lazy ratio for MHSA-only, FFN-only and both-branch laziness at T=20."""
+    from lazydit.data import InfiniteSampler, load_fashion_mnist
+    from lazydit.evaluation import EvalConfig, evaluate_config
+    from lazydit.features import default_classifier, default_reference
+    from lazydit.lazy import LazyGates
+    from lazydit.training import GateTrainConfig, train_gates
+
+    T, run = 20, Path(args.run)
+    extractor, ref = default_classifier(), default_reference()
+    y = class_grid_labels(model.config.num_classes, 4)
+    variants = {"MHSA only": (("attn",), (args.rho, 0.0)), "FFN only": (("mlp",), (0.0, args.rho)),
+                "both (equal rho)": (("attn", "mlp"), None)}
+    targets = {"MHSA only": (0.05, 0.1, 0.15, 0.2), "FFN only": (0.05, 0.1, 0.15, 0.2),
+               "both (equal rho)": (0.1, 0.2, 0.3, 0.4)}
+    results = {}
+    base_cfg = dict(steps=T, cfg_scale=args.cfg, num_samples=args.ablation_samples, batch_size=250, seed=args.seed)
+    rows_path = run / "ablation_rows.json"
+    done = json.loads(rows_path.read_text()) if rows_path.exists() else {}
+    dense = done.get("DDIM-20") or evaluate_config(model, EvalConfig(**base_cfg, name="DDIM-20"), extractor, ref,
+                                                   out=run / "DDIM-20.npz", progress=not args.quiet)
+    done["DDIM-20"] = dense
+    for vname, (branches, rhos) in variants.items():
+        if rhos is None:
+            gates = default_gates(T)
+        else:
+            out = run / f"gates_T20_{branches[0]}"
+            gfile = out / "gates.safetensors"
+            if gfile.exists():
+                gates = LazyGates.load(gfile)
+            else:
+                x, yl = load_fashion_mnist("train")
+                cfg = GateTrainConfig(steps=T, rho_attn=rhos[0], rho_mlp=rhos[1], out=str(out), ckpt_every=50,
+                                      resume=(out / "checkpoint.pt").exists())
+                gates = train_gates(model, InfiniteSampler(x, yl, cfg.batch_size, seed=cfg.seed), cfg,
+                                    progress=not args.quiet)
+        for target in targets[vname]:
+            key = f"{vname}@{target}"
+            if key not in done:
+                th, reached = calibrate_threshold(model, gates, target, y, cfg_scale=args.cfg, seed=args.seed,
+                                                  branches=branches, progress=False)
+                ecfg = EvalConfig(**base_cfg, threshold=th, branches=branches, name=key)
+                row = evaluate_config(model, ecfg, extractor, ref, gates=gates,
+                                      out=run / f"ablation_{branches[0] if len(branches) == 1 else 'both'}_{target}.npz",
+                                      progress=not args.quiet)
+                done[key] = {**row, "variant": vname, "target": target, "calibration_ratio": reached}
+                rows_path.write_text(json.dumps(done, indent=1))
+                print(f"{key}: lazy {row['lazy_ratio']:.3f} FID {row['fid']:.3f}", flush=True)
+            results.setdefault(vname, []).append(done[key])
+    rows_path.write_text(json.dumps(done, indent=1))
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=120)
+    for ax, key, label in zip(axes, ("fid", "sfid"), ("FID", "sFID")):
+        for (vname, rows), color in zip(results.items(), ("tab:orange", "tab:green", "tab:red")):
+            ax.plot([0] + [r["lazy_ratio"] for r in rows], [dense[key]] + [r[key] for r in rows], "o-",
+                    color=color, label=vname)
+        ax.set_xlabel("lazy ratio (share of all module evaluations skipped)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Individual laziness, DDIM-{T}, CFG {args.cfg}, {args.ablation_samples} samples per point "
+                 f"(0 = DDIM-{T})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(Path(args.docs) / "images" / "ablation.png")
+    plt.close(fig)
+    (Path(args.docs) / "ablation.json").write_text(json.dumps(dict(
+        steps=T, cfg=args.cfg, samples=args.ablation_samples, rho=args.rho, dense=dense, variants=results), indent=1))
+    return results
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("figure", choices=["similarity", "heatmap", "ablation", "all"])
+    ap.add_argument("--steps", type=int, default=50, help="similarity: DDIM steps")
+    ap.add_argument("--cfg", type=float, default=1.5)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rho", type=float, default=1e-2, help="ablation: the penalty of the lazy branch")
+    ap.add_argument("--ablation-samples", type=int, default=1000)
+    ap.add_argument("--run", default="runs/analysis")
+    ap.add_argument("--docs", default="docs")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    Path(args.run).mkdir(parents=True, exist_ok=True)
+    (Path(args.docs) / "images").mkdir(parents=True, exist_ok=True)
+    model = default_model()
+    for fig in (("similarity", "heatmap", "ablation") if args.figure == "all" else (args.figure,)):
+        globals()[fig](model, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,316 @@
+"""Multi-process runs under torchrun: process-group setup, rank-sliced data, sharded ADM sampling.
+
+Everything here also runs in a single process: without torchrun's environment (WORLD_SIZE unset) `init_distributed`
+does nothing, `rank()` is 0 and `world_size()` is 1.
+
+    torchrun --nproc_per_node 8 -m lazydit.cli sample-ddp --model DiT-XL-2-256x256.pt --steps 50 --out s.npz
+    torchrun --nproc_per_node 8 -m lazydit.cli train-gates --steps 50 --batch-size 512 ...   # global batch
+
+Sharded sampling (`sample_sharded`) follows DiT's `sample_ddp.py`: rank r draws its initial noise and its labels
+(`torch.randint`, uniform over classes) from one generator seeded with seed * world + r, in batches of batch_size;
+the image of local index l (counted over the rank's batches) gets the global index l * world + r, the order of the
+reference's PNG names. Rank 0 assembles the first num_samples global indices into one ADM .npz (rank-interleaved).
+"""
+
+import datetime
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from .checkpoint import atomic_write
+from .images import to_uint8
+
+# ---------------------------------------------------------------- process group
+
+
+def init_distributed(device=None, backend: str | None = None, timeout_minutes: float = 60.0) -> torch.device:
+    """Join torchrun's process group, or do nothing in a single process.
+
+    Reads RANK, WORLD_SIZE and LOCAL_RANK (torchrun's environment). On CUDA every process takes the GPU of its local
+    rank (`cuda:LOCAL_RANK`, whatever index `device` names) and the group uses NCCL; on CPU it uses gloo.
+    Calling it again once the group is up only returns the device.
+
+    Args:
+        device: "cuda", "cpu", a torch.device, or None (CUDA when available).
+        backend: override the backend ("nccl" / "gloo").
+        timeout_minutes: collective timeout (rank 0 assembles a 50K-image .npz while the others wait).
+    Returns:
+        The device this process should use.
+    """
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if "WORLD_SIZE" not in os.environ:
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    return device
+
+
+def is_distributed() -> bool:
+    """A process group is up (possibly of one process)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    """Rank 0, or a single process: the one that writes files and prints."""
+    return rank() == 0
+
+
+def barrier():
+    if is_distributed():
+        dist.barrier()
+
+
+def cleanup():
+    """Leave the process group (no-op without one)."""
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def set_tf32(enabled: bool = True):
+    """Allow TF32 in CUDA matmuls and cuDNN convolutions (Ampere and newer; a no-op elsewhere)."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
+def all_reduce_(t: torch.Tensor, op=None) -> torch.Tensor:
+    """In-place all_reduce (SUM by default) of a tensor; identity in a single process."""
+    if is_distributed():
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+# ---------------------------------------------------------------- data
+
+
+class RankSlice:
+    """This rank's contiguous slice of every batch of a global-batch iterator.
+
+    Every rank runs the same iterator (same seed) of global batches of B rows; rank r keeps rows
+    [r B / W, (r + 1) B / W). `state_dict` / `load_state_dict` pass through, so the state is the same on every rank.
+    """
+
+    def __init__(self, data, rank_: int | None = None, world: int | None = None):
+        self.data = data
+        self.rank = rank() if rank_ is None else rank_
+        self.world = world_size() if world is None else world
+
+    def __next__(self):
+        batch = next(self.data)
+        B = batch[0].shape[0]
+        if B % self.world:
+            raise ValueError(f"global batch {B} is not divisible by the world size {self.world}")
+        b = B // self.world
+        return tuple(t[self.rank * b : (self.rank + 1) * b] for t in batch)
+
+    def __iter__(self):
+        return self
+
+    def state_dict(self):
+        return self.data.state_dict()
+
+    def load_state_dict(self, state):
+        self.data.load_state_dict(state)
+
+
+# ---------------------------------------------------------------- sharded sampling
+
+
+def shard_plan(num_samples: int, batch_size: int, world: int) -> int:
+    """Batches per rank: ceil(num_samples / (world * batch_size)), as sample_ddp.py (the tail is dropped later)."""
+    if num_samples < 1 or batch_size < 1:
+        raise ValueError("num_samples and batch_size must be positive")
+    return math.ceil(num_samples / (world * batch_size))
+
+
+def rank_generator(seed: int, rank_: int, world: int, device) -> torch.Generator:
+    """The generator of one rank's noise and labels: seeded with seed * world + rank (spec 4)."""
+    return torch.Generator(device=device).manual_seed(seed * world + rank_)
+
+
+def draw_batch(gen: torch.Generator, batch_size: int, config, num_classes: int, device):
+    """One batch of initial noise (B, C, H, W) and labels (B,), in this order, as sample_ddp.py."""
+    z = torch.randn(batch_size, config.in_channels, config.input_size, config.input_size, generator=gen,
+                    device=device)
+    y = torch.randint(0, num_classes, (batch_size,), generator=gen, device=device)
+    return z, y
+
+
+def _fingerprint(model, gates) -> dict:
+    with torch.no_grad():
+        msum = float(sum(p.detach().double().abs().sum() for p in model.parameters()))
+    fp = {"model_config": {k: v for k, v in vars(model.config).items() if isinstance(v, (int, float, str, bool))},
+          "model_abs_sum": f"{msum:.6e}"}
+    if gates is not None:
+        w = gates.weight.detach().float().cpu().contiguous().numpy()
+        fp["gates"] = dict(sha1=hashlib.sha1(w.tobytes()).hexdigest(), threshold=gates.threshold,
+                           lookahead=gates.lookahead)
+    return fp
+
+
+def _write_part(path: Path, images, labels, info: dict):
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, arr_0=images, arr_1=labels, info=np.array(json.dumps(info)))
+
+    atomic_write(path, write)
+
+
+def _read_part(path: Path):
+    with np.load(path) as f:
+        return f["arr_0"], f["arr_1"], json.loads(str(f["info"]))
+
+
+def _write_npy_entry(zf: zipfile.ZipFile, name: str, shape, dtype, chunks):
+    """Stream one .npy member (arr_0.npy) into an open zip: header, then the row chunks in order."""
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(shape)}
+    with zf.open(name, "w", force_zip64=True) as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        for chunk in chunks:
+            f.write(np.ascontiguousarray(chunk, dtype=dtype).tobytes())
+
+
+def assemble_npz(parts: Path, out, num_samples: int, batch_size: int, world: int, batches: int):
+    """Write the ADM .npz from every rank's part files, streaming (memory: one batch of every rank).
+
+    Global index g = local index l * world + rank: batch b of all ranks covers g in [b B W, (b + 1) B W), with
+    row i of rank r at i * world + r. The first num_samples global indices are kept.
+    Returns the labels (num_samples,).
+    """
+    files = [[parts / f"rank{r:05d}" / f"b{b:06d}.npz" for r in range(world)] for b in range(batches)]
+    first = _read_part(files[0][0])[0]
+    H, W, C = first.shape[1:]
+    labels = np.empty(num_samples, dtype=np.int64)
+
+    def chunks():
+        done = 0
+        for b in range(batches):
+            if done >= num_samples:
+                break
+            block = np.empty((batch_size * world, H, W, C), dtype=np.uint8)
+            lab = np.empty(batch_size * world, dtype=np.int64)
+            for r in range(world):
+                img, y, _ = _read_part(files[b][r])
+                block[r::world], lab[r::world] = img, y
+            m = min(len(block), num_samples - done)
+            labels[done : done + m] = lab[:m]
+            done += m
+            yield block[:m]
+
+    def write(tmp):
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            _write_npy_entry(zf, "arr_0.npy", (num_samples, H, W, C), np.uint8, chunks())
+            _write_npy_entry(zf, "arr_1.npy", (num_samples,), np.int64, [labels])
+
+    atomic_write(Path(out), write)
+    return labels
+
+
+def sample_sharded(model, num_samples: int, steps: int, *, gates=None, cfg_scale: float = 1.0, batch_size: int = 32,
+                   seed: int = 0, num_classes: int | None = None, out_npz, threshold: float | None = None,
+                   keep_parts: bool = False, progress: bool = True) -> dict:
+    """Sample num_samples images over all ranks (or one process) into one ADM .npz, resumable.
+
+    Every rank (call it on all of them) samples `shard_plan(num_samples, batch_size, world)` batches of batch_size
+    with `lazydit.pipeline.sample`, noise and labels from `rank_generator(seed, rank, world)` (`draw_batch`), and writes
+    each batch atomically to `<out_npz>.parts/rank<r>/b<i>.npz`; a rerun skips the batches already there (replaying
+    their draws), so an interrupted run continues. Rank 0 then writes `out_npz`: arr_0 (N, H, W, C) uint8 and arr_1
+    (N,) labels in global-index order (g = local index * world + rank, as sample_ddp.py's PNG names), cut to
+    N = num_samples, and removes the parts (unless keep_parts). The parts folder must be visible to rank 0
+    (one node, or a shared filesystem), as the reference's PNG folder.
+
+    Args:
+        model: a DiT (eval mode) on this rank's device.
+        num_samples: N images in the .npz (the last global batch is sampled in full and cut).
+        steps: T, DDIM steps.
+        gates: LazyGates for T (None: plain DDIM).
+        cfg_scale: guidance scale (1.0: none).
+        batch_size: images per batch and rank (sample_ddp.py's per_proc_batch_size).
+        seed: global seed; rank r uses seed * world + r.
+        num_classes: labels are uniform over [0, num_classes) (default: the model's).
+        out_npz: the .npz to write.
+        threshold: gate compute threshold (default: the gates').
+        keep_parts: keep `<out_npz>.parts/` after assembling.
+        progress: progress bar (rank 0).
+    Returns:
+        dict(out, num_samples, world_size, batches_per_rank, lazy_ratio, tmacs (per image), seconds (wall-clock of
+        this call, the slowest rank), sample_seconds (sampling time summed over every batch and rank, resumed ones
+        included)). lazy_ratio and tmacs are means over every sampled batch of every rank (all batches are the
+        same size, so this is the ratio over all module evaluations; the cut tail is included).
+    """
+    t_start = time.perf_counter()
+    from .pipeline import sample
+
+    device = next(model.parameters()).device
+    rk, world = rank(), world_size()
+    num_classes = model.config.num_classes if num_classes is None else num_classes
+    batches = shard_plan(num_samples, batch_size, world)
+    out_npz = Path(out_npz)
+    parts = Path(str(out_npz) + ".parts")
+    meta = dict(num_samples=num_samples, steps=steps, cfg_scale=cfg_scale, batch_size=batch_size, seed=seed,
+                num_classes=num_classes, world_size=world, threshold=threshold, **_fingerprint(model, gates))
+    mpath = parts / "config.json"
+    if rk == 0:
+        parts.mkdir(parents=True, exist_ok=True)
+        if not mpath.exists():
+            atomic_write(mpath, lambda tmp: Path(tmp).write_text(json.dumps(meta, sort_keys=True)))
+    barrier()
+    if json.loads(mpath.read_text()) != json.loads(json.dumps(meta, sort_keys=True)):
+        raise ValueError(f"{parts} holds parts of another run (configuration, model, gates or world size differ): "
+                         "delete it or choose another output")
+    mydir = parts / f"rank{rk:05d}"
+    mydir.mkdir(parents=True, exist_ok=True)
+    gen = rank_generator(seed, rk, world, device)
+    ratio_sum, tmacs_sum, sec_sum = 0.0, 0.0, 0.0
+    bar = tqdm(range(batches), desc=f"sample {num_samples} x{world}", unit="batch", disable=not (progress and rk == 0))
+    for b in bar:
+        z, y = draw_batch(gen, batch_size, model.config, num_classes, device)  # drawn even when resumed: same stream
+        part = mydir / f"b{b:06d}.npz"
+        if part.exists():
+            _, labels, info = _read_part(part)
+            if not np.array_equal(labels, y.cpu().numpy()):
+                raise ValueError(f"{part}: labels differ from this run's draws: delete {parts}")
+        else:
+            x, rep = sample(model, y, steps, gates=gates, threshold=threshold, cfg_scale=cfg_scale, x=z,
+                            progress=False)
+            info = dict(lazy_ratio=rep.lazy_ratio, tmacs=rep.tmacs, seconds=rep.seconds)
+            _write_part(part, to_uint8(x), y.cpu().numpy(), info)
+        ratio_sum += info["lazy_ratio"]
+        tmacs_sum += info["tmacs"]
+        sec_sum += info["seconds"]
+    sums = all_reduce_(torch.tensor([ratio_sum, tmacs_sum, sec_sum], dtype=torch.float64, device=device))
+    if rk == 0:
+        assemble_npz(parts, out_npz, num_samples, batch_size, world, batches)
+        if not keep_parts:
+            shutil.rmtree(parts)
+    wall = all_reduce_(torch.tensor([time.perf_counter() - t_start], dtype=torch.float64, device=device),
+                       op=dist.ReduceOp.MAX if is_distributed() else None)  # also waits for the .npz
+    n = batches * world
+    return dict(out=str(out_npz), num_samples=num_samples, world_size=world, batches_per_rank=batches,
+                lazy_ratio=float(sums[0]) / n, tmacs=float(sums[1]) / n, seconds=float(wall[0]),
+                sample_seconds=float(sums[2]))
+
+
+__all__ = ["init_distributed", "is_distributed", "rank", "world_size", "is_main", "barrier", "cleanup", "set_tf32",
+           "all_reduce_", "RankSlice", "shard_plan", "rank_generator", "draw_batch", "assemble_npz", "sample_sharded"]
