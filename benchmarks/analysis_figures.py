@@ -60,23 +60,30 @@ def similarity(model, args):
         for s in range(T - 1):
             sim[s, i, b] = torch.nn.functional.cosine_similarity(seq[s], seq[s + 1], dim=1).mean().item()
     plt = _plt()
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6), dpi=120, gridspec_kw=dict(width_ratios=(1, 1, 0.9)))
+    from matplotlib.colors import LogNorm
+
+    gap = np.clip(1 - sim, 1e-6, None)  # 1 - cosine similarity: log scale shows where it departs from 1
+    norm = LogNorm(vmin=gap.min(), vmax=gap.max())
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8), dpi=120, layout="constrained")
     for ax, b in zip(axes[:2], (0, 1)):
-        im = ax.imshow(sim[:, :, b].T, aspect="auto", origin="lower", cmap="magma", vmin=sim.min(), vmax=1,
+        im = ax.imshow(gap[:, :, b].T, aspect="auto", origin="lower", cmap="magma_r", norm=norm,
                        extent=(1.5, T + 0.5, -0.5, L - 0.5))
-        ax.set_title(f"{BRANCH_NAMES[b]}: cos(out_k+1, out_k), mean {sim[:, :, b].mean():.3f}", fontsize=9)
-        ax.set_xlabel("sampling step (pair step-1, step)")
+        ax.set_title(f"{BRANCH_NAMES[b]}: 1 - cos(out at step s-1, out at step s); mean cos {sim[:, :, b].mean():.4f}",
+                     fontsize=8)
+        ax.set_xlabel("sampling step s (1 = first)")
         ax.set_ylabel("layer")
-    fig.colorbar(im, ax=axes[:2], fraction=0.03)
+        fig.colorbar(im, ax=ax, label="1 - cosine similarity")
     for b, style in ((0, "-"), (1, "--")):
         for i in range(L):
-            axes[2].plot(range(2, T + 1), sim[:, i, b], style, lw=1, color=plt.cm.viridis(i / max(1, L - 1)),
-                         label=f"{BRANCH_NAMES[b]} L{i}" if b == 0 or i in (0, L - 1) else None)
-    axes[2].set_xlabel("sampling step")
-    axes[2].set_ylabel("cosine similarity")
-    axes[2].set_title("per layer (solid MHSA, dashed FFN)", fontsize=9)
-    axes[2].legend(fontsize=6, ncol=2)
-    fig.suptitle(f"Consecutive-step similarity of module outputs, DDIM-{T}, CFG {args.cfg}, 40 images", fontsize=10)
+            axes[2].plot(range(2, T + 1), gap[:, i, b], style, lw=1, color=plt.cm.viridis(i / max(1, L - 1)),
+                         label=f"{BRANCH_NAMES[b]} layer {i}")
+    axes[2].set_yscale("log")
+    axes[2].set_xlabel("sampling step s")
+    axes[2].set_ylabel("1 - cosine similarity")
+    axes[2].set_title("per layer (solid MHSA, dashed FFN)", fontsize=8)
+    axes[2].legend(fontsize=5, ncol=2)
+    fig.suptitle(f"Consecutive-step similarity of module outputs, DDIM-{T}, CFG {args.cfg}, 40 images "
+                 f"(min cos {sim.min():.3f})", fontsize=10)
     docs = Path(args.docs)
     fig.savefig(docs / "images" / "similarity.png", bbox_inches="tight")
     plt.close(fig)

@@ -350,7 +350,7 @@ class LazyState:
             n_compute = B
         elif not bool(rows.any()):
             out = cache
-            x = x + gate.unsqueeze(1) * out
+            x = _residual(x, gate, out)
             n_compute = 0
         else:
             idx = rows.nonzero().squeeze(1)
@@ -358,11 +358,19 @@ class LazyState:
             _, part, _ = fn(x[idx], shift[idx], scale[idx], gate[idx], None, *extra)
             out = cache.clone()
             out[idx] = part.to(out.dtype)
-            x = x + gate.unsqueeze(1) * out
+            x = _residual(x, gate, out)
             n_compute = len(idx)
         self.caches[key] = out
         self._count(layer, branch, B, n_compute, rows)
         return x
+
+
+def _residual(x, gate, out):
+    """x + gate * out, (B, N, D) + (B, D) * (B, N, D), rounded as the block does it (product, then sum); the sum
+    in place when no graph is recorded (on a CPU, allocating these temporaries is most of a skipped step's cost)."""
+    if torch.is_grad_enabled():
+        return x + gate.unsqueeze(1) * out
+    return x.add_(gate.unsqueeze(1) * out)
 
 
 def _branch_fn(norm, module):
