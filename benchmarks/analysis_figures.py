@@ -2,6 +2,7 @@
 
     python benchmarks/analysis_figures.py similarity   # consecutive-step cosine similarity per layer and step
     python benchmarks/analysis_figures.py heatmap      # Figure 4: layer x step laziness, MHSA and FFN
+    python benchmarks/analysis_figures.py agreement    # look-ahead vs reference gate decisions (issue: fast sampling)
     python benchmarks/analysis_figures.py ablation     # MHSA only / FFN only / both: quality vs lazy ratio
     python benchmarks/analysis_figures.py all
 
@@ -108,6 +109,30 @@ def heatmap(model, args):
     return rep
 
 
+def agreement(model, args):
+    """How often the look-ahead gates decide like the reference gates (shipped T=50 sets, same noise, 40 images)."""
+    from lazydit.lazy import apply_lazy
+
+    y = class_grid_labels(model.config.num_classes, 4)
+    dec, ratio = {}, {}
+    for kind, look in (("reference", False), ("lookahead", True)):
+        gates = default_gates(50, lookahead=look)
+        with apply_lazy(model, gates, record_decisions=True) as h:
+            ddim_sample(model, y, 50, cfg_scale=args.cfg, seed=args.seed, progress=False)
+            dec[kind], ratio[kind] = h.state.decisions[0::2], h.stats().lazy_ratio  # even (gated) steps
+    same = (dec["reference"] == dec["lookahead"]).double()  # (T/2, L, 2, B)
+    out = dict(cfg=args.cfg, images=len(y), steps=50, lazy_ratio=ratio, agreement=float(same.mean()),
+               agreement_per_branch=dict(zip(("attn", "mlp"), same.mean((0, 1, 3)).tolist())),
+               agreement_per_layer=same.mean((0, 2, 3)).tolist(),
+               both_skip=float((~dec["reference"] & ~dec["lookahead"]).double().mean()),
+               only_reference_skips=float((~dec["reference"] & dec["lookahead"]).double().mean()),
+               only_lookahead_skips=float((dec["reference"] & ~dec["lookahead"]).double().mean()))
+    (Path(args.docs) / "lookahead_agreement.json").write_text(json.dumps(out, indent=1))
+    print(f"agreement: {out['agreement']:.4f} of gated decisions equal; lazy ratio reference "
+          f"{ratio['reference']:.4f}, look-ahead {ratio['lookahead']:.4f}")
+    return out
+
+
 def ablation(model, args):
     """Quality vs lazy ratio for MHSA-only, FFN-only and both-branch laziness at T=20."""
     from lazydit.data import InfiniteSampler, load_fashion_mnist
@@ -180,7 +205,7 @@ def ablation(model, args):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("figure", choices=["similarity", "heatmap", "ablation", "all"])
+    ap.add_argument("figure", choices=["similarity", "heatmap", "agreement", "ablation", "all"])
     ap.add_argument("--steps", type=int, default=50, help="similarity: DDIM steps")
     ap.add_argument("--cfg", type=float, default=1.5)
     ap.add_argument("--seed", type=int, default=0)
@@ -196,7 +221,7 @@ def main(argv=None):
     Path(args.run).mkdir(parents=True, exist_ok=True)
     (Path(args.docs) / "images").mkdir(parents=True, exist_ok=True)
     model = default_model()
-    for fig in (("similarity", "heatmap", "ablation") if args.figure == "all" else (args.figure,)):
+    for fig in (("similarity", "heatmap", "agreement", "ablation") if args.figure == "all" else (args.figure,)):
         globals()[fig](model, args)
 
 

@@ -229,7 +229,7 @@ def assemble_npz(parts: Path, out, num_samples: int, batch_size: int, world: int
 
 def sample_sharded(model, num_samples: int, steps: int, *, gates=None, cfg_scale: float = 1.0, batch_size: int = 32,
                    seed: int = 0, num_classes: int | None = None, out_npz, threshold: float | None = None,
-                   keep_parts: bool = False, progress: bool = True) -> dict:
+                   keep_parts: bool = False, progress: bool = True, decode=None) -> dict:
     """Sample num_samples images over all ranks (or one process) into one ADM .npz, resumable.
 
     Every rank (call it on all of them) samples `shard_plan(num_samples, batch_size, world)` batches of batch_size
@@ -253,6 +253,9 @@ def sample_sharded(model, num_samples: int, steps: int, *, gates=None, cfg_scale
         threshold: gate compute threshold (default: the gates').
         keep_parts: keep `<out_npz>.parts/` after assembling.
         progress: progress bar (rank 0).
+        decode: a callable from the model's samples to images in [-1, 1] (B, 3, H, W), applied to every batch before
+            it is written (latent models: the VAE decoder, e.g. `functools.partial(lazydit.vae.decode, vae)`); None
+            writes the samples as they are. Its `fingerprint` attribute (JSON), when it has one, joins the resume check.
     Returns:
         dict(out, num_samples, world_size, batches_per_rank, lazy_ratio, tmacs (per image), seconds (wall-clock of
         this call, the slowest rank), sample_seconds (sampling time summed over every batch and rank, resumed ones
@@ -270,6 +273,8 @@ def sample_sharded(model, num_samples: int, steps: int, *, gates=None, cfg_scale
     parts = Path(str(out_npz) + ".parts")
     meta = dict(num_samples=num_samples, steps=steps, cfg_scale=cfg_scale, batch_size=batch_size, seed=seed,
                 num_classes=num_classes, world_size=world, threshold=threshold, **_fingerprint(model, gates))
+    if decode is not None:
+        meta["decode"] = getattr(decode, "fingerprint", True)
     mpath = parts / "config.json"
     if rk == 0:
         parts.mkdir(parents=True, exist_ok=True)
@@ -295,7 +300,7 @@ def sample_sharded(model, num_samples: int, steps: int, *, gates=None, cfg_scale
             x, rep = sample(model, y, steps, gates=gates, threshold=threshold, cfg_scale=cfg_scale, x=z,
                             progress=False)
             info = dict(lazy_ratio=rep.lazy_ratio, tmacs=rep.tmacs, seconds=rep.seconds)
-            _write_part(part, to_uint8(x), y.cpu().numpy(), info)
+            _write_part(part, to_uint8(x if decode is None else decode(x)), y.cpu().numpy(), info)
         ratio_sum += info["lazy_ratio"]
         tmacs_sum += info["tmacs"]
         sec_sum += info["seconds"]

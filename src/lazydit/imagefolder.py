@@ -350,5 +350,43 @@ class LatentSampler:
         return self
 
 
+class EncodedLoader:
+    """Batches of an ImageFolderLoader encoded on the fly by the VAE: (z (B, C, h, w) float32 scaled latents, y (B,)).
+
+    The slow path of gate training (no extraction first): one VAE encode per batch, a posterior sample from a
+    per-rank CPU generator (seed, rank), so `state_dict()` / `load_state_dict()` (loader position and generator)
+    resume exactly.
+
+    Args:
+        loader: an ImageFolderLoader (this rank's shard; its dataset's image_size = latent size x the VAE factor).
+        vae: a diffusers AutoencoderKL (see `lazydit.vae.load_vae`), on the device that should encode.
+        seed: for the posterior noise.
+    """
+
+    def __init__(self, loader: ImageFolderLoader, vae, seed: int = 0):
+        self.loader, self.vae = loader, vae
+        self.generator = torch.Generator().manual_seed(seed * 65_537 + loader.rank)
+
+    def state_dict(self):
+        return {"loader": self.loader.state_dict(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.loader.load_state_dict(state["loader"])
+        self.generator.set_state(state["generator"])
+
+    def __next__(self):
+        from .vae import encode
+
+        x, y = next(self.loader)
+        z = encode(self.vae, x, generator=self.generator)
+        return z, y.to(z.device)
+
+    def __iter__(self):
+        return self
+
+    def close(self):
+        self.loader.close()
+
+
 __all__ = ["center_crop_arr", "to_tensor", "flip_decision", "ImageFolder", "ImageFolderLoader", "shard_indices",
-           "extract_latents", "LatentSet", "LatentSampler", "IMAGE_EXTENSIONS"]
+           "extract_latents", "LatentSet", "LatentSampler", "EncodedLoader", "IMAGE_EXTENSIONS"]
