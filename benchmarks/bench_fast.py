@@ -16,7 +16,8 @@ path branches on a host value per module and stays eager (its row is repeated fo
 Gates: "shipped" (the embedded default's reference and look-ahead gates, at their calibrated ratios) or "plan50"
 (zero gates with threshold 0.75 through the real code path: every even step skips every module, ~49% lazy).
 Prints a table and one JSON object (also written to --json-out): median seconds over --repeats after a warm-up,
-ratios against dense-T and dense-T/2 measured in the same run, peak memory on CUDA.
+ratios against dense-T and dense-T/2 measured in the same run (the median over repeats of the ratio within a
+repeat, so that machine drift between repeats cancels), peak memory on CUDA.
 """
 
 import argparse
@@ -126,13 +127,17 @@ def main(argv=None):
             t0 = time.time()
             times, reports = time_rows(model, rows, y, args)
             med = {name: statistics.median(v) for name, v in times.items()}
+
+            def paired(name, base):  # median over repeats of the ratio within one repeat: robust to drift
+                return statistics.median(a / b for a, b in zip(times[name], times[base]))
+
             for name, *_ in rows:
                 rep = reports[name]
                 results.append(dict(
                     batch=B, setting=setting, sampler=name, steps=rep.steps, lazy_ratio=round(rep.lazy_ratio, 4),
                     tmacs=rep.tmacs, median_s=round(med[name], 4), min_s=round(min(times[name]), 4),
-                    speedup_vs_dense=round(med[f"dense-{T}"] / med[name], 3),
-                    over_half_steps=round(med[name] / med[f"dense-{half}"], 3),
+                    speedup_vs_dense=round(1 / paired(name, f"dense-{T}"), 3),
+                    over_half_steps=round(paired(name, f"dense-{half}"), 3),
                 ))
             if args.device.startswith("cuda"):
                 results[-1]["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)

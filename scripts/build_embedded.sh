@@ -29,5 +29,6 @@ base
 gate 50 "${RHO_50:-1e-2}" 0.48
 gate 20 "${RHO_20:-1e-2}" 0.45
 gate 10 "${RHO_10:-1e-2}" 0.30
+gate 40 "${RHO_40:-1e-2}" 0.48
 gate 50 "${RHO_50:-1e-2}" 0.48 lookahead  # look-ahead gates (beyond the paper; the fast sampling path)
 ls -l "$assets"

@@ -7,7 +7,7 @@ from .lazy import LazyGates
 
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_MODEL = ASSETS / "fmnist_dit.safetensors"
-SHIPPED_STEPS = (10, 20, 50)  # reference gates
+SHIPPED_STEPS = (10, 20, 40, 50)  # reference gates
 SHIPPED_LOOKAHEAD_STEPS = (50,)  # look-ahead gates
 
 

@@ -197,13 +197,15 @@ class LazyState:
     compile: bool = False  # look-ahead: run each branch as a torch.compile region
     compile_mode: str | None = None  # torch.compile mode of those regions
     fns: dict = field(default_factory=dict)  # look-ahead: (layer, branch) -> fused branch function (built lazily)
+    scratch: dict = field(default_factory=dict)  # look-ahead: a reused (B, N, D) buffer for gated residuals
 
     def __deepcopy__(self, memo):
-        """Copy everything but the branch functions: they close over the original modules and are rebuilt."""
+        """Copy everything but the branch functions (they close over the original modules and are rebuilt) and the
+        scratch buffer."""
         new = copy.copy(self)
         memo[id(self)] = new
         for f in fields(self):
-            setattr(new, f.name, {} if f.name == "fns" else copy.deepcopy(getattr(self, f.name), memo))
+            setattr(new, f.name, {} if f.name in ("fns", "scratch") else copy.deepcopy(getattr(self, f.name), memo))
         return new
 
     @property
@@ -338,7 +340,7 @@ class LazyState:
                 rows = self.plan[layer, branch]
         fn = self.fns.get(key)
         if fn is None:
-            fn = _branch_fn(norm, module)
+            fn = _branch_fn(norm, module, compiled=self.compile, scratch=self.scratch)
             fn = self.fns[key] = torch.compile(fn, mode=self.compile_mode) if self.compile else fn
         if rows is None or bool(rows.all()):
             w = None
@@ -350,7 +352,7 @@ class LazyState:
             n_compute = B
         elif not bool(rows.any()):
             out = cache
-            x = _residual(x, gate, out)
+            x = _residual(x, gate, out, self.scratch)
             n_compute = 0
         else:
             idx = rows.nonzero().squeeze(1)
@@ -358,30 +360,42 @@ class LazyState:
             _, part, _ = fn(x[idx], shift[idx], scale[idx], gate[idx], None, *extra)
             out = cache.clone()
             out[idx] = part.to(out.dtype)
-            x = _residual(x, gate, out)
+            x = _residual(x, gate, out, self.scratch)
             n_compute = len(idx)
         self.caches[key] = out
         self._count(layer, branch, B, n_compute, rows)
         return x
 
 
-def _residual(x, gate, out):
-    """x + gate * out, (B, N, D) + (B, D) * (B, N, D), rounded as the block does it (product, then sum); the sum
-    in place when no graph is recorded (on a CPU, allocating these temporaries is most of a skipped step's cost)."""
+def _residual(x, gate, out, scratch: dict | None = None):
+    """x + gate * out, (B, N, D) + (B, D) * (B, N, D), rounded as the block does it (product, then sum).
+
+    When no graph is recorded the sum is taken in place and the product goes to a reused buffer: on a CPU,
+    allocating these temporaries (page faults) is most of what a skipped step costs.
+    """
     if torch.is_grad_enabled():
         return x + gate.unsqueeze(1) * out
-    return x.add_(gate.unsqueeze(1) * out)
+    if scratch is None:
+        return x.add_(gate.unsqueeze(1) * out)
+    buf = scratch.get("buf")
+    if buf is None or buf.shape != out.shape or buf.dtype != out.dtype or buf.device != out.device:
+        buf = scratch["buf"] = torch.empty_like(out)
+    return x.add_(torch.mul(gate.unsqueeze(1), out, out=buf))
 
 
-def _branch_fn(norm, module):
+def _branch_fn(norm, module, compiled: bool = False, scratch: dict | None = None):
     """The fused work of one branch: Z = modulate(norm(x)), out = F(Z), the gated residual, and the gate score."""
     forward = type(module).forward
 
     def branch(x, shift, scale, gate, w, *extra):
-        z = modulate(norm(x), shift, scale)  # (B, N, D)
+        if compiled or torch.is_grad_enabled():
+            z = modulate(norm(x), shift, scale)  # (B, N, D)
+        else:  # the same ops and rounding, without two (B, N, D) temporaries
+            z = norm(x).mul_(1 + scale.unsqueeze(1)).add_(shift.unsqueeze(1))
         out = forward(module, z, *extra)
         logit = None if w is None else z.sum(dim=1) @ w.to(z.dtype)  # (B,) score of the next (even) step
-        return x + gate.unsqueeze(1) * out, out, logit
+        x = x + gate.unsqueeze(1) * out if compiled else _residual(x, gate, out, scratch)  # compiled: fused
+        return x, out, logit
 
     return branch
 
