@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .checkpoint import CheckpointError, load_state_dict_strict, torch_save_atomic
-from .models import LabelEmbedder, TimestepEmbedder, combine_cfg, modulate
+from .models import FinalLayer, LabelEmbedder, TimestepEmbedder, combine_cfg, modulate
 
 ARGS_FILE = "model_args.pth"
 EMA_FILE = "consolidated_ema.00-of-01.pth"
@@ -212,20 +212,6 @@ class TransformerBlock(nn.Module):
         return x
 
 
-class FinalLayer(nn.Module):
-    """LayerNorm (no affine, eps 1e-6) -> modulate -> Linear(D, p*p*C_out); adaLN from the min(D, 1024) condition."""
-
-    def __init__(self, hidden_size, cond_size, patch_size, out_channels):
-        super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_size, 2 * hidden_size, bias=True))
-
-    def forward(self, x, c):
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
-
-
 class LargeDiT(nn.Module):
     """Class-conditional DiT-Llama; `forward(x, t, y)` as our DiT's. Blocks are `layers` (also `blocks`)."""
 
@@ -243,7 +229,7 @@ class LargeDiT(nn.Module):
         self.t_embedder = TimestepEmbedder(config.cond_size)
         self.y_embedder = LabelEmbedder(config.num_classes, config.cond_size, config.class_dropout_prob)
         self.layers = nn.ModuleList([TransformerBlock(i, config) for i in range(config.depth)])
-        self.final_layer = FinalLayer(D, config.cond_size, p, self.out_channels)
+        self.final_layer = FinalLayer(D, p, self.out_channels, cond_size=config.cond_size)
         # Not a buffer (not in the reference state dict, and complex: kept out of .to(dtype)); moved in forward.
         self.freqs_cis = precompute_freqs_cis(config.head_dim, config.max_tokens, config.rope_theta)
         self.initialize_weights()

@@ -162,13 +162,13 @@ class DiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """LayerNorm -> modulate -> Linear(D, p*p*C_out)."""
+    """LayerNorm -> modulate -> Linear(D, p*p*C_out); adaLN from a condition of width cond_size (default D)."""
 
-    def __init__(self, hidden_size, patch_size, out_channels):
+    def __init__(self, hidden_size, patch_size, out_channels, cond_size=None):
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_size or hidden_size, 2 * hidden_size))
 
     def forward(self, x, c):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
