@@ -103,6 +103,9 @@ def write_up(rows, args, meta):
     missing = [n for n in row_names() if n not in by]
     if missing:
         lines += ["", f"Rows not run yet: {', '.join(missing)}."]
+    notes = docs / "paper_tables_notes.md"  # the hand-written reading of the numbers, kept across reruns
+    if notes.exists():
+        lines += ["", notes.read_text().rstrip()]
     (docs / "paper_tables.md").write_text("\n".join(lines) + "\n")
     plot(rows, docs / "images" / "quality_vs_tmacs.png")
 
