@@ -133,7 +133,7 @@ def test_zoo_overrides():
 
 
 def test_unknown_model_and_field_raise():
-    with pytest.raises(ValueError, match="unknown model"):
+    with pytest.raises(ValueError, match="unknown DiT model"):
         model_config("DiT-XXL/2")
     with pytest.raises(ValueError):
         create_model("DiT-S/3")

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .checkpoint import CheckpointError, load_state_dict_strict, torch_save_atomic
-from .models import FinalLayer, LabelEmbedder, TimestepEmbedder, combine_cfg, modulate
+from .models import FinalLayer, LabelEmbedder, TimestepEmbedder, combine_cfg, modulate, zoo_config
 
 ARGS_FILE = "model_args.pth"
 EMA_FILE = "consolidated_ema.00-of-01.pth"
@@ -299,14 +299,7 @@ class LargeDiT(nn.Module):
 
 def large_dit_config(name: str, **overrides) -> LargeDiTConfig:
     """The LargeDiTConfig of a zoo entry (`"DiT-Llama-7B/2"` or the reference `"DiT_Llama_7B_patch2"`)."""
-    key = REFERENCE_NAMES.get(name, name)
-    if key not in LARGE_DIT_MODELS:
-        raise ValueError(f"unknown Large-DiT model {name!r}; choose one of {', '.join(LARGE_DIT_MODELS)}")
-    fields = {**LARGE_DIT_MODELS[key], **overrides}
-    unknown = set(fields) - set(LargeDiTConfig.__dataclass_fields__)
-    if unknown:
-        raise ValueError(f"unknown Large-DiT config fields: {sorted(unknown)}")
-    return LargeDiTConfig(**fields)
+    return zoo_config(LARGE_DIT_MODELS, LargeDiTConfig, REFERENCE_NAMES.get(name, name), overrides, "Large-DiT")
 
 
 def create_large_dit(name: str, **overrides) -> LargeDiT:

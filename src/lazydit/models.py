@@ -275,15 +275,20 @@ def _1d_sincos(embed_dim, pos):
     return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
 
+def zoo_config(zoo: dict, config_cls, name: str, overrides: dict, kind: str = "DiT"):
+    """A config dataclass from a zoo entry with fields overridden; ValueError for unknown names or fields."""
+    if name not in zoo:
+        raise ValueError(f"unknown {kind} model {name!r}; choose one of {', '.join(zoo)}")
+    fields = {**zoo[name], **overrides}
+    unknown = set(fields) - set(config_cls.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"unknown {kind} config fields: {sorted(unknown)}")
+    return config_cls(**fields)
+
+
 def model_config(name: str, **overrides) -> DiTConfig:
     """The DiTConfig of a zoo entry (`"DiT-XL/2"`), with fields overridden."""
-    if name not in DIT_MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(DIT_MODELS)}")
-    fields = {**DIT_MODELS[name], **overrides}
-    unknown = set(fields) - set(DiTConfig.__dataclass_fields__)
-    if unknown:
-        raise ValueError(f"unknown DiT config fields: {sorted(unknown)}")
-    return DiTConfig(**fields)
+    return zoo_config(DIT_MODELS, DiTConfig, name, overrides)
 
 
 def create_model(name: str, **overrides) -> DiT:
