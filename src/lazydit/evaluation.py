@@ -114,35 +114,12 @@ def generate(model, cfg: EvalConfig, gates=None, out=None, progress: bool = True
                 seconds_per_image=seconds / len(images), stats=stats)
 
 
-def extract(extractor, images, batch_size: int = 250, progress: bool = True) -> dict:
-    """Features of uint8 (N, H, W, C) images with any extractor: the Fashion-MNIST classifier or InceptionV3FID.
-
-    Extractors with a static `preprocess(images)` (InceptionV3FID: uint8 range) get their own input convention;
-    others get [-1, 1] (lazydit.features.images_to_tensor).
-    Returns:
-        numpy dict(pool (N, F), spatial (N, S), probs (N, K)).
-    """
-    from .features import extract_features
-
-    if not hasattr(extractor, "preprocess"):
-        return extract_features(extractor, images, batch_size=batch_size, progress=progress)
-    device = next(extractor.parameters()).device
-    out = {"pool": [], "spatial": [], "probs": []}
-    with torch.no_grad():
-        for i in tqdm(range(0, len(images), batch_size), desc="features", disable=not progress, unit="batch"):
-            f = extractor.features(extractor.preprocess(images[i : i + batch_size]).to(device))
-            out["pool"].append(f["pool"].float().cpu().numpy())
-            out["spatial"].append(f["spatial"].float().cpu().numpy())
-            out["probs"].append(torch.softmax(f["logits"].float(), dim=1).cpu().numpy())
-    return {k: np.concatenate(v) for k, v in out.items()}
-
-
 def reference_from_images(extractor, images, batch_size: int = 250, progress: bool = True) -> dict:
     """Reference statistics of real uint8 images (e.g. the arr_0 of an ADM reference batch) with any extractor."""
-    from .features import fingerprint
+    from .features import extract_features, fingerprint
     from .metrics import feature_stats
 
-    f = extract(extractor, images, batch_size, progress)
+    f = extract_features(extractor, images, batch_size, progress)
     mu, sigma = feature_stats(f["pool"])
     mu_s, sigma_s = feature_stats(f["spatial"])
     return dict(mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s, pool=f["pool"], mean_probs=f["probs"].mean(0),
@@ -151,9 +128,9 @@ def reference_from_images(extractor, images, batch_size: int = 250, progress: bo
 
 def score(extractor, images, ref: dict, batch_size: int = 250, progress: bool = True) -> dict:
     """FID, sFID, IS, precision, recall (k=3) and KID of uint8 images against reference statistics."""
-    from .features import evaluate
+    from .features import evaluate, extract_features
 
-    return evaluate(extractor, extract(extractor, images, batch_size, progress), ref, progress=progress)
+    return evaluate(extractor, extract_features(extractor, images, batch_size, progress), ref, progress=progress)
 
 
 def evaluate_config(model, cfg: EvalConfig, extractor, ref: dict, gates=None, out=None, progress: bool = True) -> dict:

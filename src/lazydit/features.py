@@ -101,7 +101,8 @@ def extract_features(extractor, images, batch_size=500, progress=True) -> dict:
     """Run the extractor over uint8 (N, H, W, C) images. Returns numpy dict(pool (N, F), spatial (N, S), probs (N, K)).
 
     Args:
-        extractor: FMNISTClassifier (run in eval mode, on its own device).
+        extractor: FMNISTClassifier, or any module with `.features(x)` and a static `preprocess(images)` giving its
+            own input convention (InceptionV3FID); run in eval mode, on its own device.
         images: uint8 numpy (N, H, W, C) with C = the extractor's in_channels (ADM .npz layout), or (N, H, W).
         batch_size: images per forward pass.
         progress: show a tqdm bar.
@@ -111,8 +112,9 @@ def extract_features(extractor, images, batch_size=500, progress=True) -> dict:
         images = images[..., None]
     if images.ndim != 4 or images.dtype != np.uint8:
         raise ValueError(f"images must be (N, H, W, C) uint8, got {images.shape} {images.dtype}")
+    preprocess = getattr(extractor, "preprocess", images_to_tensor)  # FMNISTClassifier: [-1, 1]
     c_in = getattr(extractor, "arch", {}).get("in_channels", 1)
-    if images.shape[1:] != (28, 28, c_in):
+    if not hasattr(extractor, "preprocess") and images.shape[1:] != (28, 28, c_in):
         raise ValueError(f"the Fashion-MNIST extractor needs (N, 28, 28, {c_in}) images, got {images.shape}")
     if len(images) == 0:
         raise ValueError("no images")
@@ -124,7 +126,7 @@ def extract_features(extractor, images, batch_size=500, progress=True) -> dict:
         with torch.no_grad():
             for i in tqdm(range(0, len(images), batch_size), desc="features", disable=not progress,
                           unit="batch"):
-                x = images_to_tensor(images[i : i + batch_size]).to(device)
+                x = preprocess(images[i : i + batch_size]).to(device)
                 f = extractor.features(x)
                 out["pool"].append(f["pool"].float().cpu().numpy())
                 out["spatial"].append(f["spatial"].float().cpu().numpy())
