@@ -86,3 +86,16 @@ def test_evaluate_config_row_has_every_column(setup):
     assert dense["sampler"] == "DDIM-4" and lazy["sampler"] == "Lazy-4"
     assert dense["lazy_ratio"] == 0 and lazy["lazy_ratio"] == 0.5
     assert lazy["tmacs"] < 0.6 * dense["tmacs"]
+
+
+def test_micro_batch_changes_neither_images_nor_resumable_parts(setup, tmp_path):
+    model, _, _ = setup
+    cfg = EvalConfig(steps=4, cfg_scale=2.0, num_samples=10, batch_size=5, seed=1)
+    whole = generate(model, cfg, progress=False)
+    out = tmp_path / "s.npz"
+    parts = tmp_path / "s.npz.parts"
+    parts.mkdir()
+    meta = {**json.loads(json.dumps(vars(cfg))), "micro_batch": None, "gates": None}
+    (parts / "config.json").write_text(json.dumps(meta))  # parts written without micro-batching
+    chunked = generate(model, EvalConfig(**{**vars(cfg), "micro_batch": 2}), out=out, progress=False)
+    assert np.array_equal(chunked["images"], whole["images"])

@@ -172,3 +172,25 @@ def test_batch_uniform_and_tied_cfg_decisions():
         else:
             assert torch.all(skipped % 2 == 0)  # cond/uncond pairs skip together
         assert skipped.sum() > 0
+
+
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_micro_batches_give_the_samples_and_counts_of_one_batch(lookahead):
+    model = tiny_model(seed=3)
+    T = 10
+    gates = random_gates(model, T, scale=0.05)
+    gates.lookahead = lookahead
+    y = labels(7)
+    whole, rep = sample(model, y, T, gates=gates, cfg_scale=2.0, seed=4, progress=False)
+    assert 0 < rep.lazy_ratio < 0.5
+    chunked, rep3 = sample(model, y, T, gates=gates, cfg_scale=2.0, seed=4, progress=False, micro_batch=3)
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)  # same noise: drawn for the whole batch
+    assert torch.equal(rep3.lazy.skipped, rep.lazy.skipped) and torch.equal(rep3.lazy.total, rep.lazy.total)
+    assert rep3.lazy_ratio == rep.lazy_ratio and rep3.tmacs == rep.tmacs
+    plain, _ = sample(model, y, T, cfg_scale=2.0, seed=4, progress=False)
+    plain3, r = sample(model, y, T, cfg_scale=2.0, seed=4, progress=False, micro_batch=2)
+    torch.testing.assert_close(plain3, plain, rtol=1e-5, atol=1e-5)
+    assert r.lazy is None and r.name == "DDIM-10"
+    with pytest.raises(ValueError, match="per-row skip plan"):
+        sample(model, y, T, gates=gates, force=torch.zeros(T, 3, 2, 14, dtype=torch.bool), progress=False,
+               micro_batch=3)

@@ -371,7 +371,7 @@ def cmd_eval(args):
         gates = None if args.gates in (None, "none") else _load_gates(args.gates, args.steps, args.device)
         cfg = EvalConfig(steps=args.steps, cfg_scale=args.cfg, num_samples=args.num_samples,
                          batch_size=args.batch_size, seed=args.seed, threshold=args.threshold, uniform=args.uniform,
-                         tie_cfg=args.tie_cfg, name=args.name)
+                         tie_cfg=args.tie_cfg, name=args.name, micro_batch=args.micro_batch)
         row = evaluate_config(model, cfg, extractor, ref, gates=gates, out=args.out, progress=not args.json)
         row["out"] = args.out
     _emit(args, [row], ["sampler", "steps", "n", "fid", "sfid", "inception_score", "precision", "recall", "kid",
@@ -537,6 +537,8 @@ def build_parser():
     sp.add_argument("--tie-cfg", action="store_true")
     sp.add_argument("--num-samples", type=int, default=5000)
     sp.add_argument("--batch-size", type=int, default=250)
+    sp.add_argument("--micro-batch", type=int, default=None,
+                    help="images per sampler call inside a batch (on CPU 16 is ~1.4x faster than 250; same samples)")
     sp.add_argument("--name", default=None, help="row label")
     sp.add_argument("--out", default=None, help="also keep the samples as an ADM .npz (resumable parts meanwhile)")
     sp.add_argument("--samples", default=None, help="score this ADM .npz instead of sampling")

@@ -34,6 +34,7 @@ class EvalConfig:
     tie_cfg: bool = False  # cond/uncond rows decide together
     branches: tuple = ("attn", "mlp")  # branches allowed to be lazy (individual-laziness ablation)
     name: str | None = None  # row label (default: DDIM-T / Lazy-T / Lazy-LA-T)
+    micro_batch: int | None = None  # images per sampler call inside a batch (cache-friendly on CPU; same samples)
 
 
 def eval_labels(num_samples: int, num_classes: int, seed: int = 0) -> torch.Tensor:
@@ -69,7 +70,8 @@ def generate(model, cfg: EvalConfig, gates=None, out=None, progress: bool = True
     parts = Path(str(out) + ".parts") if out else None
     if parts:
         parts.mkdir(parents=True, exist_ok=True)
-        meta = {**asdict(cfg), "gates": None if gates is None else dict(steps=gates.steps, lookahead=gates.lookahead,
+        meta = {**asdict(cfg), "micro_batch": None,  # a compute detail: parts stay valid across it
+                "gates": None if gates is None else dict(steps=gates.steps, lookahead=gates.lookahead,
                                                                           threshold=gates.threshold)}
         meta = json.loads(json.dumps(meta))  # tuples -> lists, as read back
         mpath = parts / "config.json"
@@ -88,7 +90,8 @@ def generate(model, cfg: EvalConfig, gates=None, out=None, progress: bool = True
         else:
             x, rep = sample(model, y.to(device), cfg.steps, gates=gates, threshold=cfg.threshold,
                             cfg_scale=cfg.cfg_scale, seed=cfg.seed * 1_000_003 + i, uniform=cfg.uniform,
-                            tie_cfg=cfg.tie_cfg, branches=cfg.branches, progress=False, name=cfg.name)
+                            tie_cfg=cfg.tie_cfg, branches=cfg.branches, progress=False, name=cfg.name,
+                            micro_batch=cfg.micro_batch)
             img, lab = to_uint8(x), y.numpy()
             info = dict(name=rep.name, seconds=rep.seconds)
             if rep.lazy is not None:

@@ -5,6 +5,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
 from .cost import sampling_macs
 from .diffusion import ddim_sample
@@ -36,7 +37,7 @@ def class_grid_labels(num_classes: int, per_class: int, device="cpu") -> torch.T
 def sample(model, y, steps: int, *, gates: LazyGates | None = None, threshold: float | None = None,
            cfg_scale: float = 1.0, seed: int = 0, x=None, force=None, uniform: bool = False, tie_cfg: bool = False,
            compile: bool = False, compile_mode: str | None = None, branches=("attn", "mlp"), progress: bool = True,
-           name: str | None = None):
+           name: str | None = None, micro_batch: int | None = None):
     """Sample with plain DDIM, or with LazyDiT gates attached for the run, and report the cost.
 
     Args:
@@ -54,9 +55,18 @@ def sample(model, y, steps: int, *, gates: LazyGates | None = None, threshold: f
         branches: the branches allowed to be lazy (("attn",) / ("mlp",): the individual-laziness ablation).
         progress: progress bar.
         name: label of the report row.
+        micro_batch: run the sampler on at most this many images at a time (the initial noise is still drawn for
+            the whole batch from `seed`, so the samples are those of one big batch up to float rounding). Small
+            chunks keep activations in cache: on CPU, 16 images with CFG run ~1.5x faster per image than 250.
+            Gate decisions are per row, so they do not change, except batch-uniform ones (`uniform`), which are
+            then taken per chunk.
     Returns:
         (samples (B, C, H, W), SampleReport)
     """
+    if micro_batch is not None and y.shape[0] > micro_batch:
+        return _sample_chunked(model, y, steps, micro_batch, gates=gates, threshold=threshold, cfg_scale=cfg_scale,
+                               seed=seed, x=x, force=force, uniform=uniform, tie_cfg=tie_cfg, compile=compile,
+                               compile_mode=compile_mode, branches=branches, progress=progress, name=name)
     handle = None
     if gates is not None:
         gates.check_steps(steps)
@@ -82,6 +92,31 @@ def sample(model, y, steps: int, *, gates: LazyGates | None = None, threshold: f
         stats=stats.as_dict() if stats else {}, lazy=stats,
     )
     return out, report
+
+
+def _sample_chunked(model, y, steps, micro_batch, *, seed, x, force, progress, **kw):
+    """`sample` over chunks of `micro_batch` images with the noise of the whole batch; one merged report."""
+    if force is not None and force.dim() == 4:
+        raise ValueError("micro_batch does not split a per-row skip plan: pass the whole batch or a (T, L, 2) plan")
+    if x is None:  # the noise `ddim_sample` would draw for the whole batch
+        c = model.config
+        g = torch.Generator(device=y.device).manual_seed(seed)
+        x = torch.randn((y.shape[0], c.in_channels, c.input_size, c.input_size), generator=g, device=y.device)
+    outs, reports = [], []
+    starts = range(0, y.shape[0], micro_batch)
+    for s in tqdm(starts, desc=kw.get("name") or f"sample-{steps}", unit="chunk", disable=not progress, leave=False):
+        out, rep = sample(model, y[s : s + micro_batch], steps, x=x[s : s + micro_batch], seed=seed, force=force,
+                          progress=False, **kw)
+        outs.append(out)
+        reports.append(rep)
+    lazy = None
+    if reports[0].lazy is not None:
+        lazy = LazyStats(sum(r.lazy.skipped for r in reports), sum(r.lazy.total for r in reports))
+    first = reports[0]
+    report = SampleReport(name=first.name, steps=steps, lazy_ratio=lazy.lazy_ratio if lazy else 0.0,
+                          tmacs=sampling_macs(model.config, steps, lazy) / 1e12,
+                          seconds=sum(r.seconds for r in reports), stats=lazy.as_dict() if lazy else {}, lazy=lazy)
+    return torch.cat(outs), report
 
 
 def calibrate_threshold(model, gates: LazyGates, target: float, y, *, cfg_scale: float = 1.0, seed: int = 0,
