@@ -11,7 +11,10 @@ guidance scale; the threshold, the calibration ratio and the ratio measured over
 Every row samples the same labels and the same initial noise (lazydit.evaluation), and is scored with the shipped
 Fashion-MNIST evaluator against the test-split statistics: FID, sFID, IS, precision, recall (k=3), KID.
 Each finished row is saved as JSON under --run and skipped when the script runs again; an interrupted row resumes
-from its last sampled batch. Writes <docs>/paper_tables.md, <docs>/paper_tables.csv and
+from its last sampled batch. `--timing` then measures the wall-clock column on a quiet machine in one run: every
+finished row samples the same --timing-images images (micro-batches of --micro-batch) after a warm-up, in
+--timing-rounds rounds with the rows interleaved (order rotated each round); the median seconds per image go to
+<run>/timing.json and replace the batched wall-clock of the long runs, which other jobs on the machine disturb. Writes <docs>/paper_tables.md, <docs>/paper_tables.csv and
 <docs>/images/quality_vs_tmacs.png from the rows that are done.
 """
 
@@ -25,9 +28,9 @@ from pathlib import Path
 import torch
 
 from lazydit.assets import default_gates, default_model
-from lazydit.evaluation import EvalConfig, evaluate_config
+from lazydit.evaluation import EvalConfig, eval_labels, evaluate_config
 from lazydit.features import default_classifier, default_reference
-from lazydit.pipeline import calibrate_threshold, class_grid_labels
+from lazydit.pipeline import calibrate_threshold, class_grid_labels, sample
 
 DDIM_STEPS = (50, 40, 30, 25, 20, 14, 10, 7)
 LAZY_ROWS = ((50, 0.2), (50, 0.4), (50, 0.5), (40, 0.5), (20, 0.3), (20, 0.5), (10, 0.3))
@@ -63,6 +66,38 @@ def run_row(name, model, extractor, ref, args):
     return {**row, **extra}
 
 
+def time_rows(names, model, args) -> dict:
+    """Median sampling seconds per image of every finished row, all measured in this one run (see the docstring)."""
+    run = Path(args.run)
+    rows = {n: json.loads((run / f"{n}.json").read_text()) for n in names if (run / f"{n}.json").exists()}
+    if not rows:
+        raise SystemExit("--timing: no finished rows to time")
+    y = eval_labels(args.num_samples, model.config.num_classes, args.seed)[: args.timing_images]
+    gates = {n: default_gates(r["steps"], lookahead=n.startswith("LazyLA")) for n, r in rows.items()
+             if n.startswith("Lazy")}
+
+    def once(n):
+        r = rows[n]
+        _, rep = sample(model, y, r["steps"], gates=gates.get(n), threshold=r.get("threshold"), cfg_scale=args.cfg,
+                        seed=args.seed, micro_batch=args.micro_batch, progress=False)
+        return rep.seconds / len(y)
+
+    for n in {("DDIM" if n.startswith("DDIM") else n.split("-")[0]): n for n in rows}.values():
+        once(n)  # warm-up of each code path (plain, reference gates, look-ahead gates)
+    order, times = list(rows), {n: [] for n in rows}
+    for i in range(args.timing_rounds):
+        for n in order[i % len(order):] + order[: i % len(order)]:
+            times[n].append(once(n))
+        print(f"timing round {i + 1}/{args.timing_rounds} done", flush=True)
+    out = dict(images=len(y), micro_batch=args.micro_batch, rounds=args.timing_rounds, cfg=args.cfg,
+               threads=torch.get_num_threads(), machine=platform.processor() or platform.machine(),
+               torch=torch.__version__,
+               rows={n: dict(median=float(torch.tensor(t).median()), all=[round(v, 6) for v in t])
+                     for n, t in times.items()})
+    (run / "timing.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
 def write_up(rows, args, meta):
     """Markdown + CSV + the quality-versus-TMACs plot from the finished rows."""
     docs = Path(args.docs)
@@ -74,15 +109,25 @@ def write_up(rows, args, meta):
         w.writeheader()
         w.writerows(rows)
     by = {r["sampler"]: r for r in rows}
+    tpath = Path(args.run) / "timing.json"
+    timing = json.loads(tpath.read_text()) if tpath.exists() else None
+    if timing:  # the wall-clock column of one quiet run, comparable across rows
+        for r in rows:
+            if r["sampler"] in timing["rows"]:
+                r["seconds_per_image"] = timing["rows"][r["sampler"]]["median"]
+                r["timed"] = True
+    speed = (f"seconds per image are medians of {timing['rounds']} interleaved rounds sampling the same "
+             f"{timing['images']} images per row in micro-batches of {timing['micro_batch']} ({timing['threads']} "
+             "threads, `--timing`, one run)" if timing else
+             f"seconds per image are the batched sampling wall-clock of the long runs (batch {args.batch_size}), "
+             "not a latency benchmark")
     lines = [
         "# The paper's Table 1 / Table 3 on the embedded default",
         "",
         f"Command: `{meta['command']}` ({meta['machine']}, torch {meta['torch']}, {meta['threads']} threads).",
         f"{args.num_samples} samples per row, the same labels (uniform over the 10 classes) and initial noise for "
         f"every row, CFG {args.cfg}, scored with the shipped Fashion-MNIST classifier against the test split "
-        "(`lazydit eval`). TMACs per image counted the paper's way (spec 3.5); seconds per image are the batched "
-        "sampling wall-clock of this run (batch "
-        f"{args.batch_size}), not a latency benchmark.",
+        f"(`lazydit eval`). TMACs per image counted the paper's way (spec 3.5); {speed}.",
         "",
         "| sampler | lazy ratio | TMACs | FID | sFID | IS | precision | recall | KID | s / image | threshold |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -91,14 +136,18 @@ def write_up(rows, args, meta):
         th = "" if r.get("threshold") is None else f"{r['threshold']:.3g}"
         lines.append(f"| {r['sampler']} | {r['lazy_ratio']:.1%} | {r['tmacs'] * 1e3:.3f} G | {r['fid']:.3f} | "
                      f"{r['sfid']:.3f} | {r['inception_score']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} | "
-                     f"{r['kid']:.4f} | {r['seconds_per_image']:.4f} | {th} |")
+                     f"{r['kid']:.4f} | {r['seconds_per_image']:.4f}{'' if r.get('timed') or not timing else ' *'} | {th} |")
+    if timing and not all(r.get("timed") for r in rows):
+        lines += ["", "\\* not in the timing run: the batched wall-clock of the long run."]
     lines += ["", "(TMACs column in GMACs per image: the embedded model is tiny.)", "",
               "## Equal-TMACs pairings (the paper's claim: Lazy with more steps beats DDIM with fewer)", "",
-              "| Lazy | DDIM | TMACs Lazy / DDIM | FID Lazy | FID DDIM | Lazy better? |", "|---|---|---|---|---|---|"]
+              "| Lazy | DDIM | TMACs Lazy / DDIM | wall-clock Lazy / DDIM | FID Lazy | FID DDIM | Lazy better? |",
+              "|---|---|---|---|---|---|---|"]
     for lz, dd in PAIRS:
         if lz in by and dd in by:
             a, b = by[lz], by[dd]
-            lines.append(f"| {lz} | {dd} | {a['tmacs'] / b['tmacs']:.3f} | {a['fid']:.3f} | {b['fid']:.3f} | "
+            lines.append(f"| {lz} | {dd} | {a['tmacs'] / b['tmacs']:.3f} | "
+                         f"{a['seconds_per_image'] / b['seconds_per_image']:.3f} | {a['fid']:.3f} | {b['fid']:.3f} | "
                          f"{'yes' if a['fid'] < b['fid'] else 'no'} |")
     missing = [n for n in row_names() if n not in by]
     if missing:
@@ -152,6 +201,9 @@ def main(argv=None):
     ap.add_argument("--docs", default="docs", help="where the markdown, CSV and plot go")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--write-only", action="store_true", help="only rewrite the docs from finished rows")
+    ap.add_argument("--timing", action="store_true", help="measure the wall-clock column of the finished rows")
+    ap.add_argument("--timing-images", type=int, default=32)
+    ap.add_argument("--timing-rounds", type=int, default=5)
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     if args.threads:
@@ -166,7 +218,9 @@ def main(argv=None):
                                                                 if args.num_samples != 5000 else ""),
                 machine=platform.processor() or platform.machine(), torch=torch.__version__,
                 threads=torch.get_num_threads())
-    if not args.write_only:
+    if args.timing:
+        time_rows(names, default_model(), args)
+    elif not args.write_only:
         model = default_model()
         extractor, ref = default_classifier(), default_reference()
         for name in names:
