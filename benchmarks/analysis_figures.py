@@ -149,7 +149,8 @@ def ablation(model, args):
     targets = {"MHSA only": (0.05, 0.1, 0.15, 0.2), "FFN only": (0.05, 0.1, 0.15, 0.2),
                "both (equal rho)": (0.1, 0.2, 0.3, 0.4)}
     results = {}
-    base_cfg = dict(steps=T, cfg_scale=args.cfg, num_samples=args.ablation_samples, batch_size=250, seed=args.seed)
+    base_cfg = dict(steps=T, cfg_scale=args.cfg, num_samples=args.ablation_samples, batch_size=250, seed=args.seed,
+                    micro_batch=16)  # same samples, faster on a CPU
     rows_path = run / "ablation_rows.json"
     done = json.loads(rows_path.read_text()) if rows_path.exists() else {}
     dense = done.get("DDIM-20") or evaluate_config(model, EvalConfig(**base_cfg, name="DDIM-20"), extractor, ref,
