@@ -111,7 +111,8 @@ def heatmap(model, args):
         r = np.asarray(rep.stats["per_step_layer_branch"])[0::2][::-1]  # gated steps k = 48, 46, ..., 0 (order run)
         maps.append((target, th, rep.lazy_ratio, r))
         out["rows"].append(dict(target=target, threshold=th, lazy_ratio=rep.lazy_ratio,
-                                per_layer=r.mean(0).tolist(), per_gated_step=r.mean((1, 2)).tolist()))
+                                per_layer=r.mean(0).tolist(), per_gated_step=r.mean((1, 2)).tolist(),
+                                gated_step_layer_branch=r.tolist()))
         print(f"heatmap {target:.0%}: lazy {rep.lazy_ratio:.3f} (threshold {th:.3g}); per layer MHSA "
               f"{r.mean(0)[:, 0].round(2).tolist()}, FFN {r.mean(0)[:, 1].round(2).tolist()}", flush=True)
     plt = _plt()
@@ -125,8 +126,7 @@ def heatmap(model, args):
             ax.set_title(f"{BRANCH_NAMES[b]}, Lazy-50@{target:.0%}: {r[:, :, b].mean() / 2:.1%} of all steps lazy",
                          fontsize=8)
             ax.set_ylabel("layer")
-    for ax in axes[-1]:
-        ax.set_xlabel("gated step (sampling order; the odd steps between them always compute)")
+    fig.supxlabel("gated step, in sampling order (the odd steps between them always compute)", fontsize=9)
     fig.colorbar(im, ax=axes, fraction=0.02, label="share of the 80 rows (40 images x CFG) skipped")
     fig.suptitle(f"Layer x step laziness of the shipped T=50 gates (CFG {args.cfg}, 40-image class grid)",
                  fontsize=10)
