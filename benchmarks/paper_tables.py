@@ -14,7 +14,9 @@ Each finished row is saved as JSON under --run and skipped when the script runs 
 from its last sampled batch. `--timing` then measures the wall-clock column on a quiet machine in one run: every
 finished row samples the same --timing-images images (micro-batches of --micro-batch) after a warm-up, in
 --timing-rounds rounds with the rows interleaved (order rotated each round); the median seconds per image go to
-<run>/timing.json and replace the batched wall-clock of the long runs, which other jobs on the machine disturb. Writes <docs>/paper_tables.md, <docs>/paper_tables.csv and
+<run>/timing.json and replace the batched wall-clock of the long runs, which other jobs on the machine disturb.
+`--bootstrap N` adds, per pairing, a 95% paired-bootstrap interval of FID(Lazy) - FID(DDIM) (lazydit.metrics.
+paired_bootstrap_fid; rows share labels and noise, so the same rows are resampled in both). Writes <docs>/paper_tables.md, <docs>/paper_tables.csv and
 <docs>/images/quality_vs_tmacs.png from the rows that are done.
 """
 
@@ -98,6 +100,27 @@ def time_rows(names, model, args) -> dict:
     return out
 
 
+def bootstrap_pairs(args) -> dict:
+    """Paired-bootstrap 95% intervals of FID(Lazy) - FID(DDIM) for every pairing whose two sample files exist."""
+    from lazydit.features import extract_features
+    from lazydit.metrics import load_npz_samples, paired_bootstrap_fid
+
+    run, extractor, ref = Path(args.run), default_classifier(), default_reference()
+    feats, out = {}, dict(reps=args.bootstrap, level=0.95, pairs={})
+    for lz, dd in PAIRS:
+        if not all((run / f"{n}.npz").exists() for n in (lz, dd)):
+            continue
+        for n in (lz, dd):
+            if n not in feats:
+                feats[n] = extract_features(extractor, load_npz_samples(run / f"{n}.npz"), progress=False)["pool"]
+        out["pairs"][f"{lz} vs {dd}"] = paired_bootstrap_fid(feats[lz], feats[dd], ref["mu"], ref["sigma"],
+                                                             reps=args.bootstrap)
+        b = out["pairs"][f"{lz} vs {dd}"]
+        print(f"{lz} - {dd}: FID {b['delta']:+.3f} [{b['lo']:+.3f}, {b['hi']:+.3f}]", flush=True)
+    (run / "bootstrap.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
 def write_up(rows, args, meta):
     """Markdown + CSV + the quality-versus-TMACs plot from the finished rows."""
     docs = Path(args.docs)
@@ -111,6 +134,8 @@ def write_up(rows, args, meta):
     by = {r["sampler"]: r for r in rows}
     tpath = Path(args.run) / "timing.json"
     timing = json.loads(tpath.read_text()) if tpath.exists() else None
+    bpath = Path(args.run) / "bootstrap.json"
+    boot = json.loads(bpath.read_text()) if bpath.exists() else {"pairs": {}}
     if timing:  # the wall-clock column of one quiet run, comparable across rows
         for r in rows:
             if r["sampler"] in timing["rows"]:
@@ -141,14 +166,18 @@ def write_up(rows, args, meta):
         lines += ["", "\\* not in the timing run: the batched wall-clock of the long run."]
     lines += ["", "(TMACs column in GMACs per image: the embedded model is tiny.)", "",
               "## Equal-TMACs pairings (the paper's claim: Lazy with more steps beats DDIM with fewer)", "",
-              "| Lazy | DDIM | TMACs Lazy / DDIM | wall-clock Lazy / DDIM | FID Lazy | FID DDIM | Lazy better? |",
-              "|---|---|---|---|---|---|---|"]
+              "| Lazy | DDIM | TMACs Lazy / DDIM | wall-clock Lazy / DDIM | FID Lazy | FID DDIM | FID Lazy - DDIM "
+              "(95% paired bootstrap) | Lazy better? |",
+              "|---|---|---|---|---|---|---|---|"]
     for lz, dd in PAIRS:
         if lz in by and dd in by:
             a, b = by[lz], by[dd]
+            bs = boot["pairs"].get(f"{lz} vs {dd}")
+            ci = "" if bs is None else f"{bs['delta']:+.3f} [{bs['lo']:+.3f}, {bs['hi']:+.3f}]"
             lines.append(f"| {lz} | {dd} | {a['tmacs'] / b['tmacs']:.3f} | "
                          f"{a['seconds_per_image'] / b['seconds_per_image']:.3f} | {a['fid']:.3f} | {b['fid']:.3f} | "
-                         f"{'yes' if a['fid'] < b['fid'] else 'no'} |")
+                         f"{ci} | "
+                         f"{'yes' if a['fid'] < b['fid'] else 'no'}{' (interval spans 0)' if bs and bs['lo'] < 0 < bs['hi'] else ''} |")
     missing = [n for n in row_names() if n not in by]
     if missing:
         lines += ["", f"Rows not run yet: {', '.join(missing)}."]
@@ -204,6 +233,8 @@ def main(argv=None):
     ap.add_argument("--timing", action="store_true", help="measure the wall-clock column of the finished rows")
     ap.add_argument("--timing-images", type=int, default=32)
     ap.add_argument("--timing-rounds", type=int, default=5)
+    ap.add_argument("--bootstrap", type=int, default=0,
+                    help="paired-bootstrap draws for the FID difference of each pairing (0: skip)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     if args.threads:
@@ -233,7 +264,9 @@ def main(argv=None):
             path.write_text(json.dumps(row, indent=1))
             print(f"{name}: FID {row['fid']:.3f} lazy {row['lazy_ratio']:.1%} ({time.time() - t0:.0f} s)",
                   flush=True)
-    rows = [json.loads(p.read_text()) for p in sorted(run.glob("*.json"))]
+    if args.bootstrap:
+        bootstrap_pairs(args)
+    rows = [json.loads(p.read_text()) for p in sorted(run.glob("*.json")) if p.stem not in ("timing", "bootstrap")]
     rows = [r for r in rows if r.get("num_samples") == args.num_samples and r.get("cfg_scale") == args.cfg]
     if rows:
         write_up(rows, args, meta)

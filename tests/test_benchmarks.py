@@ -39,8 +39,10 @@ def test_paper_tables_small_run_writes_markdown_csv_and_plot(tmp_path, capsys):
     capsys.readouterr()
     load("paper_tables").main(args)  # finished rows are not run again
     assert "FID" not in capsys.readouterr().out
-    load("paper_tables").main(args + ["--timing", "--timing-images", "4", "--timing-rounds", "2"])
+    load("paper_tables").main(args + ["--timing", "--timing-images", "4", "--timing-rounds", "2", "--bootstrap", "5"])
     timing = json.loads((tmp_path / "run" / "timing.json").read_text())
     assert set(timing["rows"]) == {"DDIM-7", "Lazy-10@30"} and all(len(t["all"]) == 2 for t in timing["rows"].values())
     md = (tmp_path / "docs" / "paper_tables.md").read_text()
     assert "medians of 2 interleaved rounds" in md and f"{timing['rows']['DDIM-7']['median']:.4f}" in md
+    boot = json.loads((tmp_path / "run" / "bootstrap.json").read_text())["pairs"]["Lazy-10@30 vs DDIM-7"]
+    assert boot["lo"] <= boot["hi"] and f"{boot['delta']:+.3f} [{boot['lo']:+.3f}, {boot['hi']:+.3f}]" in md

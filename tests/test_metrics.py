@@ -14,6 +14,7 @@ from lazydit.metrics import (
     kid,
     load_npz_samples,
     manifold_radii,
+    paired_bootstrap_fid,
     precision_recall,
 )
 
@@ -209,3 +210,19 @@ def test_load_npz_errors(tmp_path):
     np.savez(tmp_path / "shape.npz", arr_0=np.zeros((2, 8, 8), np.uint8))
     with pytest.raises(ValueError, match="uint8"):
         load_npz_samples(tmp_path / "shape.npz")
+
+
+def test_paired_bootstrap_fid_cancels_shared_noise():
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((4000, 4))
+    mu, sigma = feature_stats(ref)
+    base = rng.standard_normal((1000, 4))  # the shared part: same labels and noise in both samplers
+    same = paired_bootstrap_fid(base, base.copy(), mu, sigma, reps=50)
+    assert same["delta"] == 0 and same["lo"] == 0 == same["hi"] and same["std_a"] > 0  # each FID alone varies
+    shifted = paired_bootstrap_fid(base + 0.3, base, mu, sigma, reps=50)
+    assert shifted["lo"] > 0 and shifted["delta"] == pytest.approx(
+        fid_from_features(base + 0.3, ref) - fid_from_features(base, ref))
+    tiny = paired_bootstrap_fid(base + 0.01 * rng.standard_normal(base.shape), base, mu, sigma, reps=50)
+    assert tiny["std"] < tiny["std_a"] / 5  # pairing: far tighter than one FID's own spread
+    with pytest.raises(ValueError, match="row-aligned"):
+        paired_bootstrap_fid(base, base[:10], mu, sigma)
