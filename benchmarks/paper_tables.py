@@ -39,6 +39,8 @@ LAZY_ROWS = ((50, 0.2), (50, 0.4), (50, 0.5), (40, 0.5), (20, 0.3), (20, 0.5), (
 LOOKAHEAD_ROWS = ((50, 0.5), (50, 0.4))  # beyond the paper: look-ahead gates (the fast path), next to the reference rows
 PAIRS = (("Lazy-50@50", "DDIM-25"), ("Lazy-40@50", "DDIM-20"), ("Lazy-20@50", "DDIM-10"), ("Lazy-10@30", "DDIM-7"),
          ("Lazy-50@40", "DDIM-30"), ("Lazy-20@30", "DDIM-14"), ("Lazy-50@20", "DDIM-40"), ("LazyLA-50@50", "DDIM-25"), ("LazyLA-50@40", "DDIM-30"))
+EXTRA_PAIRS = (("LazyLA-50@40", "Lazy-50@40"), ("Lazy-50@40", "Lazy-50@50"), ("DDIM-25", "DDIM-20"),
+               ("DDIM-30", "DDIM-20"), ("DDIM-50", "DDIM-25"))  # paired differences that explain the pairings
 COLUMNS = ("sampler", "steps", "target", "lazy_ratio", "tmacs", "fid", "sfid", "inception_score", "precision",
            "recall", "kid", "seconds_per_image", "threshold")
 
@@ -107,7 +109,7 @@ def bootstrap_pairs(args) -> dict:
 
     run, extractor, ref = Path(args.run), default_classifier(), default_reference()
     feats, out = {}, dict(reps=args.bootstrap, level=0.95, pairs={})
-    for lz, dd in PAIRS:
+    for lz, dd in PAIRS + EXTRA_PAIRS:
         if not all((run / f"{n}.npz").exists() for n in (lz, dd)):
             continue
         for n in (lz, dd):
@@ -178,6 +180,11 @@ def write_up(rows, args, meta):
                          f"{a['seconds_per_image'] / b['seconds_per_image']:.3f} | {a['fid']:.3f} | {b['fid']:.3f} | "
                          f"{ci} | "
                          f"{'yes' if a['fid'] < b['fid'] else 'no'}{' (interval spans 0)' if bs and bs['lo'] < 0 < bs['hi'] else ''} |")
+    extra = [(a, b, boot["pairs"][f"{a} vs {b}"]) for a, b in EXTRA_PAIRS if f"{a} vs {b}" in boot["pairs"]]
+    if extra:
+        lines += ["", "Other paired differences (same labels and noise; 95% paired bootstrap of FID(A) - FID(B)):", "",
+                  "| A | B | FID A - FID B | 95% interval |", "|---|---|---|---|"]
+        lines += [f"| {a} | {b} | {bs['delta']:+.3f} | [{bs['lo']:+.3f}, {bs['hi']:+.3f}] |" for a, b, bs in extra]
     missing = [n for n in row_names() if n not in by]
     if missing:
         lines += ["", f"Rows not run yet: {', '.join(missing)}."]
