@@ -5,9 +5,10 @@
 
 Rows: DDIM 50, 40, 30, 25, 20, 14, 10, 7 and Lazy 50@20%, 50@40%, 50@50%, 40@50%, 20@30%, 20@50%, 10@30%, with the
 shipped gates of each T (reference gates, 3-pass recipe, rho 1e-2); plus LazyLA-50@50 and LazyLA-50@40, the
-shipped look-ahead gates (beyond the paper: the fast sampling path), next to the reference rows. The ratio of a Lazy row is reached by
-calibrating the compute threshold on a 40-image class grid (lazydit.pipeline.calibrate_threshold) at the table's
-guidance scale; the threshold, the calibration ratio and the ratio measured over all samples are recorded.
+shipped look-ahead gates (beyond the paper: the fast sampling path), next to the reference rows. The ratio of a
+Lazy row is reached by calibrating the compute threshold on a 40-image class grid
+(lazydit.pipeline.calibrate_threshold) at the table's guidance scale; the threshold, the calibration ratio and the
+ratio measured over all samples are recorded.
 Every row samples the same labels and the same initial noise (lazydit.evaluation), and is scored with the shipped
 Fashion-MNIST evaluator against the test-split statistics: FID, sFID, IS, precision, recall (k=3), KID.
 Each finished row is saved as JSON under --run and skipped when the script runs again; an interrupted row resumes
@@ -16,8 +17,9 @@ finished row samples the same --timing-images images (micro-batches of --micro-b
 --timing-rounds rounds with the rows interleaved (order rotated each round); the median seconds per image go to
 <run>/timing.json and replace the batched wall-clock of the long runs, which other jobs on the machine disturb.
 `--bootstrap N` adds, per pairing, a 95% paired-bootstrap interval of FID(Lazy) - FID(DDIM) (lazydit.metrics.
-paired_bootstrap_fid; rows share labels and noise, so the same rows are resampled in both). Writes <docs>/paper_tables.md, <docs>/paper_tables.csv and
-<docs>/images/quality_vs_tmacs.png from the rows that are done.
+paired_bootstrap_fid; rows share labels and noise, so the same rows are resampled in both).
+Writes <docs>/paper_tables.md, <docs>/paper_tables.csv and <docs>/images/quality_vs_tmacs.png from the rows that
+are done.
 """
 
 import argparse
@@ -36,9 +38,10 @@ from lazydit.pipeline import calibrate_threshold, class_grid_labels, sample
 
 DDIM_STEPS = (50, 40, 30, 25, 20, 14, 10, 7)
 LAZY_ROWS = ((50, 0.2), (50, 0.4), (50, 0.5), (40, 0.5), (20, 0.3), (20, 0.5), (10, 0.3))
-LOOKAHEAD_ROWS = ((50, 0.5), (50, 0.4))  # beyond the paper: look-ahead gates (the fast path), next to the reference rows
+LOOKAHEAD_ROWS = ((50, 0.5), (50, 0.4))  # beyond the paper: look-ahead gates (the fast path), next to the reference
 PAIRS = (("Lazy-50@50", "DDIM-25"), ("Lazy-40@50", "DDIM-20"), ("Lazy-20@50", "DDIM-10"), ("Lazy-10@30", "DDIM-7"),
-         ("Lazy-50@40", "DDIM-30"), ("Lazy-20@30", "DDIM-14"), ("Lazy-50@20", "DDIM-40"), ("LazyLA-50@50", "DDIM-25"), ("LazyLA-50@40", "DDIM-30"))
+         ("Lazy-50@40", "DDIM-30"), ("Lazy-20@30", "DDIM-14"), ("Lazy-50@20", "DDIM-40"), ("LazyLA-50@50", "DDIM-25"),
+         ("LazyLA-50@40", "DDIM-30"))
 EXTRA_PAIRS = (("LazyLA-50@40", "Lazy-50@40"), ("Lazy-50@40", "Lazy-50@50"), ("DDIM-25", "DDIM-20"),
                ("DDIM-30", "DDIM-20"), ("DDIM-50", "DDIM-25"))  # paired differences that explain the pairings
 COLUMNS = ("sampler", "steps", "target", "lazy_ratio", "tmacs", "fid", "sfid", "inception_score", "precision",
@@ -109,16 +112,15 @@ def bootstrap_pairs(args) -> dict:
 
     run, extractor, ref = Path(args.run), default_classifier(), default_reference()
     feats, out = {}, dict(reps=args.bootstrap, level=0.95, pairs={})
-    for lz, dd in PAIRS + EXTRA_PAIRS:
-        if not all((run / f"{n}.npz").exists() for n in (lz, dd)):
+    for a, b in PAIRS + EXTRA_PAIRS:
+        if not all((run / f"{n}.npz").exists() for n in (a, b)):
             continue
-        for n in (lz, dd):
+        for n in (a, b):
             if n not in feats:
                 feats[n] = extract_features(extractor, load_npz_samples(run / f"{n}.npz"), progress=False)["pool"]
-        out["pairs"][f"{lz} vs {dd}"] = paired_bootstrap_fid(feats[lz], feats[dd], ref["mu"], ref["sigma"],
-                                                             reps=args.bootstrap)
-        b = out["pairs"][f"{lz} vs {dd}"]
-        print(f"{lz} - {dd}: FID {b['delta']:+.3f} [{b['lo']:+.3f}, {b['hi']:+.3f}]", flush=True)
+        bs = out["pairs"][f"{a} vs {b}"] = paired_bootstrap_fid(feats[a], feats[b], ref["mu"], ref["sigma"],
+                                                                reps=args.bootstrap)
+        print(f"{a} - {b}: FID {bs['delta']:+.3f} [{bs['lo']:+.3f}, {bs['hi']:+.3f}]", flush=True)
     (run / "bootstrap.json").write_text(json.dumps(out, indent=1))
     return out
 
@@ -161,9 +163,10 @@ def write_up(rows, args, meta):
     ]
     for r in rows:
         th = "" if r.get("threshold") is None else f"{r['threshold']:.3g}"
+        mark = " *" if timing and not r.get("timed") else ""
         lines.append(f"| {r['sampler']} | {r['lazy_ratio']:.1%} | {r['tmacs'] * 1e3:.3f} G | {r['fid']:.3f} | "
                      f"{r['sfid']:.3f} | {r['inception_score']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} | "
-                     f"{r['kid']:.4f} | {r['seconds_per_image']:.4f}{'' if r.get('timed') or not timing else ' *'} | {th} |")
+                     f"{r['kid']:.4f} | {r['seconds_per_image']:.4f}{mark} | {th} |")
     if timing and not all(r.get("timed") for r in rows):
         lines += ["", "\\* not in the timing run: the batched wall-clock of the long run."]
     lines += ["", "(TMACs column in GMACs per image: the embedded model is tiny.)", "",
@@ -176,10 +179,11 @@ def write_up(rows, args, meta):
             a, b = by[lz], by[dd]
             bs = boot["pairs"].get(f"{lz} vs {dd}")
             ci = "" if bs is None else f"{bs['delta']:+.3f} [{bs['lo']:+.3f}, {bs['hi']:+.3f}]"
+            spans = " (interval spans 0)" if bs and bs["lo"] < 0 < bs["hi"] else ""
             lines.append(f"| {lz} | {dd} | {a['tmacs'] / b['tmacs']:.3f} | "
                          f"{a['seconds_per_image'] / b['seconds_per_image']:.3f} | {a['fid']:.3f} | {b['fid']:.3f} | "
                          f"{ci} | "
-                         f"{'yes' if a['fid'] < b['fid'] else 'no'}{' (interval spans 0)' if bs and bs['lo'] < 0 < bs['hi'] else ''} |")
+                         f"{'yes' if a['fid'] < b['fid'] else 'no'}{spans} |")
     extra = [(a, b, boot["pairs"][f"{a} vs {b}"]) for a, b in EXTRA_PAIRS if f"{a} vs {b}" in boot["pairs"]]
     if extra:
         lines += ["", "Other paired differences (same labels and noise; 95% paired bootstrap of FID(A) - FID(B)):", "",
