@@ -18,6 +18,9 @@ finished row samples the same --timing-images images (micro-batches of --micro-b
 <run>/timing.json and replace the batched wall-clock of the long runs, which other jobs on the machine disturb.
 `--bootstrap N` adds, per pairing, a 95% paired-bootstrap interval of FID(Lazy) - FID(DDIM) (lazydit.metrics.
 paired_bootstrap_fid; rows share labels and noise, so the same rows are resampled in both).
+Beyond the paper, once the --fidelity-ref row (DDIM-50) is sampled, every row also gets its fidelity to it: the PSNR
+of its images against that row's images of the same labels and noise (lazydit.metrics.paired_psnr), which tells the
+error of reusing module outputs apart from the error of taking fewer steps, whatever FID makes of either.
 Writes <docs>/paper_tables.md, <docs>/paper_tables.csv and <docs>/images/quality_vs_tmacs.png from the rows that
 are done.
 """
@@ -45,7 +48,7 @@ PAIRS = (("Lazy-50@50", "DDIM-25"), ("Lazy-40@50", "DDIM-20"), ("Lazy-20@50", "D
 EXTRA_PAIRS = (("LazyLA-50@40", "Lazy-50@40"), ("Lazy-50@40", "Lazy-50@50"), ("DDIM-25", "DDIM-20"),
                ("DDIM-30", "DDIM-20"), ("DDIM-50", "DDIM-25"))  # paired differences that explain the pairings
 COLUMNS = ("sampler", "steps", "target", "lazy_ratio", "tmacs", "fid", "sfid", "inception_score", "precision",
-           "recall", "kid", "seconds_per_image", "threshold")
+           "recall", "kid", "seconds_per_image", "threshold", "psnr_vs_ref")
 
 
 def row_names():
@@ -125,12 +128,34 @@ def bootstrap_pairs(args) -> dict:
     return out
 
 
+def fidelity(rows, args) -> bool:
+    """Set r["psnr_vs_ref"] (dB) of every row whose samples exist: PSNR against the --fidelity-ref row, same noise."""
+    from lazydit.metrics import load_npz_samples, paired_psnr
+
+    run = Path(args.run)
+    if not (run / f"{args.fidelity_ref}.npz").exists():
+        return False
+    ref = load_npz_samples(run / f"{args.fidelity_ref}.npz")
+    for r in rows:
+        path = run / f"{r['sampler']}.npz"
+        if path.exists() and r["sampler"] != args.fidelity_ref:
+            r["psnr_vs_ref"] = paired_psnr(load_npz_samples(path), ref)["psnr"]
+    return True
+
+
 def write_up(rows, args, meta):
     """Markdown + CSV + the quality-versus-TMACs plot from the finished rows."""
     docs = Path(args.docs)
     (docs / "images").mkdir(parents=True, exist_ok=True)
     order = {n: i for i, n in enumerate(row_names())}
     rows = sorted(rows, key=lambda r: order.get(r["sampler"], 99))
+    has_fid = fidelity(rows, args)
+    def psnr(r):
+        if not has_fid:
+            return ""
+        return f" {r['psnr_vs_ref']:.2f} |" if "psnr_vs_ref" in r else (" ref |" if r["sampler"] == args.fidelity_ref
+                                                                         else " |")
+
     with open(docs / "paper_tables.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         w.writeheader()
@@ -158,22 +183,27 @@ def write_up(rows, args, meta):
         f"every row, CFG {args.cfg}, scored with the shipped Fashion-MNIST classifier against the test split "
         f"(`lazydit eval`). TMACs per image counted the paper's way (spec 3.5); {speed}.",
         "",
-        "| sampler | lazy ratio | TMACs | FID | sFID | IS | precision | recall | KID | s / image | threshold |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| sampler | lazy ratio | TMACs | FID | sFID | IS | precision | recall | KID | s / image | threshold |"
+        + (f" PSNR vs {args.fidelity_ref} (dB) |" if has_fid else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if has_fid else ""),
     ]
     for r in rows:
         th = "" if r.get("threshold") is None else f"{r['threshold']:.3g}"
         mark = " *" if timing and not r.get("timed") else ""
         lines.append(f"| {r['sampler']} | {r['lazy_ratio']:.1%} | {r['tmacs'] * 1e3:.3f} G | {r['fid']:.3f} | "
                      f"{r['sfid']:.3f} | {r['inception_score']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} | "
-                     f"{r['kid']:.4f} | {r['seconds_per_image']:.4f}{mark} | {th} |")
+                     f"{r['kid']:.4f} | {r['seconds_per_image']:.4f}{mark} | {th} |" + psnr(r))
     if timing and not all(r.get("timed") for r in rows):
         lines += ["", "\\* not in the timing run: the batched wall-clock of the long run."]
-    lines += ["", "(TMACs column in GMACs per image: the embedded model is tiny.)", "",
+    lines += ["", "(TMACs column in GMACs per image: the embedded model is tiny.)"]
+    if has_fid:
+        lines += ["", f"PSNR vs {args.fidelity_ref}: how close each row's images are to {args.fidelity_ref}'s images "
+                  "of the same labels and noise (PSNR of the mean squared error over all images; beyond the paper)."]
+    lines += ["",
               "## Equal-TMACs pairings (the paper's claim: Lazy with more steps beats DDIM with fewer)", "",
               "| Lazy | DDIM | TMACs Lazy / DDIM | wall-clock Lazy / DDIM | FID Lazy | FID DDIM | FID Lazy - DDIM "
-              "(95% paired bootstrap) | Lazy better? |",
-              "|---|---|---|---|---|---|---|---|"]
+              "(95% paired bootstrap) | Lazy better? |" + (" PSNR Lazy / DDIM (dB) |" if has_fid else ""),
+              "|---|---|---|---|---|---|---|---|" + ("---|" if has_fid else "")]
     for lz, dd in PAIRS:
         if lz in by and dd in by:
             a, b = by[lz], by[dd]
@@ -183,7 +213,8 @@ def write_up(rows, args, meta):
             lines.append(f"| {lz} | {dd} | {a['tmacs'] / b['tmacs']:.3f} | "
                          f"{a['seconds_per_image'] / b['seconds_per_image']:.3f} | {a['fid']:.3f} | {b['fid']:.3f} | "
                          f"{ci} | "
-                         f"{'yes' if a['fid'] < b['fid'] else 'no'}{spans} |")
+                         f"{'yes' if a['fid'] < b['fid'] else 'no'}{spans} |"
+                         + (f"{psnr(a)[:-2]} /{psnr(b)}" if has_fid else ""))
     extra = [(a, b, boot["pairs"][f"{a} vs {b}"]) for a, b in EXTRA_PAIRS if f"{a} vs {b}" in boot["pairs"]]
     if extra:
         lines += ["", "Other paired differences (same labels and noise; 95% paired bootstrap of FID(A) - FID(B)):", "",
@@ -196,19 +227,22 @@ def write_up(rows, args, meta):
     if notes.exists():
         lines += ["", notes.read_text().rstrip()]
     (docs / "paper_tables.md").write_text("\n".join(lines) + "\n")
-    plot(rows, docs / "images" / "quality_vs_tmacs.png")
+    plot(rows, docs / "images" / "quality_vs_tmacs.png", args.fidelity_ref)
 
 
-def plot(rows, path):
+def plot(rows, path, ref="DDIM-50"):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), dpi=120)
-    for ax, key, label in zip(axes, ("fid", "sfid", "inception_score"), ("FID", "sFID", "IS")):
-        ddim = sorted((r for r in rows if r["sampler"].startswith("DDIM")), key=lambda r: r["tmacs"])
-        lazy = [r for r in rows if r["sampler"].startswith("Lazy")]
+    panels = [("fid", "FID"), ("sfid", "sFID"), ("inception_score", "IS")]
+    if any("psnr_vs_ref" in r for r in rows):
+        panels.append(("psnr_vs_ref", f"PSNR vs {ref} (dB)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.8), dpi=120)
+    for ax, (key, label) in zip(axes, panels):
+        ddim = sorted((r for r in rows if r["sampler"].startswith("DDIM") and key in r), key=lambda r: r["tmacs"])
+        lazy = [r for r in rows if r["sampler"].startswith("Lazy") and key in r]
         ax.plot([r["tmacs"] * 1e3 for r in ddim], [r[key] for r in ddim], "o-", color="tab:blue", label="DDIM")
         for r in ddim:
             ax.annotate(str(r["steps"]), (r["tmacs"] * 1e3, r[key]), fontsize=7, xytext=(3, 3),
@@ -221,7 +255,8 @@ def plot(rows, path):
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend()
-    fig.suptitle("Quality vs cost on the embedded default (lower FID/sFID, higher IS is better)", fontsize=10)
+    fig.suptitle("Quality vs cost on the embedded default (lower FID/sFID, higher IS and PSNR are better)",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -246,6 +281,8 @@ def main(argv=None):
     ap.add_argument("--timing-rounds", type=int, default=5)
     ap.add_argument("--bootstrap", type=int, default=0,
                     help="paired-bootstrap draws for the FID difference of each pairing (0: skip)")
+    ap.add_argument("--fidelity-ref", default="DDIM-50",
+                    help="row whose samples the PSNR column compares every row against (when sampled)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     if args.threads:

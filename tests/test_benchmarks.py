@@ -4,6 +4,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+from lazydit.metrics import load_npz_samples, paired_psnr
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -26,14 +28,20 @@ def test_bench_fast_tiny(capsys, tmp_path):
 
 def test_paper_tables_small_run_writes_markdown_csv_and_plot(tmp_path, capsys):
     args = ["--only", "DDIM-7,Lazy-10@30", "--num-samples", "20", "--batch-size", "20", "--calib-per-class", "1", "--run",
-            str(tmp_path / "run"), "--docs", str(tmp_path / "docs"), "--quiet"]
+            str(tmp_path / "run"), "--docs", str(tmp_path / "docs"), "--quiet", "--fidelity-ref", "DDIM-7"]
     load("paper_tables").main(args)
     md = (tmp_path / "docs" / "paper_tables.md").read_text()
     assert "| Lazy-10@30 |" in md and "| DDIM-7 |" in md and "Rows not run yet" in md
-    assert "| Lazy-10@30 | DDIM-7 |" in md  # the equal-TMACs pairing
+    run = tmp_path / "run"
+    db = paired_psnr(load_npz_samples(run / "Lazy-10@30.npz"), load_npz_samples(run / "DDIM-7.npz"))["psnr"]
+    lazy_line = next(line for line in md.splitlines() if line.startswith("| Lazy-10@30 |") and " G |" in line)
+    assert "PSNR vs DDIM-7 (dB)" in md and lazy_line.endswith(f" {db:.2f} |")
+    assert next(line for line in md.splitlines() if line.startswith("| DDIM-7 |") and " G |" in line).endswith(" ref |")
+    pair = next(line for line in md.splitlines() if line.startswith("| Lazy-10@30 | DDIM-7 |"))  # equal TMACs
+    assert pair.endswith(f" {db:.2f} / ref |")
     assert (tmp_path / "docs" / "images" / "quality_vs_tmacs.png").stat().st_size > 0
     rows = (tmp_path / "docs" / "paper_tables.csv").read_text().splitlines()
-    assert rows[0].startswith("sampler,steps,target") and len(rows) == 3
+    assert rows[0].startswith("sampler,steps,target") and rows[0].endswith(",psnr_vs_ref") and len(rows) == 3
     lazy = json.loads((tmp_path / "run" / "Lazy-10@30.json").read_text())
     assert abs(lazy["calibration_ratio"] - 0.3) < 0.05 and lazy["threshold"] is not None
     capsys.readouterr()

@@ -15,6 +15,7 @@ from lazydit.metrics import (
     load_npz_samples,
     manifold_radii,
     paired_bootstrap_fid,
+    paired_psnr,
     precision_recall,
 )
 
@@ -226,3 +227,19 @@ def test_paired_bootstrap_fid_cancels_shared_noise():
     assert tiny["std"] < tiny["std_a"] / 5  # pairing: far tighter than one FID's own spread
     with pytest.raises(ValueError, match="row-aligned"):
         paired_bootstrap_fid(base, base[:10], mu, sigma)
+
+
+def test_paired_psnr_closed_form():
+    a = np.zeros((4, 2, 2, 1), dtype=np.uint8)
+    b = a.copy()
+    b[0] = 255  # row 0: mse 255^2 -> 0 dB; rows 1..3 equal -> inf
+    out = paired_psnr(a, b)
+    assert out["mse"] == pytest.approx(255**2 / 4)
+    assert out["psnr"] == pytest.approx(10 * np.log10(4))  # pooled over rows: mse is a quarter of the peak
+    assert out["median"] == np.inf and out["identical"] == 0.75
+    c = a.copy()
+    c[...] = 1  # every pixel off by one: 20 log10(255) dB
+    assert paired_psnr(a, c)["median"] == pytest.approx(20 * np.log10(255))
+    assert paired_psnr(a, a)["psnr"] == np.inf
+    with pytest.raises(ValueError, match="row-aligned"):
+        paired_psnr(a, a[:3])
