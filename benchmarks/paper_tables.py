@@ -46,7 +46,17 @@ PAIRS = (("Lazy-50@50", "DDIM-25"), ("Lazy-40@50", "DDIM-20"), ("Lazy-20@50", "D
          ("Lazy-50@40", "DDIM-30"), ("Lazy-20@30", "DDIM-14"), ("Lazy-50@20", "DDIM-40"), ("LazyLA-50@50", "DDIM-25"),
          ("LazyLA-50@40", "DDIM-30"))
 EXTRA_PAIRS = (("LazyLA-50@40", "Lazy-50@40"), ("Lazy-50@40", "Lazy-50@50"), ("DDIM-25", "DDIM-20"),
-               ("DDIM-30", "DDIM-20"), ("DDIM-50", "DDIM-25"))  # paired differences that explain the pairings
+               ("DDIM-30", "DDIM-20"))  # paired differences that explain the pairings
+
+
+def dense_of(lazy: str) -> str:
+    """The DDIM row with a Lazy row's step count (Lazy-50@40 -> DDIM-50)."""
+    return "DDIM-" + lazy.split("-")[1].split("@")[0]
+
+
+# FID(Lazy-T) - FID(DDIM-S) = [FID(Lazy-T) - FID(DDIM-T)] (reuse) + [FID(DDIM-T) - FID(DDIM-S)] (step count)
+DECOMP_PAIRS = tuple(dict.fromkeys(p for lz, dd in PAIRS if not lz.startswith("LazyLA")
+                                   for p in ((lz, dense_of(lz)), (dense_of(lz), dd))))
 COLUMNS = ("sampler", "steps", "target", "lazy_ratio", "tmacs", "fid", "sfid", "inception_score", "precision",
            "recall", "kid", "seconds_per_image", "threshold", "psnr_vs_ref")
 
@@ -115,7 +125,7 @@ def bootstrap_pairs(args) -> dict:
 
     run, extractor, ref = Path(args.run), default_classifier(), default_reference()
     feats, out = {}, dict(reps=args.bootstrap, level=0.95, pairs={})
-    for a, b in PAIRS + EXTRA_PAIRS:
+    for a, b in dict.fromkeys(PAIRS + EXTRA_PAIRS + DECOMP_PAIRS):
         if not all((run / f"{n}.npz").exists() for n in (a, b)):
             continue
         for n in (a, b):
@@ -220,6 +230,7 @@ def write_up(rows, args, meta):
         lines += ["", "Other paired differences (same labels and noise; 95% paired bootstrap of FID(A) - FID(B)):", "",
                   "| A | B | FID A - FID B | 95% interval |", "|---|---|---|---|"]
         lines += [f"| {a} | {b} | {bs['delta']:+.3f} | [{bs['lo']:+.3f}, {bs['hi']:+.3f}] |" for a, b, bs in extra]
+    lines += decomposition(by, boot, args)
     missing = [n for n in row_names() if n not in by]
     if missing:
         lines += ["", f"Rows not run yet: {', '.join(missing)}."]
@@ -228,6 +239,38 @@ def write_up(rows, args, meta):
         lines += ["", notes.read_text().rstrip()]
     (docs / "paper_tables.md").write_text("\n".join(lines) + "\n")
     plot(rows, docs / "images" / "quality_vs_tmacs.png", args.fidelity_ref)
+
+
+def decomposition(by, boot, args) -> list:
+    """Markdown lines splitting each pairing's FID difference into the reuse part and the step-count part."""
+    from lazydit.metrics import load_npz_samples, paired_psnr
+
+    def diff(a, b):
+        bs = boot["pairs"].get(f"{a} vs {b}")
+        d = by[a]["fid"] - by[b]["fid"]
+        return f"{d:+.3f}" if bs is None else f"{bs['delta']:+.3f} [{bs['lo']:+.3f}, {bs['hi']:+.3f}]"
+
+    def psnr_to(a, ref):
+        paths = [Path(args.run) / f"{n}.npz" for n in (a, ref)]
+        if not all(p.exists() for p in paths):
+            return "n/a"
+        return f"{paired_psnr(*(load_npz_samples(p) for p in paths))['psnr']:.2f}"
+
+    out = []
+    for lz, dd in PAIRS:
+        dt = dense_of(lz)
+        if lz.startswith("LazyLA") or not all(n in by for n in (lz, dd, dt)):
+            continue
+        out.append(f"| {lz} | {dd} | {dt} | {diff(lz, dd)} | {diff(lz, dt)} | {diff(dt, dd)} | "
+                   f"{psnr_to(lz, dt)} / {psnr_to(dd, dt)} |")
+    if not out:
+        return []
+    return ["", "## Where each difference comes from: reuse versus step count", "",
+            "FID(Lazy-T) - FID(DDIM-S) = [FID(Lazy-T) - FID(DDIM-T)], what reusing module outputs costs at T steps, "
+            "+ [FID(DDIM-T) - FID(DDIM-S)], what T dense steps buy over S. The last column compares the images "
+            "themselves with DDIM-T's of the same noise: skipping modules against taking fewer steps.", "",
+            "| Lazy-T | DDIM-S | DDIM-T | FID Lazy-T - DDIM-S | reuse: Lazy-T - DDIM-T | steps: DDIM-T - DDIM-S | "
+            "PSNR to DDIM-T: Lazy-T / DDIM-S (dB) |", "|---|---|---|---|---|---|---|"] + out
 
 
 def plot(rows, path, ref="DDIM-50"):

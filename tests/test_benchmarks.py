@@ -4,6 +4,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 from lazydit.metrics import load_npz_samples, paired_psnr
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -27,7 +29,7 @@ def test_bench_fast_tiny(capsys, tmp_path):
 
 
 def test_paper_tables_small_run_writes_markdown_csv_and_plot(tmp_path, capsys):
-    args = ["--only", "DDIM-7,Lazy-10@30", "--num-samples", "20", "--batch-size", "20", "--calib-per-class", "1", "--run",
+    args = ["--only", "DDIM-7,DDIM-10,Lazy-10@30", "--num-samples", "20", "--batch-size", "20", "--calib-per-class", "1", "--run",
             str(tmp_path / "run"), "--docs", str(tmp_path / "docs"), "--quiet", "--fidelity-ref", "DDIM-7"]
     load("paper_tables").main(args)
     md = (tmp_path / "docs" / "paper_tables.md").read_text()
@@ -41,7 +43,7 @@ def test_paper_tables_small_run_writes_markdown_csv_and_plot(tmp_path, capsys):
     assert pair.endswith(f" {db:.2f} / ref |")
     assert (tmp_path / "docs" / "images" / "quality_vs_tmacs.png").stat().st_size > 0
     rows = (tmp_path / "docs" / "paper_tables.csv").read_text().splitlines()
-    assert rows[0].startswith("sampler,steps,target") and rows[0].endswith(",psnr_vs_ref") and len(rows) == 3
+    assert rows[0].startswith("sampler,steps,target") and rows[0].endswith(",psnr_vs_ref") and len(rows) == 4
     lazy = json.loads((tmp_path / "run" / "Lazy-10@30.json").read_text())
     assert abs(lazy["calibration_ratio"] - 0.3) < 0.05 and lazy["threshold"] is not None
     capsys.readouterr()
@@ -49,8 +51,17 @@ def test_paper_tables_small_run_writes_markdown_csv_and_plot(tmp_path, capsys):
     assert "FID" not in capsys.readouterr().out
     load("paper_tables").main(args + ["--timing", "--timing-images", "4", "--timing-rounds", "2", "--bootstrap", "5"])
     timing = json.loads((tmp_path / "run" / "timing.json").read_text())
-    assert set(timing["rows"]) == {"DDIM-7", "Lazy-10@30"} and all(len(t["all"]) == 2 for t in timing["rows"].values())
+    assert set(timing["rows"]) == {"DDIM-7", "DDIM-10", "Lazy-10@30"} and all(len(t["all"]) == 2 for t in timing["rows"].values())
     md = (tmp_path / "docs" / "paper_tables.md").read_text()
     assert "medians of 2 interleaved rounds" in md and f"{timing['rows']['DDIM-7']['median']:.4f}" in md
-    boot = json.loads((tmp_path / "run" / "bootstrap.json").read_text())["pairs"]["Lazy-10@30 vs DDIM-7"]
+    boots = json.loads((tmp_path / "run" / "bootstrap.json").read_text())["pairs"]
+    boot = boots["Lazy-10@30 vs DDIM-7"]
+    # the pairing split into reuse (Lazy-10 - DDIM-10) and step count (DDIM-10 - DDIM-7), with its PSNRs to DDIM-10
+    reuse, steps = boots["Lazy-10@30 vs DDIM-10"], boots["DDIM-10 vs DDIM-7"]
+    assert reuse["delta"] + steps["delta"] == pytest.approx(boot["delta"], abs=1e-9)
+    to10 = [paired_psnr(load_npz_samples(run / f"{n}.npz"), load_npz_samples(run / "DDIM-10.npz"))["psnr"]
+            for n in ("Lazy-10@30", "DDIM-7")]
+    assert (f"| Lazy-10@30 | DDIM-7 | DDIM-10 | {boot['delta']:+.3f} [" in md
+            and f"| {reuse['delta']:+.3f} [{reuse['lo']:+.3f}, {reuse['hi']:+.3f}] |" in md
+            and f" {to10[0]:.2f} / {to10[1]:.2f} |" in md)
     assert boot["lo"] <= boot["hi"] and f"{boot['delta']:+.3f} [{boot['lo']:+.3f}, {boot['hi']:+.3f}]" in md
