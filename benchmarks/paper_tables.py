@@ -160,7 +160,8 @@ def write_up(rows, args, meta):
     order = {n: i for i, n in enumerate(row_names())}
     rows = sorted(rows, key=lambda r: order.get(r["sampler"], 99))
     has_fid = fidelity(rows, args)
-    def psnr(r):
+
+    def psnr(r):  # the PSNR cell of a row ("" without a reference)
         if not has_fid:
             return ""
         return f" {r['psnr_vs_ref']:.2f} |" if "psnr_vs_ref" in r else (" ref |" if r["sampler"] == args.fidelity_ref
