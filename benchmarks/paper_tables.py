@@ -27,6 +27,7 @@ are done.
 
 import argparse
 import csv
+import functools
 import json
 import platform
 import time
@@ -138,18 +139,25 @@ def bootstrap_pairs(args) -> dict:
     return out
 
 
-def fidelity(rows, args) -> bool:
-    """Set r["psnr_vs_ref"] (dB) of every row whose samples exist: PSNR against the --fidelity-ref row, same noise."""
+@functools.lru_cache(maxsize=None)
+def psnr_between(run: str, a: str, b: str):
+    """PSNR (dB) of row a's samples against row b's (same labels and noise); None if either is not sampled."""
     from lazydit.metrics import load_npz_samples, paired_psnr
 
-    run = Path(args.run)
-    if not (run / f"{args.fidelity_ref}.npz").exists():
+    paths = [Path(run) / f"{n}.npz" for n in (a, b)]
+    if not all(p.exists() for p in paths):
+        return None
+    return paired_psnr(*(load_npz_samples(p) for p in paths))["psnr"]
+
+
+def fidelity(rows, args) -> bool:
+    """Set r["psnr_vs_ref"] (dB) of every row whose samples exist: PSNR against the --fidelity-ref row, same noise."""
+    if not (Path(args.run) / f"{args.fidelity_ref}.npz").exists():
         return False
-    ref = load_npz_samples(run / f"{args.fidelity_ref}.npz")
     for r in rows:
-        path = run / f"{r['sampler']}.npz"
-        if path.exists() and r["sampler"] != args.fidelity_ref:
-            r["psnr_vs_ref"] = paired_psnr(load_npz_samples(path), ref)["psnr"]
+        db = None if r["sampler"] == args.fidelity_ref else psnr_between(args.run, r["sampler"], args.fidelity_ref)
+        if db is not None:
+            r["psnr_vs_ref"] = db
     return True
 
 
@@ -159,6 +167,7 @@ def write_up(rows, args, meta):
     (docs / "images").mkdir(parents=True, exist_ok=True)
     order = {n: i for i, n in enumerate(row_names())}
     rows = sorted(rows, key=lambda r: order.get(r["sampler"], 99))
+    psnr_between.cache_clear()  # samples are read once per write-up
     has_fid = fidelity(rows, args)
 
     def psnr(r):  # the PSNR cell of a row ("" without a reference)
@@ -244,18 +253,14 @@ def write_up(rows, args, meta):
 
 def decomposition(by, boot, args) -> list:
     """Markdown lines splitting each pairing's FID difference into the reuse part and the step-count part."""
-    from lazydit.metrics import load_npz_samples, paired_psnr
-
     def diff(a, b):
         bs = boot["pairs"].get(f"{a} vs {b}")
         d = by[a]["fid"] - by[b]["fid"]
         return f"{d:+.3f}" if bs is None else f"{bs['delta']:+.3f} [{bs['lo']:+.3f}, {bs['hi']:+.3f}]"
 
     def psnr_to(a, ref):
-        paths = [Path(args.run) / f"{n}.npz" for n in (a, ref)]
-        if not all(p.exists() for p in paths):
-            return "n/a"
-        return f"{paired_psnr(*(load_npz_samples(p) for p in paths))['psnr']:.2f}"
+        db = psnr_between(args.run, a, ref)
+        return "n/a" if db is None else f"{db:.2f}"
 
     out = []
     for lz, dd in PAIRS:
