@@ -30,9 +30,8 @@ import time
 import torch
 
 from lazydit.assets import default_gates, default_model
-from lazydit.lazy import LazyGates
-from lazydit.models import create_model
-from lazydit.pipeline import sample
+from lazydit.bench import TimedRow, paired_ratio, random_model, time_interleaved
+from lazydit.lazy import LazyConfig, LazyGates
 
 PRESETS = {
     "cpu": dict(model="embedded", batch="16", steps=50, cfg=2.0, dtype="float32", gates="shipped", repeats=5),
@@ -46,38 +45,18 @@ def build(args):
     """The model and the two gate sets (reference, look-ahead)."""
     dtype = getattr(torch, args.dtype)
     if args.model == "embedded":
-        model = default_model(args.device)
+        model = default_model(args.device).to(dtype)
     elif args.model == "tiny":
-        torch.manual_seed(0)
-        model = create_model("DiT-S/2", depth=2, hidden_size=64, num_heads=2, input_size=8, in_channels=1,
-                             num_classes=4, learn_sigma=False).to(args.device)
-    else:  # random weights with non-zero adaLN so that every module matters
-        torch.manual_seed(0)
-        model = create_model(args.model, input_size=args.image_size // 8).to(args.device)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad and p.abs().sum() == 0:
-                    p.normal_(0, 0.02)
-    model = model.to(dtype).eval()
+        model = random_model("DiT-S/2", None, args.device, dtype, depth=2, hidden_size=64, num_heads=2, input_size=8,
+                             in_channels=1, num_classes=4, learn_sigma=False)
+    else:
+        model = random_model(args.model, args.image_size, args.device, dtype)
     if args.gates == "shipped":
         ref, la = default_gates(args.steps, args.device), default_gates(args.steps, args.device, lookahead=True)
     else:  # zero gates give p = 0.5 < 0.75: every gated (even) step skips every module
         ref = LazyGates.for_model(model, args.steps, threshold=0.75)
         la = LazyGates.for_model(model, args.steps, threshold=0.75, lookahead=True)
     return model, ref, la
-
-
-def time_rows(model, rows, y, args):
-    """Median seconds per row, the rows interleaved so that drift hits all of them alike."""
-    times, reports = {r[0]: [] for r in rows}, {}
-    for name, m, steps, gates, kw in rows:  # warm-up (and compilation) of every row
-        sample(m, y, steps, gates=gates, cfg_scale=args.cfg, seed=0, progress=False, **kw)
-    for rep_i in range(args.repeats):
-        for name, m, steps, gates, kw in rows:
-            _, rep = sample(m, y, steps, gates=gates, cfg_scale=args.cfg, seed=rep_i, progress=False, name=name, **kw)
-            times[name].append(rep.seconds)
-            reports[name] = rep
-    return times, reports
 
 
 def main(argv=None):
@@ -119,28 +98,20 @@ def main(argv=None):
                 dense = copy.deepcopy(model)
                 for blk in dense.blocks:
                     blk.compile(mode=args.compile_mode)
-            la_kw = dict(compile=setting == "compiled", compile_mode=args.compile_mode)
-            rows = [(f"dense-{T}", dense, T, None, {}), (f"dense-{half}", dense, half, None, {}),
-                    (f"ref-lazy-{T}", model, T, ref, {}), (f"la-lazy-{T}", model, T, la, la_kw)]
-            if args.device.startswith("cuda"):
-                torch.cuda.reset_peak_memory_stats()
+            la_cfg = LazyConfig(compile=setting == "compiled", compile_mode=args.compile_mode)
+            rows = [TimedRow(f"dense-{T}", dense, T), TimedRow(f"dense-{half}", dense, half),
+                    TimedRow(f"ref-lazy-{T}", model, T, ref), TimedRow(f"la-lazy-{T}", model, T, la, la_cfg)]
             t0 = time.time()
-            times, reports = time_rows(model, rows, y, args)
-            med = {name: statistics.median(v) for name, v in times.items()}
-
-            def paired(name, base):  # median over repeats of the ratio within one repeat: robust to drift
-                return statistics.median(a / b for a, b in zip(times[name], times[base]))
-
-            for name, *_ in rows:
-                rep = reports[name]
+            timed = time_interleaved(rows, y, cfg_scale=args.cfg, repeats=args.repeats, vary_seed=True)
+            for r in rows:
+                t, rep = timed[r.name]["times"], timed[r.name]["report"]
                 results.append(dict(
-                    batch=B, setting=setting, sampler=name, steps=rep.steps, lazy_ratio=round(rep.lazy_ratio, 4),
-                    tmacs=rep.tmacs, median_s=round(med[name], 4), min_s=round(min(times[name]), 4),
-                    speedup_vs_dense=round(1 / paired(name, f"dense-{T}"), 3),
-                    over_half_steps=round(paired(name, f"dense-{half}"), 3),
+                    batch=B, setting=setting, sampler=r.name, steps=rep.steps, lazy_ratio=round(rep.lazy_ratio, 4),
+                    tmacs=rep.tmacs, median_s=round(statistics.median(t), 4), min_s=round(min(t), 4),
+                    speedup_vs_dense=round(1 / paired_ratio(t, timed[f"dense-{T}"]["times"]), 3),
+                    over_half_steps=round(paired_ratio(t, timed[f"dense-{half}"]["times"]), 3),
+                    peak_mem_gib=None if timed[r.name]["peak_gib"] is None else round(timed[r.name]["peak_gib"], 2),
                 ))
-            if args.device.startswith("cuda"):
-                results[-1]["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
             print(f"  batch {B} {setting}: {time.time() - t0:.1f} s", flush=True)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else (platform.processor() or
                                                                                      platform.machine())

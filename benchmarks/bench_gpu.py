@@ -37,10 +37,9 @@ import time
 
 import torch
 
-from lazydit.lazy import LazyGates
-from lazydit.models import create_model
-from lazydit.pipeline import sample
-from lazydit.training import GateTrainConfig, train_gates
+from lazydit.bench import TimedRow, random_model, time_interleaved
+from lazydit.lazy import LazyConfig, LazyGates
+from lazydit.training.gates import GateTrainConfig, train_gates
 
 PRESETS = {
     "gpu": dict(device="cuda", model="DiT-XL/2", image_size=256, dtype="bfloat16", batch="1,8,32", steps=50,
@@ -56,22 +55,6 @@ BIG_BATCH = 32  # batches of at least this many images use --big-repeats
 
 def is_cuda(device) -> bool:
     return str(device).startswith("cuda")
-
-
-def build_model(args):
-    """DiT with random weights; the zero-initialised layers (adaLN, final linear) get small random values."""
-    dtype = getattr(torch, args.dtype)
-    torch.manual_seed(0)
-    with torch.device(args.device):  # initialise on the device: DiT-XL/2 has 675M parameters
-        if args.model == "tiny":
-            model = create_model("DiT-S/2", depth=2, hidden_size=64, num_heads=2, input_size=8, num_classes=4)
-        else:
-            model = create_model(args.model, input_size=args.image_size // 8)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad and p.abs().sum() == 0:
-                p.normal_(0, 0.02)
-    return model.to(dtype).eval().requires_grad_(False)
 
 
 class RandomLatents:
@@ -129,23 +112,6 @@ def train_section(model, args, lookahead):
                 final_loss=logs[-1]["loss"], final_soft_skip=round(logs[-1]["skip"], 4),
                 peak_mem_gib=peak_gib(args.device))
     return gates.to(args.device), info
-
-
-def time_rows(rows, y, args, repeats):
-    """Warm-up (and compilation) of every row, then `repeats` interleaved rounds; same seed every run."""
-    times = {r["key"]: [] for r in rows}
-    reports, peaks = {}, {r["key"]: 0.0 for r in rows}
-    for i in range(repeats + 1):  # round 0: the warm-up
-        for r in rows:
-            reset_peak(args.device)
-            _, rep = sample(r["model"], y, args.steps, gates=r["gates"], cfg_scale=args.cfg, seed=0,
-                            progress=False, **r["kw"])
-            if i > 0:
-                times[r["key"]].append(rep.seconds)
-                reports[r["key"]] = rep
-            if is_cuda(args.device):
-                peaks[r["key"]] = max(peaks[r["key"]], torch.cuda.max_memory_allocated() / 2**30)
-    return times, reports, peaks
 
 
 def dynamo_stats():
@@ -211,7 +177,9 @@ def main(argv=None):
 
     sections = {}
     reset_peak(args.device)
-    model = build_model(args)
+    tiny = dict(depth=2, hidden_size=64, num_heads=2, input_size=8, num_classes=4) if args.model == "tiny" else {}
+    model = random_model("DiT-S/2" if tiny else args.model, None if tiny else args.image_size, args.device,
+                         getattr(torch, args.dtype), **tiny)
     T = args.steps
     sections["model"] = dict(params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
                              peak_mem_gib=peak_gib(args.device))
@@ -238,41 +206,42 @@ def main(argv=None):
         dense_c = copy.deepcopy(model)
         for blk in dense_c.blocks:
             blk.compile(mode=args.compile_mode)
-    rows = [dict(key=("dense", "eager"), sampler="dense", gates_kind="none", mode="dense", compile="eager",
-                 model=model, gates=None, kw={})]
+    rows, info = [], {}  # TimedRow per (sampler, compile setting), and what the table says of it
+
+    def add(sampler, kind, mode, setting, model_, gates=None, lazy=None):
+        name = f"{sampler}/{setting}"
+        rows.append(TimedRow(name, model_, T, gates, lazy))
+        info[name] = dict(sampler=sampler, gates=kind, mode=mode, compile=setting)
+
+    add("dense", "none", "dense", "eager", model)
     if dense_c is not None:
-        rows.append(dict(key=("dense", "compiled"), sampler="dense", gates_kind="none", mode="dense",
-                         compile="compiled", model=dense_c, gates=None, kw={}))
+        add("dense", "none", "dense", "compiled", dense_c)
     for name, (ref, la) in gate_sets.items():
-        rows.append(dict(key=(f"{name}-ref", "eager"), sampler=f"{name}-ref", gates_kind=name, mode="reference",
-                         compile="eager", model=model, gates=ref, kw={}))
-        rows.append(dict(key=(f"{name}-la", "eager"), sampler=f"{name}-la", gates_kind=name, mode="look-ahead",
-                         compile="eager", model=model, gates=la, kw={}))
+        add(f"{name}-ref", name, "reference", "eager", model, ref)
+        add(f"{name}-la", name, "look-ahead", "eager", model, la)
         if args.compile:
-            rows.append(dict(key=(f"{name}-la", "compiled"), sampler=f"{name}-la", gates_kind=name,
-                             mode="look-ahead", compile="compiled", model=model, gates=la,
-                             kw=dict(compile=True, compile_mode=args.compile_mode)))
+            add(f"{name}-la", name, "look-ahead", "compiled", model, la,
+                LazyConfig(compile=True, compile_mode=args.compile_mode))
 
     results = []
     for B in [int(b) for b in str(args.batch).split(",")]:
         y = torch.arange(B, device=args.device) % model.config.num_classes
         repeats = args.big_repeats if B >= BIG_BATCH else args.repeats
         t0 = time.perf_counter()
-        times, reports, peaks = time_rows(rows, y, args, repeats)
-        sections[f"sample_b{B}"] = dict(peak_mem_gib=round(max(peaks.values()), 3) if cuda else None,
-                                        seconds=round(time.perf_counter() - t0, 2), repeats=repeats)
-        med = {k: statistics.median(v) for k, v in times.items()}
-        base_e = med[("dense", "eager")]
-        base_c = med.get(("dense", "compiled"))
+        timed = time_interleaved(rows, y, cfg_scale=args.cfg, repeats=repeats)
+        sections[f"sample_b{B}"] = dict(
+            peak_mem_gib=round(max(t["peak_gib"] for t in timed.values()), 3) if cuda else None,
+            seconds=round(time.perf_counter() - t0, 2), repeats=repeats)
+        med = {k: statistics.median(t["times"]) for k, t in timed.items()}
+        base_e, base_c = med["dense/eager"], med.get("dense/compiled")
         for r in rows:
-            rep, m = reports[r["key"]], med[r["key"]]
+            rep, m, t = timed[r.name]["report"], med[r.name], timed[r.name]
             results.append(dict(
-                batch=B, sampler=r["sampler"], gates=r["gates_kind"], mode=r["mode"], compile=r["compile"],
-                compilable=r["mode"] != "reference", steps=rep.steps, lazy_ratio=round(rep.lazy_ratio, 4),
-                tmacs=rep.tmacs, median_s=round(m, 4), min_s=round(min(times[r["key"]]), 4), repeats=repeats,
-                speedup_vs_dense_eager=round(base_e / m, 3),
+                batch=B, **info[r.name], compilable=info[r.name]["mode"] != "reference", steps=rep.steps,
+                lazy_ratio=round(rep.lazy_ratio, 4), tmacs=rep.tmacs, median_s=round(m, 4),
+                min_s=round(min(t["times"]), 4), repeats=repeats, speedup_vs_dense_eager=round(base_e / m, 3),
                 speedup_vs_dense_compiled=round(base_c / m, 3) if base_c is not None else None,
-                peak_mem_gib=round(peaks[r["key"]], 3) if cuda else None,
+                peak_mem_gib=round(t["peak_gib"], 3) if cuda else None,
             ))
         print(f"  sampling batch {B} ({repeats} repeats): {sections[f'sample_b{B}']['seconds']} s", flush=True)
 

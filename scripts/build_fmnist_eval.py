@@ -17,17 +17,15 @@ import time
 import numpy as np
 import torch
 
-from lazydit.data import load_fashion_mnist
-from lazydit.features import (
+from lazydit.data.fashion_mnist import load_fashion_mnist
+from lazydit.evaluation.fmnist import (
     DEFAULT_CLASSIFIER,
     DEFAULT_REFERENCE,
-    evaluate,
     load_classifier,
-    reference_stats,
     save_classifier,
-    save_reference,
     train_classifier,
 )
+from lazydit.evaluation.features import evaluate, reference_stats, save_reference
 
 
 def main(argv=None):

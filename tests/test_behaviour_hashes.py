@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from lazydit.assets import default_gates, default_model
+from lazydit.lazy import ForcedPlan, LazyConfig
 from lazydit.pipeline import sample
 
 EXPECTED = {
@@ -60,11 +61,11 @@ def runs():
         "ddim10": run(10),
         "lazy10": run(10, gates=g10),
         "lookahead50": run(50, gates=g50la),
-        "forced10": run(10, gates=g10, force=_plan(10, depth)),
-        "forced10_rows": run(10, gates=g10, force=_plan(10, depth, rows=8)),
-        "forced50_lookahead": run(50, gates=g50la, force=_plan(50, depth, seed=1)),
-        "uniform10": run(10, gates=g10, uniform=True, threshold=0.7),
-        "tie_cfg10": run(10, gates=g10, tie_cfg=True, threshold=0.7),
+        "forced10": run(10, policy=ForcedPlan(_plan(10, depth))),
+        "forced10_rows": run(10, policy=ForcedPlan(_plan(10, depth, rows=8))),
+        "forced50_lookahead": run(50, policy=ForcedPlan(_plan(50, depth, seed=1))),
+        "uniform10": run(10, gates=g10, lazy=LazyConfig(uniform=True, threshold=0.7)),
+        "tie_cfg10": run(10, gates=g10, lazy=LazyConfig(tie_cfg=True, threshold=0.7)),
     }
 
 

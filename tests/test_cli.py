@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lazydit.assets import SHIPPED_STEPS, default_gates, default_model, gates_path
-from lazydit.checkpoint import save_model
+from lazydit.models.checkpoint import save_model
 from lazydit.cli import main
 from lazydit.lazy import LazyGates
 

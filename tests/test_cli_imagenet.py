@@ -46,7 +46,7 @@ def files(tmp_path_factory):
     """Tiny files: DiT flat state dict (.pt), Large-DiT folder, AutoencoderKL folder (x2), 3-class image folder."""
     from diffusers.models import AutoencoderKL
 
-    from lazydit.large_dit import LargeDiT, LargeDiTConfig, save_large_dit
+    from lazydit.models.large_dit import LargeDiT, LargeDiTConfig, save_large_dit
 
     root = tmp_path_factory.mktemp("imagenet")
     torch.manual_seed(0)
@@ -166,9 +166,9 @@ def test_clear_errors(files, latents, tmp_path):
 
 def test_train_gates_from_latents_under_torchrun_shards_per_rank(files, latents, tmp_path, capsys):
     """2 gloo processes, each a LatentSampler shard of batch 2, = one process on the two shards side by side."""
-    from lazydit.checkpoint import load_dit
-    from lazydit.imagefolder import LatentSampler
-    from lazydit.training import GateTrainConfig, train_gates
+    from lazydit.models.checkpoint import load_dit
+    from lazydit.data.imagefolder import LatentSampler
+    from lazydit.training.gates import GateTrainConfig, train_gates
 
     common = ["train-gates", *dit_args(files), "--latents", latents, "--steps", 10, "--batch-size", 4, "--rho", 0.05,
               "--lr", 1e-2, "--iters", 3, "--seed", 1, "--out", tmp_path / "ddp", "--device", "cpu"]

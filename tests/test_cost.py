@@ -1,12 +1,12 @@
-"""Cost accounting the paper's way (spec 3.5): Table 3 TMACs, lazy savings, and a hook-based MAC count."""
+"""Cost accounting the paper's way (docs/method-notes.md §4): Table 3 TMACs, lazy savings, and a hook-based MAC count."""
 
 import pytest
 import torch
 import torch.nn as nn
 
-from lazydit.cost import attention_matmul_macs, forward_macs, gate_macs, module_macs, sampling_macs
+from lazydit.evaluation.cost import attention_matmul_macs, forward_macs, gate_macs, module_macs, sampling_macs
 from lazydit.lazy import LazyStats
-from lazydit.models import model_config
+from lazydit.models.dit import model_config
 
 from conftest import tiny_model
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from lazydit.data import DataMissingError, InfiniteSampler, load_fashion_mnist, read_idx
+from lazydit.errors import DataMissingError
+from lazydit.data.fashion_mnist import InfiniteSampler, load_fashion_mnist, read_idx
 
 from conftest import write_idx
 

@@ -1,4 +1,4 @@
-"""Diffusion: respacing, schedule, DDIM, sampling loop with guidance, training loss (spec section 2)."""
+"""Diffusion: respacing, schedule, DDIM, sampling loop with guidance, training loss (docs/method-notes.md §2)."""
 
 import math
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lazydit import ddim_sample, respaced_timesteps
-from lazydit.diffusion import Schedule, TrainingLoss
+from lazydit.sampling.schedule import Schedule, TrainingLoss
 
 from conftest import tiny_model
 

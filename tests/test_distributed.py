@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from lazydit import distributed as D
-from lazydit.data import InfiniteSampler
+from lazydit import distributed as dist
+from lazydit.data.fashion_mnist import InfiniteSampler
 from lazydit.images import to_uint8
 from lazydit.lazy import LazyGates
 from lazydit.pipeline import sample
-from lazydit.training import GateTrainConfig, train_gates
+from lazydit.training.gates import GateTrainConfig, train_gates
 
 from conftest import tiny_model
 
@@ -28,10 +28,10 @@ WORKER = textwrap.dedent('''
     import torch
     torch.set_num_threads(1)
     from lazydit import create_model
-    from lazydit import distributed as D
-    from lazydit.data import InfiniteSampler
+    from lazydit import distributed as dist
+    from lazydit.data.fashion_mnist import InfiniteSampler
     from lazydit.lazy import LazyGates
-    from lazydit.training import GateTrainConfig, train_gates
+    from lazydit.training.gates import GateTrainConfig, train_gates
 
     def tiny_model(seed=0):  # as tests/conftest.py
         torch.manual_seed(seed)
@@ -49,30 +49,30 @@ WORKER = textwrap.dedent('''
 
     out = Path(sys.argv[1])
     base, sampling = json.loads(sys.argv[2]), json.loads(sys.argv[3])
-    device = D.init_distributed("cpu")
-    assert D.world_size() == 2 and device.type == "cpu"
+    device = dist.init_distributed("cpu")
+    assert dist.world_size() == 2 and device.type == "cpu"
     model = tiny_model(seed=2)
-    data = lambda: D.RankSlice(InfiniteSampler(*toy_x(), base["batch_size"], seed=1))  # this rank's half
+    data = lambda: dist.RankSlice(InfiniteSampler(*toy_x(), base["batch_size"], seed=1))  # this rank's half
     train_gates(model, data(), GateTrainConfig(**base, out=str(out / "a")), progress=False)
     train_gates(model, data(), GateTrainConfig(**{**base, "iters": 2}, out=str(out / "b")), progress=False)
     train_gates(model, data(), GateTrainConfig(**base, out=str(out / "b"), resume=True), progress=False)
     train_gates(model, data(), GateTrainConfig(**{**base, "iters": 2}, out=str(out / "c")), progress=False)
     gates = LazyGates.load(out / "a" / "gates.safetensors")
-    res = D.sample_sharded(model, gates=gates, out_npz=out / "s.npz", progress=False, **sampling)
-    if D.is_main():
+    res = dist.sample_sharded(model, gates=gates, out_npz=out / "s.npz", progress=False, **sampling)
+    if dist.is_main():
         (out / "res.json").write_text(json.dumps(res))
     # this rank's shard run alone, batch by batch, in this process: the .npz must hold exactly these images
     from lazydit.images import to_uint8
     from lazydit.pipeline import sample
     import numpy as np
-    gen = D.rank_generator(sampling["seed"], D.rank(), D.world_size(), device)
+    gen = dist.rank_generator(sampling["seed"], dist.rank(), dist.world_size(), device)
     alone = []
-    for b in range(D.shard_plan(sampling["num_samples"], sampling["batch_size"], D.world_size())):
-        z, y = D.draw_batch(gen, sampling["batch_size"], model.config, model.config.num_classes, device)
+    for b in range(dist.shard_plan(sampling["num_samples"], sampling["batch_size"], dist.world_size())):
+        z, y = dist.draw_batch(gen, sampling["batch_size"], model.config, model.config.num_classes, device)
         x, _ = sample(model, y, sampling["steps"], gates=gates, cfg_scale=sampling["cfg_scale"], x=z, progress=False)
         alone.append(to_uint8(x))
-    np.save(out / f"alone_rank{D.rank()}.npy", np.concatenate(alone))
-    D.cleanup()
+    np.save(out / f"alone_rank{dist.rank()}.npy", np.concatenate(alone))
+    dist.cleanup()
 ''')
 
 
@@ -149,7 +149,7 @@ def test_single_process_sample_sharded_and_resume(tmp_path, monkeypatch):
 
     model = tiny_model(seed=1)
     kw = dict(num_samples=5, steps=4, cfg_scale=1.0, batch_size=2, seed=7)
-    res = D.sample_sharded(model, out_npz=tmp_path / "a.npz", progress=False, **kw)
+    res = dist.sample_sharded(model, out_npz=tmp_path / "a.npz", progress=False, **kw)
     assert res["world_size"] == 1 and res["batches_per_rank"] == 3 and res["lazy_ratio"] == 0.0
     assert not (tmp_path / "a.npz.parts").exists()
     with np.load(tmp_path / "a.npz") as f:
@@ -161,42 +161,87 @@ def test_single_process_sample_sharded_and_resume(tmp_path, monkeypatch):
     assert np.abs(full.astype(int) - to_uint8(x)[:5].astype(int)).max() <= 1
 
     # interrupted: parts of 2 batches exist, the third is missing; the rerun samples only that one
-    D.sample_sharded(model, out_npz=tmp_path / "b.npz", progress=False, keep_parts=True, **kw)
+    dist.sample_sharded(model, out_npz=tmp_path / "b.npz", progress=False, keep_parts=True, **kw)
     parts = tmp_path / "b.npz.parts"
     (parts / "rank00000" / "b000002.npz").unlink()
     (tmp_path / "b.npz").unlink()
     calls = []
     real = pipeline.sample
     monkeypatch.setattr(pipeline, "sample", lambda *a, **k: calls.append(1) or real(*a, **k))
-    D.sample_sharded(model, out_npz=tmp_path / "b.npz", progress=False, keep_parts=True, **kw)
+    dist.sample_sharded(model, out_npz=tmp_path / "b.npz", progress=False, keep_parts=True, **kw)
     assert len(calls) == 1
     with np.load(tmp_path / "b.npz") as f:
         np.testing.assert_array_equal(f["arr_0"], full)
         np.testing.assert_array_equal(f["arr_1"], labels)
     with pytest.raises(ValueError, match="another run"):  # parts of another configuration are not mixed in
-        D.sample_sharded(model, out_npz=tmp_path / "b.npz", progress=False, **{**kw, "seed": 8})
+        dist.sample_sharded(model, out_npz=tmp_path / "b.npz", progress=False, **{**kw, "seed": 8})
 
 
-def test_rank_slice_and_single_process_helpers():
-    assert D.rank() == 0 and D.world_size() == 1 and D.is_main()
-    D.barrier()
-    assert D.init_distributed("cpu") == torch.device("cpu") or "WORLD_SIZE" in os.environ
+def test_rank_slice_and_single_process_helpers(monkeypatch):
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
+                "TORCHELASTIC_RUN_ID"):  # torchrun's environment, whoever runs this test
+        monkeypatch.delenv(var, raising=False)
+    assert not dist.is_distributed()
+    assert dist.rank() == 0 and dist.world_size() == 1 and dist.is_main()
+    dist.barrier()
+    assert dist.init_distributed("cpu") == torch.device("cpu")
+    assert dist.init_distributed(torch.device("cpu")) == torch.device("cpu")
+    assert not dist.is_distributed()  # without torchrun's environment no process group is started
     x, y = torch.arange(8.0)[:, None], torch.arange(8)
     glob = InfiniteSampler(x, y, 8, seed=0)
-    halves = [D.RankSlice(InfiniteSampler(x, y, 8, seed=0), r, 2) for r in range(2)]
+    halves = [dist.RankSlice(InfiniteSampler(x, y, 8, seed=0), r, 2) for r in range(2)]
+    whole = dist.RankSlice(InfiniteSampler(x, y, 8, seed=0))  # this process's rank and world: 0 of 1
+    assert (whole.rank, whole.world) == (0, 1)
     for _ in range(2):
         gx, gy = next(glob)
         parts = [next(h) for h in halves]
         assert torch.equal(torch.cat([p[0] for p in parts]), gx) and torch.equal(torch.cat([p[1] for p in parts]), gy)
-    assert D.shard_plan(50000, 32, 8) == 196
+        assert all(torch.equal(a, b) for a, b in zip(next(whole), (gx, gy)))
+    assert dist.shard_plan(50000, 32, 8) == 196
 
 
 def test_bf16_gate_training_keeps_fp32_gates():
-    model = tiny_model(seed=2)
-    gates = train_gates(model, InfiniteSampler(*toy_x(), 8, seed=1), GateTrainConfig(**{**BASE, "iters": 2}, bf16=True),
-                        progress=False)
-    assert gates.weight.dtype == torch.float32 and torch.isfinite(gates.weight).all() and gates.weight.abs().sum() > 0
-    assert next(model.parameters()).dtype == torch.float32
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    def train(bf16):
+        """Train 2 iterations; the dtypes seen: model activations, and the optimiser's params, grads and state."""
+        model = tiny_model(seed=2)
+        seen = {"act": set(), "param": set(), "grad": set(), "state": set()}
+        hooks = [m.register_forward_hook(lambda m, a, out: seen["act"].add(out.dtype))
+                 for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+        def pre(opt, args, kwargs):  # gradients are in place when the optimiser steps
+            for p in (p for g in opt.param_groups for p in g["params"]):
+                seen["param"].add(p.dtype)
+                seen["grad"].add(p.grad.dtype)
+
+        def post(opt, args, kwargs):
+            seen["state"].update(v.dtype for st in opt.state.values() for v in st.values()
+                                 if torch.is_tensor(v) and v.is_floating_point())
+
+        hooks += [register_optimizer_step_pre_hook(pre), register_optimizer_step_post_hook(post)]
+        losses = []
+        try:
+            gates = train_gates(model, InfiniteSampler(*toy_x(), 8, seed=1),
+                                GateTrainConfig(**{**BASE, "iters": 2}, bf16=bf16), progress=False,
+                                callback=lambda rec: losses.append(rec["loss"]))
+        finally:
+            for h in hooks:
+                h.remove()
+        assert next(model.parameters()).dtype == torch.float32  # the frozen model is not cast
+        return gates.weight.detach(), seen, losses
+
+    w16, seen16, loss16 = train(bf16=True)
+    w32, seen32, loss32 = train(bf16=False)
+    assert seen16["act"] == {torch.bfloat16}  # every Linear of the model passes ran in bf16 under autocast
+    assert seen32["act"] == {torch.float32}
+    for seen in (seen16, seen32):  # the gate bank, its gradients and AdamW's moments stay fp32
+        assert seen["param"] == seen["grad"] == seen["state"] == {torch.float32}
+    assert w16.dtype == torch.float32 and torch.isfinite(w16).all() and w16.abs().sum() > 0
+    assert not torch.equal(w16, w32)  # bf16 rounding changed the gradients
+    assert (w16 - w32).norm() < 1e-4 * w32.norm()  # but the gates trained the same way (AdamW's steps ~ lr)
+    assert len(loss16) == len(loss32) == 2 and loss16 != loss32
+    assert loss16 == pytest.approx(loss32, rel=1e-4)
 
 
 def test_sample_ddp_cli_single_process(tmp_path, capsys):

@@ -1,13 +1,15 @@
 """The eval harness: same labels/noise for every configuration, resumable generation, every metric in one row."""
 
 import json
+from dataclasses import asdict
 
 import numpy as np
 import pytest
 import torch
 
-from lazydit.evaluation import EvalConfig, eval_labels, evaluate_config, generate, reference_from_images
-from lazydit.features import FMNISTClassifier
+from lazydit.evaluation.driver import EvalConfig, eval_labels, evaluate_config, generate
+from lazydit.evaluation.features import reference_stats
+from lazydit.evaluation.fmnist import FMNISTClassifier
 from lazydit.lazy import LazyGates
 
 from conftest import tiny_model
@@ -19,7 +21,7 @@ def setup():
     torch.manual_seed(0)
     ext = FMNISTClassifier(channels=(4, 8, 8, 16)).eval()
     real = np.random.default_rng(0).integers(0, 256, (64, 28, 28, 1), dtype=np.uint8)
-    return model, ext, reference_from_images(ext, real, progress=False)
+    return model, ext, reference_stats(ext, real, progress=False)
 
 
 def test_labels_are_uniform_and_seeded():
@@ -51,7 +53,7 @@ def test_resume_reuses_written_parts(setup, tmp_path, monkeypatch):
     model, _, _ = setup
     cfg = EvalConfig(steps=4, num_samples=8, batch_size=4)
     out = tmp_path / "s.npz"
-    import lazydit.evaluation as ev
+    import lazydit.evaluation.driver as ev
 
     calls = []
     real_sample = ev.sample
@@ -95,7 +97,7 @@ def test_micro_batch_changes_neither_images_nor_resumable_parts(setup, tmp_path)
     out = tmp_path / "s.npz"
     parts = tmp_path / "s.npz.parts"
     parts.mkdir()
-    meta = {**json.loads(json.dumps(vars(cfg))), "micro_batch": None, "gates": None}
+    meta = {**json.loads(json.dumps(asdict(cfg))), "micro_batch": None, "gates": None}
     (parts / "config.json").write_text(json.dumps(meta))  # parts written without micro-batching
     chunked = generate(model, EvalConfig(**{**vars(cfg), "micro_batch": 2}), out=out, progress=False)
     assert np.array_equal(chunked["images"], whole["images"])

@@ -4,18 +4,16 @@ import numpy as np
 import pytest
 import torch
 
-from lazydit.checkpoint import CheckpointError, save_model
-from lazydit.features import (
-    FMNISTClassifier,
+from lazydit.errors import CheckpointError
+from lazydit.models.checkpoint import save_model
+from lazydit.evaluation.fmnist import FMNISTClassifier, load_classifier, save_classifier, train_classifier
+from lazydit.evaluation.features import (
     evaluate,
     extract_features,
     fingerprint,
-    load_classifier,
     load_reference,
     reference_stats,
-    save_classifier,
     save_reference,
-    train_classifier,
 )
 
 TINY = (4, 8, 8, 8)  # channels: pool F = 8, spatial 7*49 = 343

@@ -5,10 +5,17 @@ import pytest
 import torch
 from PIL import Image
 
-from lazydit.data import DataMissingError
-from lazydit.imagefolder import (
-    ImageFolder, ImageFolderLoader, LatentSampler, LatentSet, center_crop_arr, extract_latents, flip_decision,
-    shard_indices, to_tensor,
+from lazydit.errors import DataMissingError
+from lazydit.data.imagefolder import (
+    ImageFolder,
+    ImageFolderLoader,
+    LatentSampler,
+    LatentSet,
+    center_crop_arr,
+    extract_latents,
+    flip_decision,
+    shard_indices,
+    to_tensor,
 )
 
 
@@ -146,7 +153,7 @@ def tiny_vae():
 
 
 def test_extract_latents_round_trip(folder, tiny_vae, tmp_path):
-    from lazydit.vae import encode
+    from lazydit.data.vae import encode
 
     ds = ImageFolder(folder, image_size=16)
     out = extract_latents(tiny_vae, ds, tmp_path / "lat", batch_size=5, flip="both", posterior="mean",

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from lazydit.checkpoint import CheckpointError
-from lazydit.inception import (
+from lazydit.errors import CheckpointError
+from lazydit.evaluation.inception import (
     FID_WEIGHTS_URL,
     NUM_PARAMS,
     InceptionV3FID,
@@ -230,3 +230,43 @@ def test_input_pipeline():
     torch.testing.assert_close(_resize_tf1_bilinear(img, (3, 4)), img)  # same size: identity
     # 3x4 -> 2x2: rows sampled at 0 and 1.5, columns at 0 and 2
     torch.testing.assert_close(_resize_tf1_bilinear(img, (2, 2)).flatten(), torch.tensor([0.0, 2.0, 6.0, 8.0]))
+
+
+def test_equals_pytorch_fid_on_the_same_weights(weights, images, feats, monkeypatch):
+    """pytorch-fid's FID Inception (torchvision's Inception3 with FIDInceptionA/C/E_1/E_2), the same random weights."""
+    pf = pytest.importorskip("pytorch_fid.inception")  # needs torchvision: skipped where it is not installed
+    state = weights[1]
+    monkeypatch.setattr(pf, "load_state_dict_from_url", lambda *a, **k: dict(state))  # instead of the download
+    blocks = pf.InceptionV3([pf.InceptionV3.DEFAULT_BLOCK_INDEX], resize_input=True, normalize_input=True).eval()
+    full = pf.fid_inception_v3().eval()  # the whole network, with its 1008-way fc
+    plain = pf._inception_v3(num_classes=1008, aux_logits=False, weights=None).eval()  # torchvision's, unpatched
+    plain.load_state_dict(state)
+    captured = {}
+    full.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: captured.setdefault("s", o.clone()))
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255  # pytorch-fid's input range: [0, 1]
+    with torch.no_grad():
+        pool = blocks(x)[0].flatten(1)  # (B, 2048): the FID features
+        x299 = 2 * F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False) - 1
+        logits = full(x299)  # fc with its bias
+        logits_plain = plain(x299)
+    torch.testing.assert_close(feats["pool"], pool, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(feats["logits"], logits - full.fc.bias, rtol=1e-4, atol=1e-4)  # ADM's: no bias
+    spatial = captured["s"][:, :7].permute(0, 2, 3, 1).flatten(1)  # Mixed_6d.branch1x1 = TF mixed_6/conv
+    torch.testing.assert_close(feats["spatial"], spatial, rtol=1e-4, atol=1e-5)
+    # the comparison sees the FID patches: torchvision's own blocks (zero-padded averages) give other logits
+    assert not torch.allclose(logits_plain, logits, rtol=1e-2, atol=1e-2)
+
+
+def test_tf1_mode_equals_torch_fidelity_on_the_same_weights(weights, images):
+    """torch-fidelity's InceptionV3 (TF1 resize, (x - 128) / 128) = resize="tf1", normalize="tf", same weights."""
+    tfe = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")  # needs torchvision too
+    ref = tfe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased", "logits"],
+                                          feature_extractor_weights_path=str(weights[0]))
+    ours = load_inception(weights[0], resize="tf1", normalize="tf")
+    with torch.no_grad():
+        pool, logits_unbiased, logits = ref(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())
+    f = ours.features(preprocess(images))
+    torch.testing.assert_close(f["pool"], pool, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(f["logits"], logits_unbiased, rtol=1e-4, atol=1e-4)
+    ours.logits_bias = True
+    torch.testing.assert_close(ours.features(preprocess(images))["logits"], logits, rtol=1e-4, atol=1e-4)

@@ -3,10 +3,20 @@ import argparse
 import pytest
 import torch
 
-from lazydit.checkpoint import CheckpointError
-from lazydit.large_dit import (
-    EMA_FILE, LARGE_DIT_MODELS, LargeDiT, LargeDiTConfig, apply_rotary_emb, create_large_dit, large_dit_config,
-    load_large_dit, parameter_count, precompute_freqs_cis, save_large_dit,
+from lazydit.errors import CheckpointError
+from lazydit.models.registry import block_spec
+from lazydit.models.large_dit import (
+    EMA_FILE,
+    LARGE_DIT_MODELS,
+    LargeDiT,
+    LargeDiTConfig,
+    apply_rotary_emb,
+    create_large_dit,
+    large_dit_config,
+    load_large_dit,
+    parameter_count,
+    precompute_freqs_cis,
+    save_large_dit,
 )
 
 # A tiny model in the reference's own terms: the zoo name plus the constructor arguments that shrink it.
@@ -46,7 +56,7 @@ def test_reference_keys_and_shapes():
     assert model.layers[0].adaLN_modulation[1].weight.shape == (6 * 64, 64)
     assert model.x_embedder.weight.shape == (64, 2 * 2 * 4)
     assert model.blocks is model.layers
-    assert type(model.layers[0]).lazy_branches == ("attention", "feed_forward")
+    assert block_spec(model.layers[0]).branches == ("attention", "feed_forward")
 
 
 @pytest.mark.parametrize("name,hidden", [("DiT-Llama-600M/2", 4096), ("DiT-Llama-3B/2", 8192),
@@ -201,5 +211,5 @@ def test_macs_match_linear_layers():
     model(torch.randn(1, 4, 8, 8), torch.tensor([3]), torch.tensor([1]))
     for h in hooks:
         h.remove()
-    from lazydit.large_dit import forward_macs
+    from lazydit.evaluation.cost import forward_macs
     assert forward_macs(cfg) == sum(counted)

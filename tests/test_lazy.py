@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from lazydit import ddim_sample
-from lazydit.lazy import GateMismatchError, LazyGates, apply_lazy
-from lazydit.models import modulate
+from lazydit.errors import GateMismatchError
+from lazydit.lazy import ForcedPlan, LazyConfig, LazyGates, apply_lazy
+from lazydit.models.dit import modulate
 from lazydit.pipeline import sample
 
 from conftest import tiny_model
@@ -42,10 +43,10 @@ def test_attach_keeps_types_and_keys_and_remove_restores(model):
     assert [type(m) for m in model.modules()] == types_before
     twin = copy.deepcopy(model)  # deepcopy binds the copy's forwards to the copied modules
     assert twin.blocks[0].attn.forward.__self__ is twin.blocks[0].attn
-    assert twin._lazy_state is not model._lazy_state
+    assert twin._lazy_run is not model._lazy_run
     h.remove()
     assert "forward" not in model.blocks[0].attn.__dict__
-    assert not hasattr(model, "_lazy_state")
+    assert not hasattr(model, "_lazy_run")
     with pytest.raises(RuntimeError):
         apply_lazy(twin, LazyGates.for_model(model, 10))
 
@@ -64,8 +65,7 @@ def test_forced_skip_reuses_previous_pre_gate_output_times_current_gate(model):
     ]
     force = torch.zeros(T, 3, 2, dtype=torch.bool)
     force[T - 2, 1, 0] = True  # skip block 1's attn at the second sampling step (respaced index T-2)
-    with apply_lazy(model, LazyGates.for_model(model, T)) as h:
-        h.state.force = force
+    with apply_lazy(model, ForcedPlan(force, ahead=False)) as h:  # the reference path: the module is called
         ddim_sample(model, y, T, seed=0, progress=False)
         stats = h.stats()
     for hk in hooks:
@@ -97,18 +97,35 @@ def test_mixed_batch_equals_rows_one_by_one():
     torch.testing.assert_close(batch, torch.cat(rows), rtol=1e-5, atol=1e-5)
 
 
-def test_parity_odd_steps_always_compute():
+@pytest.mark.parametrize("parity", [True, False])
+def test_parity_odd_steps_always_compute(parity):
     model = tiny_model(seed=3)
-    T = 10
-    gates = random_gates(model, T, scale=10.0)  # extreme even-step gates
-    _, rep = sample(model, labels(4), T, gates=gates, progress=False)
-    per_step = torch.tensor(rep.stats["per_step"])
-    full = torch.tensor(rep.stats["per_step_layer_branch"])
-    assert full.shape == (T, 3, 2) and torch.allclose(full.mean(dim=(1, 2)), per_step)
-    assert len(rep.stats["per_layer"]) == 3 and set(rep.stats["per_branch"]) == {"attn", "mlp"}
-    assert torch.all(per_step[1::2] == 0)  # odd respaced indices compute
-    assert per_step[T - 1] == 0  # first step: empty caches
-    assert rep.lazy_ratio <= 0.5
+    T = 9  # odd T: the first step (k = T - 1 = 8) is even, so only its empty caches make it compute, not parity
+    L, D = len(model.blocks), model.config.hidden_size
+    k = torch.arange(T)
+    # the steps that may skip: not the first (nothing cached yet), and under the reference parity not the odd ones
+    may_skip = (k != T - 1) & ((k % 2 == 0) | (not parity))
+
+    def per_step(gates, **kw):
+        _, rep = sample(model, labels(4), T, gates=gates, progress=False, **kw)
+        return rep, torch.tensor(rep.stats["per_step"], dtype=torch.float64)
+
+    # every module wants to skip at every step: zero gates (p = 0.5) under threshold 0.75, or a forced plan
+    _, ratio = per_step(LazyGates(L, D, T, threshold=0.75, parity=parity))
+    assert torch.equal(ratio, may_skip.double())
+    _, ratio = per_step(None, policy=ForcedPlan(torch.ones(T, L, 2, dtype=torch.bool), parity=parity))
+    assert torch.equal(ratio, may_skip.double())
+
+    # extreme random gates at EVERY index (odd ones too): rows decide differently, and only where they may
+    gates = LazyGates(L, D, T, parity=parity)
+    gates.weight.data.normal_(0, 10.0, generator=torch.Generator().manual_seed(1))
+    rep, ratio = per_step(gates)
+    full = torch.tensor(rep.stats["per_step_layer_branch"], dtype=torch.float64)
+    assert full.shape == (T, L, 2) and torch.allclose(full.mean(dim=(1, 2)), ratio)
+    assert len(rep.stats["per_layer"]) == L and set(rep.stats["per_branch"]) == {"attn", "mlp"}
+    assert torch.all(ratio[~may_skip] == 0)  # the first step, and the odd steps under parity, compute every row
+    assert torch.all((ratio[may_skip] > 0) & (ratio[may_skip] < 1))  # the others skip some rows, not all
+    assert 0 < rep.lazy_ratio < int(may_skip.sum()) / T
 
 
 def test_same_seed_same_samples(model):
@@ -153,7 +170,7 @@ def test_batch_uniform_equals_per_sample_when_rows_agree():
     y = torch.zeros(4, dtype=torch.long)
     noise = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(2)).expand(4, -1, -1, -1)
     a, ra = sample(model, y, 10, gates=gates, x=noise, progress=False)
-    b, rb = sample(model, y, 10, gates=gates, x=noise, uniform=True, progress=False)
+    b, rb = sample(model, y, 10, gates=gates, x=noise, lazy=LazyConfig(uniform=True), progress=False)
     assert 0 < ra.lazy_ratio and ra.lazy_ratio == rb.lazy_ratio
     assert torch.equal(a, b)
 
@@ -163,7 +180,7 @@ def test_batch_uniform_and_tied_cfg_decisions():
     gates = random_gates(model, 10, scale=0.05)
     y = torch.arange(4) % 4
     for kw in (dict(uniform=True), dict(tie_cfg=True)):
-        h = apply_lazy(model, gates, **kw)
+        h = apply_lazy(model, gates, LazyConfig(**kw))
         ddim_sample(model, y, 10, cfg_scale=2.0, seed=1, progress=False)
         skipped = h.stats().skipped
         h.remove()
@@ -192,5 +209,5 @@ def test_micro_batches_give_the_samples_and_counts_of_one_batch(lookahead):
     torch.testing.assert_close(plain3, plain, rtol=1e-5, atol=1e-5)
     assert r.lazy is None and r.name == "DDIM-10"
     with pytest.raises(ValueError, match="per-row skip plan"):
-        sample(model, y, T, gates=gates, force=torch.zeros(T, 3, 2, 14, dtype=torch.bool), progress=False,
+        sample(model, y, T, policy=ForcedPlan(torch.zeros(T, 3, 2, 14, dtype=torch.bool)), progress=False,
                micro_batch=3)

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from lazydit import ddim_sample
-from lazydit.diffusion import Schedule
-from lazydit.lazy import LazyGates, apply_lazy
-from lazydit.training import GateTrainConfig, train_gates
+from lazydit.sampling.schedule import Schedule
+from lazydit.lazy import ForcedPlan, LazyConfig, LazyGates, apply_lazy
+from lazydit.training.gates import GateTrainConfig, train_gates
 
 from conftest import tiny_model
 
@@ -28,9 +28,9 @@ def random_gates(model, lookahead, scale=0.3, seed=1, threshold=0.5):
 
 
 def run(model, gates, cfg_scale=3.0, seed=0, **kw):
-    with apply_lazy(model, gates, record_decisions=True, **kw) as h:
+    with apply_lazy(model, gates, LazyConfig(record_decisions=True, **kw)) as h:
         x = ddim_sample(model, labels(), T, cfg_scale=cfg_scale, seed=seed, progress=False)
-        return x, h.state.decisions.clone(), h.stats()
+        return x, h.decisions.clone(), h.stats()
 
 
 def test_lookahead_with_reference_decisions_gives_identical_samples(model):
@@ -38,16 +38,20 @@ def test_lookahead_with_reference_decisions_gives_identical_samples(model):
     assert 0.05 < stats.lazy_ratio < 0.45  # a mix of computing and skipping rows
     partial = dec.any(-1) & ~dec.all(-1)
     assert partial.any()  # some modules compute for part of the rows only (gather / scatter)
-    la = LazyGates.for_model(model, T, lookahead=True)
-    with apply_lazy(model, la, record_decisions=True) as h:
-        h.state.force = ~dec  # (T, L, 2, B) per-row plan: skip where the reference skipped
+    # the plans-ahead path (norm and modulation skipped with the module) with a per-row plan (T, L, 2, B): skip
+    # where the reference skipped
+    with apply_lazy(model, ForcedPlan(~dec, config=LazyConfig(record_decisions=True))) as h:
         x_la = ddim_sample(model, labels(), T, cfg_scale=3.0, seed=0, progress=False)
-        assert torch.equal(h.state.decisions, dec)
+        assert torch.equal(h.decisions, dec)
     torch.testing.assert_close(x_la, x_ref, rtol=0, atol=1e-6)
 
 
 def test_lookahead_plan_scores_the_inputs_of_the_step_before(model):
+    import math
+
     gates = random_gates(model, lookahead=True)
+    # odd-index gates are never used by look-ahead sampling; random ones would skip rows if they were
+    gates.weight.data[:, :, 1::2].normal_(0, 0.3, generator=torch.Generator().manual_seed(2))
     x_la, dec, stats = run(model, gates)
     assert 0.05 < stats.lazy_ratio < 0.45
     # replay the same plan through the reference path and grab every module's input Z there
@@ -55,21 +59,34 @@ def test_lookahead_plan_scores_the_inputs_of_the_step_before(model):
     hooks = [getattr(blk, name).register_forward_pre_hook(
         lambda m, a, i=i, b=b: zs.setdefault((i, b), []).append(a[0].detach().clone()))
         for i, blk in enumerate(model.blocks) for b, name in enumerate(("attn", "mlp"))]
-    ref = LazyGates.for_model(model, T)
-    with apply_lazy(model, ref) as h:
-        h.state.force = ~dec
+    with apply_lazy(model, ForcedPlan(~dec, ahead=False)):
         x_replay = ddim_sample(model, labels(), T, cfg_scale=3.0, seed=0, progress=False)
     for hk in hooks:
         hk.remove()
     torch.testing.assert_close(x_replay, x_la, rtol=0, atol=1e-6)
-    th = h.state.logit_threshold
+    L, B = len(model.blocks), dec.shape[-1]
+    assert set(zs) == {(i, b) for i in range(L) for b in range(2)}
+    th = math.log(gates.threshold) - math.log1p(-gates.threshold)  # p >= threshold <=> logit >= th
+
+    def decide(z, i, b, k):  # the threshold decision (B,) of gate k on the input z (B, N, D)
+        return z.sum(1) @ gates.weight[i, b, k] >= th
+
+    gated, odd_own_skip, own_input_differs = 0, 0, 0
     for (i, b), inputs in zs.items():
-        for s, k in enumerate(range(T - 1, -1, -1)):
-            if k % 2 == 1 and k >= 1:  # odd step k: every row computes and scores gate k-1
-                logit = inputs[s].sum(1) @ gates.weight[i, b, k - 1]
-                assert torch.equal(dec[k - 1, i, b], logit >= th), (i, b, k)
-            else:
-                assert dec[k, i, b].all() or k < T - 1
+        assert len(inputs) == T and all(z.shape[0] == B for z in inputs)
+        z = {k: inputs[T - 1 - k] for k in range(T)}  # Z_k, the input at respaced step k (run from T-1 down to 0)
+        for k in range(T):
+            if k % 2 == 1 or k == T - 1:  # odd step (reference parity) or the first step: every row computes
+                assert dec[k, i, b].all(), (i, b, k)
+                odd_own_skip += int((~decide(z[k], i, b, k)).sum())
+            else:  # gated even step: the plan is gate k's decision on Z_{k+1}, recorded at the step before
+                plan = decide(z[k + 1], i, b, k)
+                assert torch.equal(dec[k, i, b], plan), (i, b, k)
+                own_input_differs += int((plan != decide(z[k], i, b, k)).sum())
+                gated += 1
+    assert gated == L * 2 * len(range(0, T - 1, 2))  # every gated step of every module was checked
+    assert odd_own_skip > 0  # the odd steps computed although their own gates would have skipped rows
+    assert own_input_differs > 0  # scoring the step's own input Z_k gives other plans: the check discriminates
 
 
 def test_skipped_modules_skip_their_layernorm(model):
@@ -107,10 +124,10 @@ def test_uniform_and_tie_cfg_apply_to_lookahead_plans(model):
 def test_lookahead_deepcopy_samples_like_the_original(model):
     g = random_gates(model, lookahead=True)
     x1, d1, _ = run(model, g)
-    with apply_lazy(model, g, record_decisions=True) as h:
+    with apply_lazy(model, g, LazyConfig(record_decisions=True)):
         twin = copy.deepcopy(model)
         ddim_sample(model, labels(), T, cfg_scale=3.0, seed=0, progress=False)  # builds the branch functions
-        twin._lazy_state.reset_stats()
+        twin._lazy_run.collector.reset()
         x2 = ddim_sample(twin, labels(), T, cfg_scale=3.0, seed=0, progress=False)
         for p in twin.parameters():
             p.data.zero_()  # the twin's branch functions must not run the original's modules
@@ -138,7 +155,7 @@ def test_lookahead_soft_mode_scores_the_recorded_input(model):
         model(x, sched.timesteps(3, 2, x.device), y)
         h.mode = "soft"
         model(x * 0.5, sched.timesteps(2, 2, x.device), y)
-        p_mlp = [p for b, p in h.state.probs if b == 1][1]
+        p_mlp = [p for b, p in h.probs if b == 1][1]
     hk.remove()
     z_rec, z_now = zs["z"]
     assert not torch.allclose(z_rec, z_now)
@@ -147,7 +164,7 @@ def test_lookahead_soft_mode_scores_the_recorded_input(model):
 
 
 def test_train_lookahead_gates_and_sample(fake_fmnist):
-    from lazydit.data import InfiniteSampler, load_fashion_mnist
+    from lazydit.data.fashion_mnist import InfiniteSampler, load_fashion_mnist
     model = tiny_model(input_size=28, patch_size=7, num_classes=10)
     x, y = load_fashion_mnist("train", fake_fmnist)
     data = InfiniteSampler(x, y, 8, seed=0)
@@ -155,8 +172,27 @@ def test_train_lookahead_gates_and_sample(fake_fmnist):
     g = train_gates(model, data, cfg, progress=False)
     assert g.lookahead and g.weight.abs().sum() > 0
     assert g.weight[:, :, 1::2].abs().sum() == 0  # odd-index gates untouched (parity)
-    with apply_lazy(model, g):
-        ddim_sample(model, torch.arange(4), T, seed=0, progress=False)
+    y = torch.arange(4)
+    plain = ddim_sample(model, y, T, seed=0, progress=False)
+    with apply_lazy(model, g) as h:
+        x_lazy = ddim_sample(model, y, T, seed=0, progress=False)
+        stats = h.stats()
+    assert x_lazy.shape == plain.shape == (4, 1, 28, 28) and x_lazy.dtype == torch.float32
+    assert torch.isfinite(x_lazy).all()
+    L = len(model.blocks)
+    assert torch.equal(stats.total, torch.full((T, L, 2), 4))  # every module of every step counted, 4 rows each
+    assert stats.lazy_ratio == int(stats.skipped.sum()) / (T * L * 2 * 4)
+    per_step = stats.ratio(0)
+    assert (per_step[1::2] == 0).all() and per_step[T - 1] == 0  # odd steps and the first step compute
+    untrained = (g.weight[:, :, 0::2].transpose(0, 2) == 0).flatten(1).all(1)  # even steps no iteration drew
+    assert untrained.any() and (per_step[0::2][untrained] == 0).all()  # zero gates: p = 0.5 >= 0.5, compute
+    # the strong penalty (rho = 1) pushed the trained gates below 0.5: some modules skip, at most the even half
+    assert 0 < stats.lazy_ratio <= 0.5
+    assert not torch.allclose(x_lazy, plain)  # skipped modules reuse stale outputs: not plain DDIM any more
+    assert (x_lazy - plain).norm() < 0.05 * plain.norm()  # but close to it: the same noise, a few reused branches
+    from lazydit.pipeline import sample
+    x_rep, rep = sample(model, y, T, gates=g, seed=0, progress=False)  # the pipeline reports the same run
+    assert torch.equal(x_rep, x_lazy) and rep.lazy_ratio == stats.lazy_ratio
 
 
 def test_compiled_lookahead_equals_eager(model):
@@ -176,12 +212,12 @@ def test_compiled_lookahead_equals_eager(model):
 
 def test_compile_needs_lookahead_gates(model):
     with pytest.raises(ValueError, match="look-ahead"):
-        apply_lazy(model, LazyGates.for_model(model, T), compile=True)
+        apply_lazy(model, LazyGates.for_model(model, T), LazyConfig(compile=True))
 
 
 def test_gates_attach_to_large_dit_unchanged():
-    from lazydit.cost import sampling_macs
-    from lazydit.large_dit import LargeDiT, LargeDiTConfig
+    from lazydit.evaluation.cost import sampling_macs
+    from lazydit.models.large_dit import LargeDiT, LargeDiTConfig
 
     torch.manual_seed(0)
     m = LargeDiT(LargeDiTConfig(hidden_size=32, depth=2, num_heads=4, input_size=8, num_classes=4, qk_norm=True,
@@ -208,6 +244,6 @@ def test_gates_attach_to_large_dit_unchanged():
 def test_only_the_allowed_branch_is_lazy(model, lookahead):
     g = LazyGates.for_model(model, T, threshold=0.75, lookahead=lookahead)  # would skip both on even steps
     for branches, expect in ((("attn",), (0.5, 0.0)), (("mlp",), (0.0, 0.5)), (("attn", "mlp"), (0.5, 0.5))):
-        with apply_lazy(model, g, branches=branches) as h:
+        with apply_lazy(model, g, LazyConfig(branches=branches)) as h:
             ddim_sample(model, labels(), T, cfg_scale=3.0, seed=0, progress=False)
             assert h.stats().ratio(2).tolist() == list(expect)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lazydit.images import save_npz
-from lazydit.metrics import (
+from lazydit.evaluation.metrics import (
     feature_stats,
     fid_from_features,
     frechet_distance,

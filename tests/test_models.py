@@ -1,4 +1,4 @@
-"""The DiT base model: reference names and shapes, zoo, embeddings, forward and guidance (spec section 1-2)."""
+"""The DiT base model: reference names and shapes, zoo, embeddings, forward and guidance (docs/method-notes.md §1-2)."""
 
 import math
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lazydit import DIT_MODELS, create_model
-from lazydit.models import get_2d_sincos_pos_embed, model_config, timestep_embedding
+from lazydit.models.dit import get_2d_sincos_pos_embed, model_config, timestep_embedding
 
 from conftest import tiny_model
 

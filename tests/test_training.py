@@ -1,9 +1,9 @@
 import torch
 
-from lazydit.data import InfiniteSampler
+from lazydit.data.fashion_mnist import InfiniteSampler
 from lazydit.lazy import LazyGates
 from lazydit.pipeline import sample
-from lazydit.training import GateTrainConfig, train_gates
+from lazydit.training.gates import GateTrainConfig, train_gates
 
 from conftest import tiny_model
 

@@ -3,8 +3,8 @@ import sys
 import pytest
 import torch
 
-from lazydit.checkpoint import CheckpointError
-from lazydit.vae import SCALE, decode, encode, load_vae, posterior
+from lazydit.errors import CheckpointError
+from lazydit.data.vae import SCALE, decode, encode, load_vae, posterior
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -2,8 +2,9 @@
 
 from pathlib import Path
 
-from .checkpoint import load_dit
-from .lazy import LazyGates
+from lazydit.models.checkpoint import load_dit
+from lazydit.errors import GateMismatchError
+from lazydit.lazy import LazyGates
 
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_MODEL = ASSETS / "fmnist_dit.safetensors"
@@ -29,14 +30,27 @@ def default_model(device="cpu"):
     return load_dit(DEFAULT_MODEL).to(device)
 
 
+def load_default(device="cpu"):
+    """The embedded default, ready to sample: the shipped Fashion-MNIST DiT (`lazydit.load_default()`); its gates
+    are `lazydit.default_gates(T)` for T in SHIPPED_STEPS (look-ahead: `default_gates(50, lookahead=True)`)."""
+    return default_model(device)
+
+
 def default_gates(steps: int, device="cpu", lookahead: bool = False) -> LazyGates:
     """The shipped gate set for T = steps (reference gates: 10, 20 or 50; look-ahead gates: 50)."""
     shipped = SHIPPED_LOOKAHEAD_STEPS if lookahead else SHIPPED_STEPS
     if steps not in shipped:
         kind = "look-ahead gates" if lookahead else "gates"
-        raise ValueError(f"shipped {kind} exist for T in {shipped}, not {steps}: train your own with "
+        raise GateMismatchError(f"shipped {kind} exist for T in {shipped}, not {steps}: train your own with "
                          f"`lazydit train-gates --steps {steps}{' --lookahead' if lookahead else ''}`")
     path = gates_path(steps, lookahead)
     if not path.is_file():
         raise _missing(path)
     return LazyGates.load(path).to(device)
+
+
+def resolve_gates(spec: str, steps: int, device="cpu") -> LazyGates:
+    """A gate file, or 'default' / 'default-lookahead': the shipped reference / look-ahead set for T = steps."""
+    if spec in ("default", "default-lookahead"):
+        return default_gates(steps, device, lookahead=spec == "default-lookahead")
+    return LazyGates.load(spec).to(device)

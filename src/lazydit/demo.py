@@ -4,10 +4,10 @@ from pathlib import Path
 
 import torch
 
-from .assets import default_gates, default_model
-from .images import make_grid, save_grid, to_uint8
-from .pipeline import class_grid_labels, sample
-from .plots import laziness_heatmap
+from lazydit.assets import default_gates, default_model
+from lazydit.images import make_grid, save_grid, to_uint8
+from lazydit.pipeline import class_grid_labels, sample
+from lazydit.plots import laziness_heatmap
 
 
 def run_demo(out="lazydit-demo", per_class: int = 4, cfg_scale: float = 2.0, seed: int = 0, device="cpu",

@@ -13,13 +13,11 @@ reference's PNG names. Rank 0 assembles the first num_samples global indices int
 """
 
 import datetime
-import hashlib
-import json
 import math
 import os
-import shutil
 import time
 import zipfile
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +25,9 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_write
-from .images import to_uint8
+from lazydit.files import atomic_write, weights_fingerprint
+from lazydit.sampling.parts import PartsMismatchError, SampleParts
+from lazydit.images import to_uint8
 
 # ---------------------------------------------------------------- process group
 
@@ -145,7 +144,7 @@ def shard_plan(num_samples: int, batch_size: int, world: int) -> int:
 
 
 def rank_generator(seed: int, rank_: int, world: int, device) -> torch.Generator:
-    """The generator of one rank's noise and labels: seeded with seed * world + rank (spec 4)."""
+    """The generator of one rank's noise and labels: seeded with seed * world + rank (docs/method-notes.md §5)."""
     return torch.Generator(device=device).manual_seed(seed * world + rank_)
 
 
@@ -157,29 +156,13 @@ def draw_batch(gen: torch.Generator, batch_size: int, config, num_classes: int, 
     return z, y
 
 
-def _fingerprint(model, gates) -> dict:
-    with torch.no_grad():
-        msum = float(sum(p.detach().double().abs().sum() for p in model.parameters()))
+def _provenance(model, gates) -> dict:
+    """What resumed parts must share with this run: the model's config and weights, the gates'."""
     fp = {"model_config": {k: v for k, v in vars(model.config).items() if isinstance(v, (int, float, str, bool))},
-          "model_abs_sum": f"{msum:.6e}"}
+          "model": weights_fingerprint(model)}
     if gates is not None:
-        w = gates.weight.detach().float().cpu().contiguous().numpy()
-        fp["gates"] = dict(sha1=hashlib.sha1(w.tobytes()).hexdigest(), threshold=gates.threshold,
-                           lookahead=gates.lookahead)
+        fp["gates"] = dict(weights=weights_fingerprint(gates), threshold=gates.threshold, lookahead=gates.lookahead)
     return fp
-
-
-def _write_part(path: Path, images, labels, info: dict):
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            np.savez(f, arr_0=images, arr_1=labels, info=np.array(json.dumps(info)))
-
-    atomic_write(path, write)
-
-
-def _read_part(path: Path):
-    with np.load(path) as f:
-        return f["arr_0"], f["arr_1"], json.loads(str(f["info"]))
 
 
 def _write_npy_entry(zf: zipfile.ZipFile, name: str, shape, dtype, chunks):
@@ -191,15 +174,15 @@ def _write_npy_entry(zf: zipfile.ZipFile, name: str, shape, dtype, chunks):
             f.write(np.ascontiguousarray(chunk, dtype=dtype).tobytes())
 
 
-def assemble_npz(parts: Path, out, num_samples: int, batch_size: int, world: int, batches: int):
-    """Write the ADM .npz from every rank's part files, streaming (memory: one batch of every rank).
+def assemble_npz(store: SampleParts, out, num_samples: int, batch_size: int, world: int, batches: int):
+    """Write the ADM .npz from every rank's parts in `store`, streaming (memory: one batch of every rank).
 
     Global index g = local index l * world + rank: batch b of all ranks covers g in [b B W, (b + 1) B W), with
     row i of rank r at i * world + r. The first num_samples global indices are kept.
     Returns the labels (num_samples,).
     """
-    files = [[parts / f"rank{r:05d}" / f"b{b:06d}.npz" for r in range(world)] for b in range(batches)]
-    first = _read_part(files[0][0])[0]
+    files = [[f"rank{r:05d}/b{b:06d}" for r in range(world)] for b in range(batches)]
+    first = store.read(files[0][0])[0]
     H, W, C = first.shape[1:]
     labels = np.empty(num_samples, dtype=np.int64)
 
@@ -211,7 +194,7 @@ def assemble_npz(parts: Path, out, num_samples: int, batch_size: int, world: int
             block = np.empty((batch_size * world, H, W, C), dtype=np.uint8)
             lab = np.empty(batch_size * world, dtype=np.int64)
             for r in range(world):
-                img, y, _ = _read_part(files[b][r])
+                img, y, _ = store.read(files[b][r])
                 block[r::world], lab[r::world] = img, y
             m = min(len(block), num_samples - done)
             labels[done : done + m] = lab[:m]
@@ -227,8 +210,8 @@ def assemble_npz(parts: Path, out, num_samples: int, batch_size: int, world: int
     return labels
 
 
-def sample_sharded(model, num_samples: int, steps: int, *, gates=None, cfg_scale: float = 1.0, batch_size: int = 32,
-                   seed: int = 0, num_classes: int | None = None, out_npz, threshold: float | None = None,
+def sample_sharded(model, num_samples: int, steps: int, *, gates=None, policy=None, cfg_scale: float = 1.0, batch_size: int = 32,
+                   seed: int = 0, num_classes: int | None = None, out_npz, lazy=None,
                    keep_parts: bool = False, progress: bool = True, decode=None) -> dict:
     """Sample num_samples images over all ranks (or one process) into one ADM .npz, resumable.
 
@@ -245,12 +228,13 @@ def sample_sharded(model, num_samples: int, steps: int, *, gates=None, cfg_scale
         num_samples: N images in the .npz (the last global batch is sampled in full and cut).
         steps: T, DDIM steps.
         gates: LazyGates for T (None: plain DDIM).
+        policy: any other caching Policy for T instead of gates (see `lazydit.pipeline.sample`).
         cfg_scale: guidance scale (1.0: none).
         batch_size: images per batch and rank (sample_ddp.py's per_proc_batch_size).
         seed: global seed; rank r uses seed * world + r.
         num_classes: labels are uniform over [0, num_classes) (default: the model's).
         out_npz: the .npz to write.
-        threshold: gate compute threshold (default: the gates').
+        lazy: LazyConfig of the gates (threshold, uniform, tie_cfg, branches; default: the reference's).
         keep_parts: keep `<out_npz>.parts/` after assembling.
         progress: progress bar (rank 0).
         decode: a callable from the model's samples to images in [-1, 1] (B, 3, H, W), applied to every batch before
@@ -263,52 +247,47 @@ def sample_sharded(model, num_samples: int, steps: int, *, gates=None, cfg_scale
         same size, so this is the ratio over all module evaluations; the cut tail is included).
     """
     t_start = time.perf_counter()
-    from .pipeline import sample
+    from lazydit.pipeline import sample
 
     device = next(model.parameters()).device
     rk, world = rank(), world_size()
     num_classes = model.config.num_classes if num_classes is None else num_classes
     batches = shard_plan(num_samples, batch_size, world)
     out_npz = Path(out_npz)
-    parts = Path(str(out_npz) + ".parts")
     meta = dict(num_samples=num_samples, steps=steps, cfg_scale=cfg_scale, batch_size=batch_size, seed=seed,
-                num_classes=num_classes, world_size=world, threshold=threshold, **_fingerprint(model, gates))
+                num_classes=num_classes, world_size=world, lazy=None if lazy is None else asdict(lazy),
+                **_provenance(model, gates), policy=None if policy is None else policy.describe())
     if decode is not None:
         meta["decode"] = getattr(decode, "fingerprint", True)
-    mpath = parts / "config.json"
+    store = SampleParts(out_npz, meta)
     if rk == 0:
-        parts.mkdir(parents=True, exist_ok=True)
-        if not mpath.exists():
-            atomic_write(mpath, lambda tmp: Path(tmp).write_text(json.dumps(meta, sort_keys=True)))
+        store.prepare(write=True)
     barrier()
-    if json.loads(mpath.read_text()) != json.loads(json.dumps(meta, sort_keys=True)):
-        raise ValueError(f"{parts} holds parts of another run (configuration, model, gates or world size differ): "
-                         "delete it or choose another output")
-    mydir = parts / f"rank{rk:05d}"
-    mydir.mkdir(parents=True, exist_ok=True)
+    store.prepare(write=False)
     gen = rank_generator(seed, rk, world, device)
     ratio_sum, tmacs_sum, sec_sum = 0.0, 0.0, 0.0
     bar = tqdm(range(batches), desc=f"sample {num_samples} x{world}", unit="batch", disable=not (progress and rk == 0))
     for b in bar:
         z, y = draw_batch(gen, batch_size, model.config, num_classes, device)  # drawn even when resumed: same stream
-        part = mydir / f"b{b:06d}.npz"
-        if part.exists():
-            _, labels, info = _read_part(part)
+        name = f"rank{rk:05d}/b{b:06d}"
+        done = store.read(name)
+        if done is not None:
+            _, labels, info = done
             if not np.array_equal(labels, y.cpu().numpy()):
-                raise ValueError(f"{part}: labels differ from this run's draws: delete {parts}")
+                raise PartsMismatchError(f"{store.path(name)}: labels differ from this run's draws: delete {store.folder}")
         else:
-            x, rep = sample(model, y, steps, gates=gates, threshold=threshold, cfg_scale=cfg_scale, x=z,
+            x, rep = sample(model, y, steps, gates=gates, policy=policy, lazy=lazy, cfg_scale=cfg_scale, x=z,
                             progress=False)
             info = dict(lazy_ratio=rep.lazy_ratio, tmacs=rep.tmacs, seconds=rep.seconds)
-            _write_part(part, to_uint8(x if decode is None else decode(x)), y.cpu().numpy(), info)
+            store.write(name, to_uint8(x if decode is None else decode(x)), y.cpu().numpy(), info)
         ratio_sum += info["lazy_ratio"]
         tmacs_sum += info["tmacs"]
         sec_sum += info["seconds"]
     sums = all_reduce_(torch.tensor([ratio_sum, tmacs_sum, sec_sum], dtype=torch.float64, device=device))
     if rk == 0:
-        assemble_npz(parts, out_npz, num_samples, batch_size, world, batches)
+        assemble_npz(store, out_npz, num_samples, batch_size, world, batches)
         if not keep_parts:
-            shutil.rmtree(parts)
+            store.remove()
     wall = all_reduce_(torch.tensor([time.perf_counter() - t_start], dtype=torch.float64, device=device),
                        op=dist.ReduceOp.MAX if is_distributed() else None)  # also waits for the .npz
     n = batches * world

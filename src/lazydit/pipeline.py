@@ -1,15 +1,17 @@
-"""High-level runs: sample with or without gates and report cost; calibrate a threshold to a target lazy ratio."""
+"""High-level runs: sample with or without a caching policy and report the cost; calibrate a gate threshold to a
+target lazy ratio."""
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from tqdm.auto import tqdm
 
-from .cost import sampling_macs
-from .diffusion import ddim_sample
-from .lazy import LazyGates, LazyStats, apply_lazy
+from lazydit.evaluation.cost import sampling_macs
+from lazydit.sampling.ddim import ddim_sample
+from lazydit.errors import GateMismatchError
+from lazydit.lazy import ForcedPlan, LazyConfig, LazyGates, LazyStats, Policy, apply_lazy, policy_for
 
 
 @dataclass
@@ -34,45 +36,44 @@ def class_grid_labels(num_classes: int, per_class: int, device="cpu") -> torch.T
     return torch.arange(num_classes, device=device).repeat(per_class)
 
 
-def sample(model, y, steps: int, *, gates: LazyGates | None = None, threshold: float | None = None,
-           cfg_scale: float = 1.0, seed: int = 0, x=None, force=None, uniform: bool = False, tie_cfg: bool = False,
-           compile: bool = False, compile_mode: str | None = None, branches=("attn", "mlp"), progress: bool = True,
+def sample(model, y, steps: int, *, gates: LazyGates | None = None, policy: Policy | None = None,
+           lazy: LazyConfig | None = None, cfg_scale: float = 1.0, seed: int = 0, x=None, progress: bool = True,
            name: str | None = None, micro_batch: int | None = None):
-    """Sample with plain DDIM, or with LazyDiT gates attached for the run, and report the cost.
+    """Sample with plain DDIM, or with a caching policy attached for the run, and report the cost.
 
     Args:
         model: a DiT.
         y: (B,) labels.
         steps: T.
-        gates: LazyGates for T steps (None: plain DDIM).
-        threshold: compute threshold (default: the gates').
+        gates: LazyGates for T steps (their policy: reference or look-ahead gates, with `lazy`).
+        policy: any caching Policy for T steps instead (e.g. ForcedPlan); None with no gates: plain DDIM.
+        lazy: LazyConfig of the gates (threshold, uniform, tie_cfg, branches, compile; see `lazydit.lazy.config`).
         cfg_scale: guidance scale (1.0: none).
         seed: initial-noise seed (same seed, same noise for every sampler).
         x: explicit initial noise (overrides seed).
-        force: optional (T, L, 2) bool skip plan used instead of the gate scores.
-        uniform, tie_cfg: batch-uniform decisions / tied CFG halves (see `apply_lazy`).
-        compile, compile_mode: torch.compile regions per branch (look-ahead gates; see `apply_lazy`).
-        branches: the branches allowed to be lazy (("attn",) / ("mlp",): the individual-laziness ablation).
         progress: progress bar.
         name: label of the report row.
         micro_batch: run the sampler on at most this many images at a time (the initial noise is still drawn for
             the whole batch from `seed`, so the samples are those of one big batch up to float rounding). Small
             chunks keep activations in cache: on CPU, 16 images with CFG run ~1.4x faster per image than 250.
-            Gate decisions are per row, so they do not change, except batch-uniform ones (`uniform`), which are
-            then taken per chunk. Gates are attached per chunk, so with `compile` leave it None.
+            Per-row decisions do not change, batch-uniform ones (`uniform`) are then taken per chunk. The policy
+            is attached per chunk, so with `compile` leave it None.
     Returns:
         (samples (B, C, H, W), SampleReport)
     """
-    if micro_batch is not None and y.shape[0] > micro_batch:
-        return _sample_chunked(model, y, steps, micro_batch, gates=gates, threshold=threshold, cfg_scale=cfg_scale,
-                               seed=seed, x=x, force=force, uniform=uniform, tie_cfg=tie_cfg, compile=compile,
-                               compile_mode=compile_mode, branches=branches, progress=progress, name=name)
-    handle = None
     if gates is not None:
+        if policy is not None:
+            raise ValueError("pass gates or a policy, not both")
         gates.check_steps(steps)
-        handle = apply_lazy(model, gates, mode="sample", threshold=threshold, uniform=uniform, tie_cfg=tie_cfg,
-                            compile=compile, compile_mode=compile_mode, branches=branches)
-        handle.state.force = force
+        policy = policy_for(gates, lazy)
+    elif lazy is not None and policy is None:
+        raise ValueError("a LazyConfig needs gates (or a policy built with it)")
+    if policy is not None and policy.steps != steps:
+        raise GateMismatchError(f"the {type(policy).__name__} policy is defined on T={policy.steps} steps, not {steps}")
+    if micro_batch is not None and y.shape[0] > micro_batch:
+        return _sample_chunked(model, y, steps, micro_batch, policy=policy, cfg_scale=cfg_scale, seed=seed, x=x,
+                               progress=progress, name=name)
+    handle = apply_lazy(model, policy) if policy is not None else None
     try:
         sync = torch.cuda.synchronize if y.is_cuda else (lambda: None)
         sync()
@@ -84,19 +85,20 @@ def sample(model, y, steps: int, *, gates: LazyGates | None = None, threshold: f
     finally:
         if handle:
             handle.remove()
-    macs = sampling_macs(model.config, steps, stats)
-    report = SampleReport(
-        name=name or (f"Lazy{'-LA' if gates is not None and gates.lookahead else ''}-{steps}" if gates is not None
-                      else f"DDIM-{steps}"), steps=steps,
-        lazy_ratio=stats.lazy_ratio if stats else 0.0, tmacs=macs / 1e12, seconds=seconds,
-        stats=stats.as_dict() if stats else {}, lazy=stats,
+    return out, _report(model, steps, policy, stats, seconds, name)
+
+
+def _report(model, steps, policy, stats, seconds, name):
+    return SampleReport(
+        name=name or (f"{policy.label}-{steps}" if policy is not None else f"DDIM-{steps}"), steps=steps,
+        lazy_ratio=stats.lazy_ratio if stats else 0.0, tmacs=sampling_macs(model.config, steps, stats) / 1e12,
+        seconds=seconds, stats=stats.as_dict() if stats else {}, lazy=stats,
     )
-    return out, report
 
 
-def _sample_chunked(model, y, steps, micro_batch, *, seed, x, force, progress, **kw):
+def _sample_chunked(model, y, steps, micro_batch, *, policy, seed, x, progress, name, cfg_scale):
     """`sample` over chunks of `micro_batch` images with the noise of the whole batch; one merged report."""
-    if force is not None and force.dim() == 4:
+    if isinstance(policy, ForcedPlan) and policy.plan.dim() == 4:
         raise ValueError("micro_batch does not split a per-row skip plan: pass the whole batch or a (T, L, 2) plan")
     if x is None:  # the noise `ddim_sample` would draw for the whole batch
         c = model.config
@@ -104,23 +106,20 @@ def _sample_chunked(model, y, steps, micro_batch, *, seed, x, force, progress, *
         x = torch.randn((y.shape[0], c.in_channels, c.input_size, c.input_size), generator=g, device=y.device)
     outs, reports = [], []
     starts = range(0, y.shape[0], micro_batch)
-    for s in tqdm(starts, desc=kw.get("name") or f"sample-{steps}", unit="chunk", disable=not progress, leave=False):
-        out, rep = sample(model, y[s : s + micro_batch], steps, x=x[s : s + micro_batch], seed=seed, force=force,
-                          progress=False, **kw)
+    for s in tqdm(starts, desc=name or f"sample-{steps}", unit="chunk", disable=not progress, leave=False):
+        out, rep = sample(model, y[s : s + micro_batch], steps, policy=policy, x=x[s : s + micro_batch], seed=seed,
+                          cfg_scale=cfg_scale, progress=False, name=name)
         outs.append(out)
         reports.append(rep)
     lazy = None
     if reports[0].lazy is not None:
         lazy = LazyStats(sum(r.lazy.skipped for r in reports), sum(r.lazy.total for r in reports))
-    first = reports[0]
-    report = SampleReport(name=first.name, steps=steps, lazy_ratio=lazy.lazy_ratio if lazy else 0.0,
-                          tmacs=sampling_macs(model.config, steps, lazy) / 1e12,
-                          seconds=sum(r.seconds for r in reports), stats=lazy.as_dict() if lazy else {}, lazy=lazy)
-    return torch.cat(outs), report
+    return torch.cat(outs), _report(model, steps, policy, lazy, sum(r.seconds for r in reports), name)
 
 
-def calibrate_threshold(model, gates: LazyGates, target: float, y, *, cfg_scale: float = 1.0, seed: int = 0,
-                        iters: int = 14, tol: float = 0.005, progress: bool = True, branches=("attn", "mlp")):
+def calibrate_threshold(model, gates: LazyGates, target: float, y, *, lazy: LazyConfig | None = None,
+                        cfg_scale: float = 1.0, seed: int = 0, iters: int = 14, tol: float = 0.005,
+                        progress: bool = True):
     """Bisect the compute threshold so that sampling `y` reaches the target lazy ratio.
 
     The lazy ratio rises with the threshold (a row computes iff p >= threshold); the search runs in logit space.
@@ -128,7 +127,7 @@ def calibrate_threshold(model, gates: LazyGates, target: float, y, *, cfg_scale:
         model, gates: the DiT and its gates (T = gates.steps).
         target: wanted lazy ratio (at most ~0.5 with the reference parity).
         y: (B,) labels of the calibration batch.
-        branches: the branches allowed to be lazy (see `sample`).
+        lazy: LazyConfig of the sampling the threshold is for (its own threshold is replaced).
     Returns:
         (threshold, reached lazy ratio)
     """
@@ -137,8 +136,8 @@ def calibrate_threshold(model, gates: LazyGates, target: float, y, *, cfg_scale:
     for _ in range(iters):
         mid = (lo + hi) / 2
         th = 1 / (1 + math.exp(-mid))
-        _, rep = sample(model, y, gates.steps, gates=gates, threshold=th, cfg_scale=cfg_scale, seed=seed,
-                        branches=branches, progress=False)
+        _, rep = sample(model, y, gates.steps, gates=gates, lazy=replace(lazy or LazyConfig(), threshold=th),
+                        cfg_scale=cfg_scale, seed=seed, progress=False)
         if best[1] is None or abs(rep.lazy_ratio - target) < abs(best[1] - target):
             best = (th, rep.lazy_ratio)
         if progress:

@@ -1,4 +1,4 @@
-"""Gate training on a frozen DiT: the released 3-pass recipe (spec 3.4), checkpointed and resumable, data-parallel
+"""Gate training on a frozen DiT: the released 3-pass recipe (docs/method-notes.md), checkpointed and resumable, data-parallel
 under torchrun (see `train_gates`)."""
 
 import contextlib
@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import distributed as D
-from .checkpoint import torch_save_atomic
-from .diffusion import Schedule
-from .lazy import LazyGates, apply_lazy
+from lazydit import distributed as dist
+from lazydit.files import torch_save_atomic
+from lazydit.sampling.schedule import Schedule
+from lazydit.lazy import LazyGates, apply_lazy
 
 
 @dataclass
@@ -54,13 +54,13 @@ def gate_loss_step(model, handle, x0, y, k: int, drop, noise, sched: Schedule, r
         t_prev = sched.timesteps(k - 1, B, x0.device)
         teacher = model(x_prev, t_prev, y, force_drop_ids=drop)
     handle.mode = "soft"  # pass 3: student, y = p F(Z) + (1 - p) cache with the gates of index k-1
-    handle.state.probs.clear()
+    handle.probs.clear()
     student = model(x_prev, t_prev, y, force_drop_ids=drop)
     mse = ((teacher.float() - student.float()) ** 2).mean(dim=(1, 2, 3)).mean()  # all output channels
-    p_attn = torch.stack([p.float() for b, p in handle.state.probs if b == 0], dim=1)  # (B, L)
-    p_mlp = torch.stack([p.float() for b, p in handle.state.probs if b == 1], dim=1)
+    p_attn = torch.stack([p.float() for b, p in handle.probs if b == 0], dim=1)  # (B, L)
+    p_mlp = torch.stack([p.float() for b, p in handle.probs if b == 1], dim=1)
     loss = mse + rho_attn * p_attn.sum(1).mean() + rho_mlp * p_mlp.sum(1).mean()
-    handle.state.probs.clear()
+    handle.probs.clear()
     return loss, mse, p_attn, p_mlp
 
 
@@ -113,7 +113,7 @@ def train_gates(model, data, cfg: GateTrainConfig, threshold: float = 0.5, progr
     if cfg.steps < 2:
         raise ValueError("gate training needs T >= 2 (odd respaced indices)")
     device = next(model.parameters()).device
-    rank, world, main = D.rank(), D.world_size(), D.is_main()
+    rank, world, main = dist.rank(), dist.world_size(), dist.is_main()
     model.eval().requires_grad_(False)
     gates = LazyGates.for_model(model, cfg.steps, threshold, lookahead=cfg.lookahead)
     opt = torch.optim.AdamW(gates.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -128,7 +128,7 @@ def train_gates(model, data, cfg: GateTrainConfig, threshold: float = 0.5, progr
         if not hasattr(data, "state_dict"):
             return None
         mine = data.state_dict()
-        if not D.is_distributed():
+        if not dist.is_distributed():
             return [mine]
         every = [None] * world
         torch.distributed.all_gather_object(every, mine)
@@ -165,9 +165,9 @@ def train_gates(model, data, cfg: GateTrainConfig, threshold: float = 0.5, progr
         gen.set_state(state["gen"])
         it, log = state["iter"], state["log"]
 
-    handle = apply_lazy(model, gates, mode="soft", threshold=threshold)
+    handle = apply_lazy(model, gates, mode="soft")
     loss_fn = GateLoss(gates, model, handle, sched, cfg)
-    if D.is_distributed():  # after a resume: DDP broadcasts rank 0's gates, equal anyway
+    if dist.is_distributed():  # after a resume: DDP broadcasts rank 0's gates, equal anyway
         ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" \
             else None
         loss_fn = torch.nn.parallel.DistributedDataParallel(loss_fn, device_ids=ids)
@@ -188,7 +188,7 @@ def train_gates(model, data, cfg: GateTrainConfig, threshold: float = 0.5, progr
             opt.step()
             it += 1
             skip = torch.cat([pa, pm], 1).detach().lt(threshold).float().mean()
-            figs = D.all_reduce_(torch.stack([loss.detach(), mse.detach(), skip]).double()) / world
+            figs = dist.all_reduce_(torch.stack([loss.detach(), mse.detach(), skip]).double()) / world
             rec = dict(iter=it, k=k, loss=float(figs[0]), mse=float(figs[1]), skip=float(figs[2]))
             log.append(rec)
             bar.update(1)
@@ -204,7 +204,7 @@ def train_gates(model, data, cfg: GateTrainConfig, threshold: float = 0.5, progr
     gates.meta.update(extra_meta or {})
     if out is not None and main:
         gates.save(out / "gates.safetensors")
-    D.barrier()  # the gate file exists for every rank on return
+    dist.barrier()  # the gate file exists for every rank on return
     return gates
 
 

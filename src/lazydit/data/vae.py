@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError
+from lazydit.errors import CheckpointError
 
 SCALE = 0.18215  # DiT's latent scale (the sd-vae-ft-* config's scaling_factor)
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -150,3 +150,22 @@ def decode(vae, latents, batch_size: int | None = None, progress: bool = False, 
 
 
 __all__ = ["SCALE", "load_vae", "encode", "decode", "posterior"]
+
+
+def decoder_for(model, folder=None, device="cpu"):
+    """The VAE that turns `model`'s samples into images: None for a pixel model (1 or 3 channels), the AutoencoderKL
+    of `folder` for a latent one.
+
+    Raises:
+        CheckpointError: a latent model without a VAE folder, or a VAE of another latent width.
+    """
+    C = model.config.in_channels
+    if not folder:
+        if C not in (1, 3):
+            raise CheckpointError(f"the model samples {C}-channel latents: pass --vae VAE_FOLDER (e.g. a local copy of "
+                                  "stabilityai/sd-vae-ft-ema) to decode them into images")
+        return None
+    vae = load_vae(folder, device)
+    if vae.config.latent_channels != C:
+        raise CheckpointError(f"--vae {folder} has {vae.config.latent_channels} latent channels, the model {C}")
+    return vae

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoint import atomic_write
-from .data import DataMissingError
+from lazydit.files import atomic_write
+from lazydit.errors import DataMissingError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 LATENT_FORMAT = "lazydit-latents-v1"
@@ -154,7 +154,7 @@ class ImageFolderLoader:
             self._pool.shutdown()
 
 
-def _fingerprint(vae, dataset, image_size, flip, posterior, dtype, seed, batch_size):
+def _extraction_settings(vae, dataset, image_size, flip, posterior, dtype, seed, batch_size):
     """What a partial extraction must share with the current call to be resumed."""
     return dict(format=LATENT_FORMAT, n=len(dataset), classes=dataset.classes, image_size=image_size,
                 first=str(dataset.samples[0][0].relative_to(dataset.root)),
@@ -197,13 +197,13 @@ def extract_latents(vae, dataset: ImageFolder, out_dir, batch_size: int = 64, fl
     Returns:
         out_dir as a Path.
     """
-    from .vae import encode, posterior as vae_posterior
+    from lazydit.data.vae import encode, posterior as vae_posterior
 
     if flip not in FLIP_MODES or posterior not in POSTERIOR_MODES:
         raise ValueError(f"flip must be one of {FLIP_MODES} and posterior one of {POSTERIOR_MODES}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    fp = _fingerprint(vae, dataset, dataset.image_size, flip, posterior, dtype, seed, batch_size)
+    fp = _extraction_settings(vae, dataset, dataset.image_size, flip, posterior, dtype, seed, batch_size)
     if (out / "meta.json").is_file():
         meta = json.loads((out / "meta.json").read_text())
         if {k: meta.get(k) for k in fp} != fp:
@@ -375,7 +375,7 @@ class EncodedLoader:
         self.generator.set_state(state["generator"])
 
     def __next__(self):
-        from .vae import encode
+        from lazydit.data.vae import encode
 
         x, y = next(self.loader)
         z = encode(self.vae, x, generator=self.generator)

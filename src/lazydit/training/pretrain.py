@@ -9,11 +9,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import save_model, torch_save_atomic
-from .data import InfiniteSampler, load_fashion_mnist
-from .diffusion import NUM_TRAIN_TIMESTEPS, TrainingLoss, ddim_sample
-from .images import save_grid
-from .models import create_model
+from lazydit.models.checkpoint import save_model
+from lazydit.files import torch_save_atomic
+from lazydit.data.fashion_mnist import InfiniteSampler, load_fashion_mnist
+from lazydit.sampling.schedule import NUM_TRAIN_TIMESTEPS, TrainingLoss
+from lazydit.sampling.ddim import ddim_sample
+from lazydit.images import save_grid
+from lazydit.models.dit import create_model
 
 
 @dataclass
@@ -21,15 +23,15 @@ class PretrainConfig:
     model: str = "DiT-FMNIST"  # zoo name
     data: str | None = None  # Fashion-MNIST IDX folder (default: Debian's)
     out: str = "runs/pretrain"  # run folder: checkpoint.pt, model.safetensors (EMA), previews
-    steps: int = 20000  # optimiser steps
+    iters: int = 20000  # optimiser steps
     batch_size: int = 64  # images per step
     lr: float = 3e-4  # AdamW learning rate (reference: 1e-4 at batch 256)
-    warmup: int = 200  # linear lr warm-up steps
+    warmup: int = 200  # linear lr warm-up, in optimiser steps
     weight_decay: float = 0.0  # AdamW weight decay (reference: 0)
     ema_decay: float = 0.999  # EMA of the weights (reference: 0.9999 over 400k steps)
     flip: bool = False  # random horizontal flip (reference: on; Fashion-MNIST: off)
     seed: int = 0  # data order, noise and init
-    ckpt_every: int = 500  # steps between atomic checkpoints (+ a preview grid)
+    ckpt_every: int = 500  # optimiser steps between atomic checkpoints (+ a preview grid)
     max_minutes: float | None = None  # stop (and save) after this wall-clock budget
     bf16: bool = False  # bf16 autocast (CUDA)
     resume: bool = False  # continue from out/checkpoint.pt
@@ -73,10 +75,7 @@ def pretrain(cfg: PretrainConfig, device="cpu", progress=True) -> Path:
         step, log = state["step"], state.get("log", [])
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)  # timesteps and noise
     if cfg.resume and ckpt.exists():
-        if "gen" in state:
-            gen.set_state(state["gen"])
-        else:  # checkpoints written before the generator was saved: a fresh, step-dependent stream
-            gen.manual_seed(cfg.seed + 1 + step)
+        gen.set_state(state["gen"])
 
     def save():
         torch_save_atomic(dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
@@ -93,8 +92,8 @@ def pretrain(cfg: PretrainConfig, device="cpu", progress=True) -> Path:
 
     model.train()
     t0, start = time.time(), step
-    bar = tqdm(total=cfg.steps, initial=step, desc="pretrain", disable=not progress)
-    while step < cfg.steps:
+    bar = tqdm(total=cfg.iters, initial=step, desc="pretrain", disable=not progress)
+    while step < cfg.iters:
         xb, yb = next(sampler)
         xb, yb = xb.to(device), yb.to(device)
         t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (xb.shape[0],), generator=gen).to(device)
@@ -113,7 +112,7 @@ def pretrain(cfg: PretrainConfig, device="cpu", progress=True) -> Path:
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}")
         out_of_time = cfg.max_minutes is not None and (time.time() - t0) / 60 > cfg.max_minutes
-        if step % cfg.ckpt_every == 0 or step == cfg.steps or out_of_time:
+        if step % cfg.ckpt_every == 0 or step == cfg.iters or out_of_time:
             save()
         if out_of_time:
             break

@@ -11,7 +11,7 @@ torchvision's ImageNet Inception-v3 in four places (pytorch-fid's FIDInceptionA/
 * Mixed_7c (E_2) uses a 3x3 *max* pool in its branch_pool;
 * the classifier has 1008 outputs (TF's label map), not 1000.
 
-Features, as ADM's evaluator (a dict, like lazydit.features.FMNISTClassifier.features):
+Features, as ADM's evaluator (a dict, like lazydit.evaluation.fmnist.FMNISTClassifier.features):
 
 * ``pool``    (B, 2048): the global average pool of Mixed_7c = TF "pool_3:0" -> FID, precision/recall, KID.
 * ``spatial`` (B, 2023): TF "mixed_6/conv:0"[..., :7] flattened -> sFID. In the 2015 graph the Inception blocks are
@@ -46,7 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import CheckpointError, load_state_dict_strict
+from lazydit.errors import CheckpointError
+from lazydit.models.checkpoint import load_state_dict_strict
 
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{FID_WEIGHTS_NAME}"

@@ -1,6 +1,6 @@
 """Large-DiT ("DiT-Llama", Alpha-VLLM LLaMA2-Accessory `Large-DiT-ImageNet`), with the reference module names.
 
-A LLaMA-style DiT (spec section 5): Linear patch embedding, 1-D rotary embeddings on q and k, optional LayerNorm on
+A LLaMA-style DiT (docs/method-notes.md §6): Linear patch embedding, 1-D rotary embeddings on q and k, optional LayerNorm on
 q and k, bias-free attention and SwiGLU FFN, RMSNorm, conditioning width min(D, 1024), adaLN-Zero.
 Module names are a contract: the released `consolidated_ema.00-of-01.pth` (with its `model_args.pth`) loads with
 `strict=True` (`load_large_dit`).
@@ -15,8 +15,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import CheckpointError, load_state_dict_strict, torch_save_atomic
-from .models import FinalLayer, LabelEmbedder, TimestepEmbedder, combine_cfg, modulate, zoo_config
+from lazydit.errors import CheckpointError
+from lazydit.models.checkpoint import load_state_dict_strict
+from lazydit.files import torch_save_atomic
+from lazydit.models.dit import (
+    ConditionalTransformer,
+    FinalLayer,
+    LabelEmbedder,
+    TimestepEmbedder,
+    modulate,
+    zoo_config,
+)
+from lazydit.models.registry import BlockSpec, register_block
 
 ARGS_FILE = "model_args.pth"
 EMA_FILE = "consolidated_ema.00-of-01.pth"
@@ -171,14 +181,9 @@ class TransformerBlock(nn.Module):
         x = x + gate_msa[:, None] * attention(modulate(attention_norm(x), shift_msa, scale_msa), f)
         x = x + gate_mlp[:, None] * feed_forward(modulate(ffn_norm(x), shift_mlp, scale_mlp))
     The gates multiply as they are (no tanh, unlike later Lumina/Next-DiT blocks). Same chunk order as DiTBlock.
-    For lazy code: the branches are `lazy_branches`, called as `module(z, *extra)` with extra = (f,) for
-    `attention` and () for `feed_forward`; their norms are `lazy_norms`; chunks (shift, scale, gate) of branch b
-    are 3b, 3b+1, 3b+2 (`modulation(c)` returns all six); `lazy_inputs(*forward args)` gives (c, extras).
+    Caching methods find its parts through the block registry (registered below): the branches are `attention`
+    (called with the rotary table as its extra argument) and `feed_forward`.
     """
-
-    lazy_branches = ("attention", "feed_forward")
-    lazy_norms = ("attention_norm", "ffn_norm")
-    lazy_gate_tanh = False
 
     def __init__(self, layer_id: int, cfg: LargeDiTConfig):
         super().__init__()
@@ -191,10 +196,6 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(D, eps=cfg.norm_eps)
         self.ffn_norm = RMSNorm(D, eps=cfg.norm_eps)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.cond_size, 6 * D, bias=True))
-
-    def lazy_inputs(self, freqs_cis, adaln_input=None):
-        """Split this block's forward arguments for lazy code: (c, (extra args of attention, of feed_forward))."""
-        return adaln_input, ((freqs_cis,), ())
 
     def modulation(self, c):
         """c (B, cond) -> the six (B, D) chunks: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp."""
@@ -212,7 +213,17 @@ class TransformerBlock(nn.Module):
         return x
 
 
-class LargeDiT(nn.Module):
+def _block_inputs(block, freqs_cis, adaln_input=None):
+    """A block's forward arguments for caching methods: (c, (extra args of attention, of feed_forward))."""
+    return adaln_input, ((freqs_cis,), ())
+
+
+register_block(TransformerBlock, BlockSpec(branches=("attention", "feed_forward"),
+                                           norms=("attention_norm", "ffn_norm"),
+                                           inputs=_block_inputs))
+
+
+class LargeDiT(ConditionalTransformer):
     """Class-conditional DiT-Llama; `forward(x, t, y)` as our DiT's. Blocks are `layers` (also `blocks`)."""
 
     def __init__(self, config: LargeDiTConfig):
@@ -249,13 +260,7 @@ class LargeDiT(nn.Module):
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        for layer in self.layers:
-            nn.init.zeros_(layer.adaLN_modulation[-1].weight)
-            nn.init.zeros_(layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
+        self.zero_adaln()
 
     def patchify(self, x):
         """(B, C, H, W) -> (B, N, C*p*p), features ordered (C, p, p) as the reference."""
@@ -265,14 +270,6 @@ class LargeDiT(nn.Module):
         p = self.patch_size
         x = x.view(B, C, H // p, p, W // p, p)
         return x.permute(0, 2, 4, 1, 3, 5).flatten(-3).flatten(1, 2)
-
-    def unpatchify(self, x):
-        """(B, N, p*p*C_out) -> (B, C_out, H, W), features ordered (p, p, C) as the reference."""
-        c, p = self.out_channels, self.patch_size
-        h = w = int(x.shape[1] ** 0.5)
-        x = x.reshape(x.shape[0], h, w, p, p, c)
-        x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(x.shape[0], c, h * p, w * p)
 
     def rotary(self, n_tokens: int, device) -> torch.Tensor:
         """The first n_tokens rows of the rotary table, on `device` (moved once and kept there)."""
@@ -290,11 +287,6 @@ class LargeDiT(nn.Module):
         for layer in self.layers:
             x = layer(x, freqs_cis, adaln_input=c)
         return self.unpatchify(self.final_layer(x, c))
-
-    def forward_with_cfg(self, x, t, y, cfg_scale):
-        """Classifier-free guidance as the reference: batch [x; x], labels [y; null], guidance on 3 of 4 channels."""
-        half = x[: len(x) // 2]
-        return combine_cfg(self.forward(torch.cat([half, half]), t, y), self.in_channels, cfg_scale)
 
 
 def large_dit_config(name: str, **overrides) -> LargeDiTConfig:
@@ -464,23 +456,6 @@ def save_large_dit(model: LargeDiT, folder, args: dict | None = None, ema: bool 
     torch_save_atomic(argparse.Namespace(**meta), folder / ARGS_FILE)
 
 
-def module_macs(cfg: LargeDiTConfig) -> dict:
-    """Linear MACs of one attention and one feed_forward module for one image, as cost.module_macs for DiT."""
-    N, D = cfg.num_tokens, cfg.hidden_size
-    kv = (cfg.num_kv_heads or cfg.num_heads) * cfg.head_dim
-    return {"attn": N * D * (2 * D + 2 * kv), "mlp": 3 * N * D * cfg.ffn_hidden_size}  # wq wk wv wo; w1 w2 w3
-
-
-def forward_macs(cfg: LargeDiTConfig, attention_matmuls: bool = False) -> int:
-    """Linear MACs of one forward of one image (the paper's counting; spec 3.5), attention matmuls optional."""
-    N, D, p, cond = cfg.num_tokens, cfg.hidden_size, cfg.patch_size, cfg.cond_size
-    m = module_macs(cfg)
-    per_block = m["attn"] + m["mlp"] + cond * 6 * D + (2 * N * N * D if attention_matmuls else 0)
-    embed = N * cfg.in_channels * p * p * D + 256 * cond + cond * cond
-    final = cond * 2 * D + N * D * p * p * cfg.out_channels
-    return cfg.depth * per_block + embed + final
-
-
 def parameter_count(name: str, **overrides) -> int:
     """Parameters of a zoo model, counted on the meta device."""
     with torch.device("meta"):
@@ -490,5 +465,4 @@ def parameter_count(name: str, **overrides) -> int:
 
 __all__ = ["LargeDiT", "LargeDiTConfig", "LARGE_DIT_MODELS", "REFERENCE_NAMES", "TransformerBlock",
            "create_large_dit", "large_dit_config", "load_large_dit", "save_large_dit", "read_model_args",
-           "config_from_args", "precompute_freqs_cis", "apply_rotary_emb", "module_macs", "forward_macs",
-           "parameter_count"]
+           "config_from_args", "precompute_freqs_cis", "apply_rotary_emb", "parameter_count"]

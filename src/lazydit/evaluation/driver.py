@@ -5,21 +5,18 @@ so rows of a table differ only by the sampler. Generation is written batch by ba
 interrupted run continues where it stopped.
 """
 
-import json
-import shutil
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_write
-from .cost import sampling_macs
-from .images import save_npz, to_uint8
-from .lazy import LazyStats
-from .pipeline import sample
+from lazydit.sampling.parts import SampleParts
+from lazydit.evaluation.cost import sampling_macs
+from lazydit.images import save_npz, to_uint8
+from lazydit.lazy import LazyConfig, LazyStats
+from lazydit.pipeline import sample
 
 
 @dataclass
@@ -29,10 +26,7 @@ class EvalConfig:
     num_samples: int = 5000  # images generated and scored
     batch_size: int = 250  # images per sampling batch
     seed: int = 0  # labels and initial noise (the same for every configuration)
-    threshold: float | None = None  # gate compute threshold (None: the gates' own)
-    uniform: bool = False  # batch-uniform gate decisions
-    tie_cfg: bool = False  # cond/uncond rows decide together
-    branches: tuple = ("attn", "mlp")  # branches allowed to be lazy (individual-laziness ablation)
+    lazy: LazyConfig = LazyConfig()  # how the gates decide (threshold, uniform, tie_cfg, branches)
     name: str | None = None  # row label (default: DDIM-T / Lazy-T / Lazy-LA-T)
     micro_batch: int | None = None  # images per sampler call inside a batch (cache-friendly on CPU; same samples)
 
@@ -41,14 +35,6 @@ def eval_labels(num_samples: int, num_classes: int, seed: int = 0) -> torch.Tens
     """Labels uniform over classes (each class num_samples / C times, shuffled by seed): (num_samples,) long."""
     y = torch.arange(num_samples) % num_classes
     return y[torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed))]
-
-
-def _write_part(path: Path, images, labels, info: dict):
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            np.savez(f, arr_0=images, arr_1=labels, info=np.array(json.dumps(info)))
-
-    atomic_write(path, write)
 
 
 def generate(model, cfg: EvalConfig, gates=None, out=None, progress: bool = True) -> dict:
@@ -67,37 +53,30 @@ def generate(model, cfg: EvalConfig, gates=None, out=None, progress: bool = True
     device = next(model.parameters()).device
     y_all = eval_labels(cfg.num_samples, model.config.num_classes, cfg.seed)
     n_batches = (cfg.num_samples + cfg.batch_size - 1) // cfg.batch_size
-    parts = Path(str(out) + ".parts") if out else None
-    if parts:
-        parts.mkdir(parents=True, exist_ok=True)
+    parts = None
+    if out:
         meta = {**asdict(cfg), "micro_batch": None,  # a compute detail: parts stay valid across it
                 "gates": None if gates is None else dict(steps=gates.steps, lookahead=gates.lookahead,
-                                                                          threshold=gates.threshold)}
-        meta = json.loads(json.dumps(meta))  # tuples -> lists, as read back
-        mpath = parts / "config.json"
-        if mpath.exists() and json.loads(mpath.read_text()) != meta:
-            raise ValueError(f"{parts} holds parts of another configuration: delete it or choose another --out")
-        mpath.write_text(json.dumps(meta))
+                                                          threshold=gates.threshold)}
+        parts = SampleParts(out, meta).prepare()
     images, labels, seconds, skipped, total = [], [], 0.0, None, None
     name = cfg.name
     bar = tqdm(range(n_batches), desc=cfg.name or "eval", unit="batch", disable=not progress)
     for i in bar:
         y = y_all[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-        part = parts / f"part_{i:05d}.npz" if parts else None
-        if part is not None and part.exists():
-            with np.load(part) as f:
-                img, lab, info = f["arr_0"], f["arr_1"], json.loads(str(f["info"]))
+        done = parts.read(f"part_{i:05d}") if parts else None
+        if done is not None:
+            img, lab, info = done
         else:
-            x, rep = sample(model, y.to(device), cfg.steps, gates=gates, threshold=cfg.threshold,
-                            cfg_scale=cfg.cfg_scale, seed=cfg.seed * 1_000_003 + i, uniform=cfg.uniform,
-                            tie_cfg=cfg.tie_cfg, branches=cfg.branches, progress=False, name=cfg.name,
+            x, rep = sample(model, y.to(device), cfg.steps, gates=gates, lazy=cfg.lazy if gates is not None else None,
+                            cfg_scale=cfg.cfg_scale, seed=cfg.seed * 1_000_003 + i, progress=False, name=cfg.name,
                             micro_batch=cfg.micro_batch)
             img, lab = to_uint8(x), y.numpy()
             info = dict(name=rep.name, seconds=rep.seconds)
             if rep.lazy is not None:
                 info.update(skipped=rep.lazy.skipped.tolist(), total=rep.lazy.total.tolist())
-            if part is not None:
-                _write_part(part, img, lab, info)
+            if parts is not None:
+                parts.write(f"part_{i:05d}", img, lab, info)
         name = name or info["name"]
         images.append(img)
         labels.append(lab)
@@ -110,28 +89,16 @@ def generate(model, cfg: EvalConfig, gates=None, out=None, progress: bool = True
     stats = LazyStats(skipped, total) if skipped is not None else None
     if out:
         save_npz(images, out, labels=labels)
-        shutil.rmtree(parts)
+        parts.remove()
     return dict(images=images, labels=labels, name=name, steps=cfg.steps,
                 lazy_ratio=stats.lazy_ratio if stats else 0.0,
                 tmacs=sampling_macs(model.config, cfg.steps, stats) / 1e12, seconds=seconds,
                 seconds_per_image=seconds / len(images), stats=stats)
 
 
-def reference_from_images(extractor, images, batch_size: int = 250, progress: bool = True) -> dict:
-    """Reference statistics of real uint8 images (e.g. the arr_0 of an ADM reference batch) with any extractor."""
-    from .features import extract_features, fingerprint
-    from .metrics import feature_stats
-
-    f = extract_features(extractor, images, batch_size, progress)
-    mu, sigma = feature_stats(f["pool"])
-    mu_s, sigma_s = feature_stats(f["spatial"])
-    return dict(mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s, pool=f["pool"], mean_probs=f["probs"].mean(0),
-                meta={"n": len(images), "fingerprint": fingerprint(extractor)})
-
-
 def score(extractor, images, ref: dict, batch_size: int = 250, progress: bool = True) -> dict:
     """FID, sFID, IS, precision, recall (k=3) and KID of uint8 images against reference statistics."""
-    from .features import evaluate, extract_features
+    from lazydit.evaluation.features import evaluate, extract_features
 
     return evaluate(extractor, extract_features(extractor, images, batch_size, progress), ref, progress=progress)
 
@@ -141,8 +108,8 @@ def evaluate_config(model, cfg: EvalConfig, extractor, ref: dict, gates=None, ou
 
     Args:
         model, cfg, gates, out: as `generate`.
-        extractor: feature extractor with `.features(x)` (e.g. lazydit.features.default_classifier()).
-        ref: reference statistics made with the same extractor (e.g. lazydit.features.default_reference()).
+        extractor: feature extractor with `.features(x)` (e.g. lazydit.evaluation.fmnist.default_classifier()).
+        ref: reference statistics made with the same extractor (e.g. lazydit.evaluation.fmnist.default_reference()).
     Returns:
         dict(sampler, steps, n, fid, sfid, inception_score, precision, recall, kid, lazy_ratio, tmacs,
         seconds, seconds_per_image).
@@ -153,7 +120,8 @@ def evaluate_config(model, cfg: EvalConfig, extractor, ref: dict, gates=None, ou
     row = dict(sampler=g["name"], steps=cfg.steps, n=len(g["images"]), **{k: float(v) for k, v in metrics.items()},
                lazy_ratio=round(g["lazy_ratio"], 4), tmacs=g["tmacs"], seconds=round(g["seconds"], 2),
                seconds_per_image=round(g["seconds_per_image"], 5), cfg_scale=cfg.cfg_scale, seed=cfg.seed,
-               threshold=None if gates is None else (cfg.threshold if cfg.threshold is not None else gates.threshold),
+               threshold=None if gates is None else (cfg.lazy.threshold if cfg.lazy.threshold is not None
+                                                     else gates.threshold),
                wall_s=round(time.time() - t0, 1))
     if g["stats"] is not None:
         row["per_branch"] = dict(zip(("attn", "mlp"), g["stats"].ratio(2).tolist()))

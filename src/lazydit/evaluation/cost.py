@@ -1,19 +1,16 @@
-"""Cost accounting the paper's way (spec 3.5): MACs of Linear and Conv layers of one forward of one image."""
+"""Cost accounting the paper's way (docs/method-notes.md §4): MACs of Linear and Conv layers of one forward of one image."""
 
-from .models import DiTConfig
-
-
-def _large(cfg) -> bool:
-    return type(cfg).__name__ == "LargeDiTConfig"
+from lazydit.models.dit import DiTConfig
+from lazydit.models.large_dit import LargeDiTConfig
 
 
-def module_macs(cfg: DiTConfig) -> dict:
-    """Linear MACs of one attn and one mlp module for one image: {"attn": 4 N D^2, "mlp": 2 N D H}."""
-    if _large(cfg):  # Large-DiT: SwiGLU FFN, no biases (lazydit.large_dit)
-        from .large_dit import module_macs as large_module_macs
-
-        return large_module_macs(cfg)
+def module_macs(cfg: DiTConfig | LargeDiTConfig) -> dict:
+    """Linear MACs of one attn and one mlp module for one image: DiT {"attn": 4 N D^2, "mlp": 2 N D H}; Large-DiT
+    (SwiGLU FFN, grouped kv heads) {"attn": N D (2 D + 2 kv), "mlp": 3 N D H}."""
     N, D = cfg.num_tokens, cfg.hidden_size
+    if isinstance(cfg, LargeDiTConfig):
+        kv = (cfg.num_kv_heads or cfg.num_heads) * cfg.head_dim
+        return {"attn": N * D * (2 * D + 2 * kv), "mlp": 3 * N * D * cfg.ffn_hidden_size}  # wq wk wv wo; w1 w2 w3
     H = int(D * cfg.mlp_ratio)
     return {"attn": N * D * 3 * D + N * D * D, "mlp": N * D * H + N * H * D}
 
@@ -23,7 +20,7 @@ def attention_matmul_macs(cfg: DiTConfig) -> int:
     return 2 * cfg.num_tokens**2 * cfg.hidden_size
 
 
-def forward_macs(cfg: DiTConfig, attention_matmuls: bool = False) -> int:
+def forward_macs(cfg: DiTConfig | LargeDiTConfig, attention_matmuls: bool = False) -> int:
     """MACs of one DiT forward of one image, Linear and Conv layers as pytorch-OpCounter counts them.
 
     Args:
@@ -32,12 +29,13 @@ def forward_macs(cfg: DiTConfig, attention_matmuls: bool = False) -> int:
     Returns:
         MACs (int). DiT-XL/2 at 256^2: 114.39e9 (118.6e9 with attention matmuls).
     """
-    if _large(cfg):
-        from .large_dit import forward_macs as large_forward_macs
-
-        return large_forward_macs(cfg, attention_matmuls)
     N, D, p = cfg.num_tokens, cfg.hidden_size, cfg.patch_size
     m = module_macs(cfg)
+    if isinstance(cfg, LargeDiTConfig):  # adaLN from a condition of width min(D, 1024); no biases
+        cond = cfg.cond_size
+        per_block = m["attn"] + m["mlp"] + cond * 6 * D + (2 * N * N * D if attention_matmuls else 0)
+        embed = N * cfg.in_channels * p * p * D + 256 * cond + cond * cond
+        return cfg.depth * per_block + embed + cond * 2 * D + N * D * p * p * cfg.out_channels
     per_block = m["attn"] + m["mlp"] + D * 6 * D  # + adaLN modulation Linear(D, 6D) on one row
     if attention_matmuls:
         per_block += attention_matmul_macs(cfg)

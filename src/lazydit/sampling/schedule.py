@@ -1,15 +1,11 @@
-"""Gaussian diffusion as DiT uses it: linear 1000-step schedule, respacing, DDIM (eta=0), guidance, training loss.
-
-Samplers are plain functions (k-diffusion style) and know nothing about lazy gates.
-"""
+"""Gaussian diffusion as DiT uses it: the linear 1000-step schedule, the reference respacing, one DDIM step, and
+the DDPM training loss. The samplers built on it are in `lazydit.sampling.ddim`."""
 
 import math
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from .models import combine_cfg
 
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -73,69 +69,6 @@ class Schedule:
         x0 = float(np.sqrt(1.0 / a)) * x - float(np.sqrt(1.0 / a - 1)) * eps
         eps = (float(np.sqrt(1.0 / a)) * x - x0) / float(np.sqrt(1.0 / a - 1))  # reference re-derives eps
         return float(np.sqrt(ap)) * x0 + float(np.sqrt(1 - ap)) * eps
-
-
-def model_eps(model, x, t, y, cfg_scale: float):
-    """eps prediction (B, C, H, W): one forward, with the reference CFG when cfg_scale != 1 (x, y are [x; x], [y; null])."""
-    C = x.shape[1]
-    if cfg_scale == 1.0:
-        return model(x, t, y)[:, :C]
-    half = x[: len(x) // 2]  # as forward_with_cfg: both halves run on the conditional half's x
-    return combine_cfg(model(torch.cat([half, half]), t, y), C, cfg_scale)[:, :C]
-
-
-def ddim_sample(
-    model,
-    y,
-    steps: int,
-    *,
-    x=None,
-    cfg_scale: float = 1.0,
-    generator: torch.Generator | None = None,
-    seed: int | None = None,
-    null_label: int | None = None,
-    progress: bool = True,
-    callback=None,
-):
-    """DDIM (eta = 0) over the reference respacing of T steps, with optional classifier-free guidance.
-
-    Args:
-        model: a DiT (or anything with `.config` and forward(x, t, y) -> (B, C_out, H, W)).
-        y: (B,) long class labels.
-        steps: T, number of sampling steps.
-        x: (B, C, H, W) initial noise; drawn from `generator` / `seed` (on y's device) when None.
-        cfg_scale: guidance scale w; 1.0 disables guidance (one forward of B rows per step).
-        generator, seed: source of the initial noise (deterministic for a given seed).
-        null_label: label of the unconditional branch; defaults to config.num_classes.
-        progress: show a progress bar.
-        callback: called as callback(dict(k=k, i=i, x=x_k, x_prev=x_{k-1}, eps=eps)) after every step.
-    Returns:
-        (B, C, H, W) samples x_0 (conditional half only when guided).
-    """
-    cfg = model.config
-    B, device = y.shape[0], y.device
-    if x is None:
-        if generator is None:
-            generator = torch.Generator(device=device).manual_seed(0 if seed is None else seed)
-        shape = (B, cfg.in_channels, cfg.input_size, cfg.input_size)
-        x = torch.randn(shape, generator=generator, device=device)
-    x = x.to(device=device, dtype=next(model.parameters()).dtype)
-    guided = cfg_scale != 1.0
-    if guided:  # (5) the batch is [x; x] with labels [y; null]
-        null = cfg.num_classes if null_label is None else null_label
-        x = torch.cat([x, x])
-        y = torch.cat([y, torch.full_like(y, null)])
-    sched = Schedule(steps)
-    bar = tqdm(range(steps - 1, -1, -1), desc=f"DDIM-{steps}", disable=not progress, leave=False)
-    with torch.no_grad():
-        for i, k in enumerate(bar):
-            t = sched.timesteps(k, x.shape[0], device)
-            eps = model_eps(model, x, t, y, cfg_scale)
-            x_prev = sched.ddim_step(x, eps, k)
-            if callback is not None:
-                callback(dict(k=k, i=i, x=x, x_prev=x_prev, eps=eps))
-            x = x_prev
-    return x.chunk(2)[0] if guided else x
 
 
 # ---------------------------------------------------------------- training loss (DDPM, as guided-diffusion)

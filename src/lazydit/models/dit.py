@@ -4,12 +4,14 @@ Module names are a contract: a released checkpoint (`DiT-XL-2-256x256.pt`) loads
 """
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from lazydit.models.registry import BlockSpec, register_block
 
 
 @dataclass
@@ -161,6 +163,9 @@ class DiTBlock(nn.Module):
         return x
 
 
+register_block(DiTBlock, BlockSpec(branches=("attn", "mlp"), norms=("norm1", "norm2")))
+
+
 class FinalLayer(nn.Module):
     """LayerNorm -> modulate -> Linear(D, p*p*C_out); adaLN from a condition of width cond_size (default D)."""
 
@@ -175,7 +180,33 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-class DiT(nn.Module):
+class ConditionalTransformer(nn.Module):
+    """What DiT and Large-DiT share: patch output layout, classifier-free guidance, the adaLN-Zero initialisation."""
+
+    def zero_adaln(self):
+        """adaLN-Zero: every block's modulation and the final layer (modulation and linear) start at zero."""
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for lin in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def unpatchify(self, x):
+        """(B, N, p*p*C_out) -> (B, C_out, H, W), features ordered (p, p, C) as the reference."""
+        c, p = self.out_channels, self.patch_size
+        h = w = int(x.shape[1] ** 0.5)
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, h * p, w * p)
+
+    def forward_with_cfg(self, x, t, y, cfg_scale):
+        """Classifier-free guidance as the reference: batch [x; x] with labels [y; null] (3 of 4 latent channels)."""
+        half = x[: len(x) // 2]
+        return combine_cfg(self.forward(torch.cat([half, half]), t, y), self.in_channels, cfg_scale)
+
+
+class DiT(ConditionalTransformer):
     """Class-conditional diffusion transformer."""
 
     def __init__(self, config: DiTConfig):
@@ -214,21 +245,7 @@ class DiT(nn.Module):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for block in self.blocks:
-            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
-            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
-        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
-        nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
-        nn.init.constant_(self.final_layer.linear.weight, 0)
-        nn.init.constant_(self.final_layer.linear.bias, 0)
-
-    def unpatchify(self, x):
-        """(B, N, p*p*C) -> (B, C, H, W)."""
-        c, p = self.out_channels, self.patch_size
-        h = w = int(x.shape[1] ** 0.5)
-        x = x.reshape(x.shape[0], h, w, p, p, c)
-        x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(x.shape[0], c, h * p, w * p)
+        self.zero_adaln()
 
     def forward(self, x, t, y, force_drop_ids=None):
         """x (B, C, H, W), t (B,) original timesteps, y (B,) labels -> (B, C_out, H, W)."""
@@ -237,11 +254,6 @@ class DiT(nn.Module):
         for block in self.blocks:
             x = block(x, c)
         return self.unpatchify(self.final_layer(x, c))
-
-    def forward_with_cfg(self, x, t, y, cfg_scale):
-        """Classifier-free guidance as the reference: batch [x; x] with labels [y; null]."""
-        half = x[: len(x) // 2]
-        return combine_cfg(self.forward(torch.cat([half, half]), t, y), self.in_channels, cfg_scale)
 
 
 def guided_channels(in_channels):
@@ -303,7 +315,3 @@ def create_model(name: str, **overrides) -> DiT:
     model = DiT(model_config(name, **overrides))
     model.name = name
     return model
-
-
-def config_dict(config: DiTConfig) -> dict:
-    return asdict(config)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from lazydit.errors import DataMissingError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = [
@@ -18,9 +19,6 @@ _FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 
-
-class DataMissingError(FileNotFoundError):
-    """The dataset files are not where we looked."""
 
 
 def _find(root: Path, stem: str) -> Path:

@@ -1,40 +1,16 @@
-"""Checkpoints: loading DiT weights strictly (flat state dicts, training checkpoints), atomic writes."""
+"""Checkpoints: loading DiT weights strictly (flat state dicts, training checkpoints, lazydit .safetensors)."""
 
 import argparse
 import json
-import os
-import tempfile
+import re
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .models import DiT, DiTConfig, create_model, model_config
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file does not fit the model it is loaded into."""
-
-
-def atomic_write(path, write_fn):
-    """Call write_fn(tmp_path) and rename the result onto path, so an interrupted write never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def torch_save_atomic(obj, path):
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+from lazydit.errors import CheckpointError
+from lazydit.files import atomic_write
+from lazydit.models.dit import DiT, DiTConfig, create_model, model_config
 
 
 def read_state_dict(path, key: str | None = None) -> dict:
@@ -103,7 +79,7 @@ def load_dit(path, name: str | None = None, **overrides) -> DiT:
         model, name = DiT(cfg), meta.get("name") or name
         model.name = name
     elif name is None:
-        raise ValueError(f"{path} carries no model config: pass the model name (e.g. --model DiT-XL/2)")
+        raise CheckpointError(f"{path} carries no model config: pass the zoo name (--model-name DiT-XL/2)")
     else:
         model = create_model(name, **overrides)
     load_state_dict_strict(model, read_state_dict(path), source=str(path))
@@ -134,5 +110,71 @@ def read_model_metadata(path) -> dict:
     return out
 
 
-__all__ = ["load_dit", "save_model", "read_state_dict", "load_state_dict_strict", "CheckpointError",
-           "atomic_write", "torch_save_atomic", "model_config"]
+
+MODEL_KINDS = ("'default' (the shipped Fashion-MNIST DiT), a DiT file (.pt / .pth released or training checkpoint, "
+               "lazydit .safetensors) or a Large-DiT checkpoint folder (consolidated_ema.00-of-01.pth + model_args.pth)")
+
+
+def load_model(spec, *, name: str | None = None, image_size: int | None = None, overrides: dict | None = None,
+               device="cpu"):
+    """Any model lazydit runs, by kind: the shipped default, a DiT file or a Large-DiT folder.
+
+    Args:
+        spec: "default"; a DiT file (a released `DiT-XL-2-256x256.pt`, whose name gives its config; a DiT
+            `train.py` checkpoint or flat state dict, with `name`; a lazydit .safetensors, which carries its
+            config); or a Large-DiT folder (or its model_args.pth / consolidated*.pth).
+        name: zoo name for files without a config (`DiT-XL/2`; Large-DiT: only without model_args.pth).
+        image_size: image size of a latent model (latent = size / 8), for files without a config.
+        overrides: more config fields for files without a config.
+        device: where the model goes.
+    Returns:
+        The model in eval mode.
+    Raises:
+        CheckpointError: the path is not a model of a known kind, or does not fit the config.
+    """
+    from lazydit.models.large_dit import ARGS_FILE, EMA_FILE, MODEL_FILE
+
+    overrides = dict(overrides or {})
+    if image_size:
+        if image_size % 8:
+            raise CheckpointError(f"image size {image_size} is not a multiple of 8 (the VAE's factor)")
+        overrides["input_size"] = image_size // 8
+    if spec in (None, "default"):
+        from lazydit.assets import default_model
+
+        return default_model(device)
+    path = Path(spec)
+    if path.is_dir() or path.name in (ARGS_FILE, EMA_FILE, MODEL_FILE) or (
+            path.suffix == ".pth" and (path.parent / ARGS_FILE).is_file()):
+        return _load_large(path.parent if path.name == ARGS_FILE else path, name, image_size, overrides, device)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder; a model is {MODEL_KINDS}")
+    if path.suffix not in (".pt", ".pth", ".safetensors"):
+        raise CheckpointError(f"{path}: not a model file; a model is {MODEL_KINDS}")
+    released = re.fullmatch(r"DiT-(S|B|L|XL)-([248])-(\d+)x\3\.pt", path.name)  # DiT-XL-2-512x512.pt
+    if name is None and released:
+        name = f"DiT-{released[1]}/{released[2]}"
+        overrides.setdefault("input_size", int(released[3]) // 8)
+    if name is None and path.suffix != ".safetensors":
+        raise CheckpointError(f"{path} carries no model config: pass --model-name (e.g. DiT-XL/2) and --image-size "
+                              "(256 or 512)")
+    return load_dit(path, name, **overrides).to(device)
+
+
+def _load_large(path: Path, name, image_size, overrides, device):
+    """A Large-DiT from a checkpoint folder or a file in one; image_size must agree with model_args.pth."""
+    from lazydit.models.large_dit import ARGS_FILE, EMA_FILE, MODEL_FILE, load_large_dit, read_model_args
+
+    folder = path if path.is_dir() else path.parent
+    if path.is_dir() and not any((path / f).is_file() for f in (EMA_FILE, MODEL_FILE)):
+        raise CheckpointError(f"{path}: a folder without a Large-DiT checkpoint ({EMA_FILE} or {MODEL_FILE}); a model "
+                              f"is {MODEL_KINDS}")
+    if image_size and (folder / ARGS_FILE).is_file():
+        saved = read_model_args(folder / ARGS_FILE).get("image_size")
+        if saved is not None and int(saved) != image_size:
+            raise CheckpointError(f"{path}: a {saved}px Large-DiT (model_args.pth), not {image_size}px: drop "
+                                  "--image-size")
+    return load_large_dit(path, name=name, device=device, **overrides)
+
+
+__all__ = ["load_model", "load_dit", "save_model", "read_state_dict", "load_state_dict_strict", "model_config"]

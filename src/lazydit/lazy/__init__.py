@@ -1,0 +1,28 @@
+"""Caching methods as policies behind one attachment mechanism (docs/architecture.md).
+
+- `gates`: the LazyDiT gate bank and its file format.
+- `config`: `LazyConfig`, the one frozen configuration of a lazy run.
+- `policies`: `Policy` (the interface), `ReferenceGates`, `LookaheadGates`, `ForcedPlan`, the `--method` registry.
+- `hooks`: `apply_lazy()`, the per-branch hooks that own the caches, and `LazyHandle`.
+- `stats`: `LazyStats`, the counts every policy reports.
+"""
+
+from lazydit.errors import GateMismatchError
+from lazydit.lazy.config import LazyConfig
+from lazydit.lazy.gates import GATE_FORMAT, LazyGates
+from lazydit.lazy.hooks import LazyHandle, apply_lazy
+from lazydit.lazy.policies import (
+    POLICIES,
+    ForcedPlan,
+    LookaheadGates,
+    Policy,
+    ReferenceGates,
+    make_policy,
+    policy_for,
+    register_policy,
+)
+from lazydit.lazy.stats import LazyStats
+
+__all__ = ["GATE_FORMAT", "POLICIES", "ForcedPlan", "GateMismatchError", "LazyConfig", "LazyGates", "LazyHandle",
+           "LazyStats", "LookaheadGates", "Policy", "ReferenceGates", "apply_lazy", "make_policy", "policy_for",
+           "register_policy"]

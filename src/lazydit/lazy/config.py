@@ -1,0 +1,35 @@
+"""One frozen configuration of a lazy run, passed whole from the CLI to the hooks."""
+
+from dataclasses import dataclass
+
+from lazydit.models.registry import BRANCH_NAMES
+
+
+@dataclass(frozen=True)
+class LazyConfig:
+    """How a caching policy's decisions are post-processed and executed (all defaults: the reference behaviour).
+
+    Gate policies read `threshold`, `uniform` and `tie_cfg`; every policy honours `branches`; `compile` and
+    `compile_mode` apply to policies that plan ahead (look-ahead gates, forced plans, static schedules).
+    """
+
+    threshold: float | None = None  # compute iff p >= threshold; None: the gate file's own (0.5 unless calibrated)
+    uniform: bool = False  # one decision per module for the whole batch: compute iff at least half the rows would
+    tie_cfg: bool = False  # cond row b and uncond row b + B/2 of a CFG batch decide together (compute if either would)
+    branches: tuple = BRANCH_NAMES  # branches allowed to skip: ("attn",) / ("mlp",) for the individual-laziness ablation
+    compile: bool = False  # run each branch's fused work (norm, modulate, module, gated residual) as a torch.compile region
+    compile_mode: str | None = None  # torch.compile mode of those regions ("reduce-overhead": CUDA graphs on a GPU)
+    record_decisions: bool = False  # keep every row's decision: handle.decisions, (T, L, 2, B) bool, True = computed
+
+    def __post_init__(self):
+        if self.threshold is not None and not 0 <= self.threshold <= 1:
+            raise ValueError(f"threshold must lie in [0, 1], got {self.threshold}")
+        object.__setattr__(self, "branches", tuple(self.branches))
+        unknown = [b for b in self.branches if b not in BRANCH_NAMES]
+        if unknown:
+            raise ValueError(f"unknown branches {unknown}: choose from {BRANCH_NAMES}")
+
+    @property
+    def skippable(self) -> tuple:
+        """Indices of the branches allowed to skip (0 attn, 1 mlp)."""
+        return tuple(BRANCH_NAMES.index(b) for b in self.branches)

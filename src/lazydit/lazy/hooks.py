@@ -1,0 +1,341 @@
+"""Attaching a caching policy to a model from the outside: Config -> State -> Hook -> `apply_lazy()`, in the manner
+of diffusers' hooks.
+
+- `BranchHook`: one per gated branch (attn and mlp of every block). It owns that branch's cache, the input recorded
+  for training and any pending decision, runs the module on the rows that compute, merges mixed batches, and
+  counts. The branch module's `forward` is overridden on the instance (bound with `types.MethodType`, so
+  `copy.deepcopy` of an attached model stays correct); module types and state-dict keys stay as they were.
+- `LazyRun`: what the hooks of one model share: the policy, the mode, the current step, the statistics.
+- For policies that plan ahead, each block's `forward` is overridden too (`_block_forward`), so that a skipped
+  branch skips its norm and modulation; the block registry (`lazydit.models.registry`) says where they are.
+- `apply_lazy()` attaches and returns a `LazyHandle`; `handle.remove()` restores the bare model.
+
+Modes: "sample" (hard per-row decisions), "soft" (gate training: y = p F(z) + (1 - p) cache), "record" (run every
+branch and fill the caches), "off" (the bare model).
+"""
+
+import copy
+import types
+
+import torch
+
+from lazydit.errors import GateMismatchError, UsageError
+from lazydit.lazy.config import LazyConfig
+from lazydit.lazy.gates import LazyGates
+from lazydit.lazy.policies import Policy, policy_for
+from lazydit.lazy.stats import LazyStats, StatsCollector
+from lazydit.models.dit import modulate
+from lazydit.models.registry import block_spec, model_blocks
+from lazydit.sampling.schedule import respaced_timesteps
+
+MODES = ("off", "record", "soft", "sample")
+
+
+class _Transient:
+    """deepcopy leaves out the attributes named in `_transient` (compiled functions close over the original
+    modules; scratch buffers are rebuilt)."""
+
+    _transient: tuple = ()
+
+    def __deepcopy__(self, memo):
+        new = copy.copy(self)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            setattr(new, key, {} if key in self._transient and isinstance(value, dict) else
+                    None if key in self._transient else copy.deepcopy(value, memo))
+        return new
+
+
+class LazyRun(_Transient):
+    """State shared by the hooks of one model: policy, config, mode, current step k, statistics."""
+
+    _transient = ("scratch",)
+
+    def __init__(self, policy: Policy, mode: str, depth: int, branches: int):
+        self.policy, self.config, self.mode = policy, policy.config, mode
+        self.depth, self.branches = depth, branches
+        self.hooks: list = []  # BranchHook per (layer, branch), layer-major
+        self.k = 0  # current respaced step index
+        self.timestep_index = {t: k for k, t in enumerate(respaced_timesteps(policy.steps))}
+        self.collector = StatsCollector(policy.steps, depth, branches, self.config.record_decisions)
+        self.probs: list = []  # soft mode: (branch, p (B,)) per branch evaluation, for the training penalty
+        self.skippable = self.config.skippable
+        self.scratch: dict = {}  # a reused (B, N, D) buffer for gated residuals
+
+    def set_timestep(self, t):
+        """Map the (original) timestep the model is called at to the policy's respaced index; start the step."""
+        t0 = int(t.reshape(-1)[0]) if torch.is_tensor(t) else int(t)
+        if t0 not in self.timestep_index:
+            T = self.policy.steps
+            raise GateMismatchError(
+                f"the model was called at timestep {t0}, which is not on the {T}-step schedule the "
+                f"{type(self.policy).__name__} policy is defined on: sample with steps={T} (the reference "
+                f"respacing), or train gates for your step count")
+        k = self.timestep_index[t0]
+        if self.mode == "sample" and k == self.policy.steps - 1:
+            self.reset()  # the first sampling step starts a new batch
+        self.k = k
+        if self.mode == "sample":
+            self.policy.begin_step(self, k)
+
+    def reset(self):
+        """Forget every cache (a new batch starts)."""
+        self.probs.clear()
+        for h in self.hooks:
+            h.reset()
+
+
+class BranchHook(_Transient):
+    """One gated branch: its module, cache, recorded input and pending decision; both execution paths."""
+
+    _transient = ("fn",)
+
+    def __init__(self, run: LazyRun, layer: int, branch: int, module, norm=None):
+        self.run, self.layer, self.branch, self.module, self.norm = run, layer, branch, module, norm
+        self.forward = type(module).forward  # the bare module's forward
+        self.fn = None  # the fused branch function of the plans-ahead path (built lazily, maybe compiled)
+        self.reset()
+
+    def reset(self):
+        self.cache = None  # (B, N, D) pre-gate output of the last step
+        self.z = None  # record mode, look-ahead: the input Z recorded at that step
+        self.score = None  # look-ahead: (B,) device compute decisions for the next step
+        self.plan = None  # plans-ahead: (B,) host compute decisions of this step
+
+    # -------------------------------------------------------------- shared by both paths
+
+    def _decide(self, rows: int, z):
+        """Compute decisions (B,) bool or None (all compute): nothing to reuse, or a branch that may not skip, always
+        computes; otherwise the policy decides."""
+        run = self.run
+        if self.cache is None or self.cache.shape[0] != rows or self.branch not in run.skippable:
+            return None
+        return run.policy.compute_rows(self, run.k, z)
+
+    def _count(self, rows: int, computed: int, decision):
+        self.run.collector.count(self.run.k, self.layer, self.branch, rows, computed, decision)
+
+    # -------------------------------------------------------------- module-level path (policies that read Z_k)
+
+    def __call__(self, z, *extra):
+        """The lazy forward of the branch module on its modulated input z (B, N, D)."""
+        run, forward = self.run, self.forward
+        mode = run.mode
+        if mode == "off":
+            return forward(self.module, z, *extra)
+        if mode == "record":
+            out = forward(self.module, z, *extra)
+            self.cache = out.detach()
+            if run.policy.records_inputs:
+                self.z = z.detach()
+            return out
+        if mode == "soft":  # y = p F(z) + (1 - p) cache
+            if self.cache is None:
+                raise RuntimeError("soft mode needs caches: run the model once in 'record' mode first")
+            p = run.policy.compute_prob(self, run.k, z)
+            run.probs.append((self.branch, p))
+            pb = p.to(z.dtype)[:, None, None]
+            return pb * forward(self.module, z, *extra) + (1 - pb) * self.cache
+        B = z.shape[0]
+        compute = self._decide(B, z)
+        n = B if compute is None else int(compute.sum())  # one host sync per branch, as the reference
+        if n == B:
+            out = forward(self.module, z, *extra)
+        elif n == 0:
+            out = run.policy.reuse(self, run.k)  # reuse; the cache stays as it is
+        else:
+            idx = compute.nonzero().squeeze(1).to(z.device)
+            out = run.policy.reuse(self, run.k).clone()
+            out[idx] = forward(self.module, z[idx], *extra).to(out.dtype)
+        self.cache = out
+        self._count(B, n, compute)
+        return out
+
+    # -------------------------------------------------------------- block-level path (policies that plan ahead)
+
+    def run_branch(self, x, shift, scale, gate, extra=()):
+        """x (B, N, D) -> x + gate * F(modulate(norm(x), shift, scale)), in sample mode.
+
+        The decisions are known before the branch starts, so skipped rows reuse without touching the norm or the
+        modulation.
+        """
+        run, B = self.run, x.shape[0]
+        rows = self._decide(B, None)  # host (B,) bool or None
+        if self.fn is None:
+            cfg = run.config
+            fn = _branch_fn(self.norm, self.module, compiled=cfg.compile, scratch=run.scratch)
+            self.fn = torch.compile(fn, mode=cfg.compile_mode) if cfg.compile else fn
+        if rows is None or bool(rows.all()):
+            x, out, z = self.fn(x, shift, scale, gate, *extra)
+            run.policy.computed(self, run.k, z)
+            n = B
+        elif not bool(rows.any()):
+            out = run.policy.reuse(self, run.k)
+            x = _residual(x, gate, out, run.scratch)
+            n = 0
+        else:
+            idx = rows.nonzero().squeeze(1)
+            idx = idx.pin_memory().to(x.device, non_blocking=True) if x.is_cuda else idx.to(x.device)
+            _, part, _ = self.fn(x[idx], shift[idx], scale[idx], gate[idx], *extra)
+            out = run.policy.reuse(self, run.k).clone()
+            out[idx] = part.to(out.dtype)
+            x = _residual(x, gate, out, run.scratch)
+            n = len(idx)
+        self.cache = out
+        self._count(B, n, rows)
+        return x
+
+
+def _residual(x, gate, out, scratch: dict | None = None):
+    """x + gate * out, (B, N, D) + (B, D) * (B, N, D), rounded as the block does it (product, then sum).
+
+    When no graph is recorded the sum is taken in place and the product goes to a reused buffer: on a CPU,
+    allocating these temporaries (page faults) is most of what a skipped step costs.
+    """
+    if torch.is_grad_enabled():
+        return x + gate.unsqueeze(1) * out
+    if scratch is None:
+        return x.add_(gate.unsqueeze(1) * out)
+    buf = scratch.get("buf")
+    if buf is None or buf.shape != out.shape or buf.dtype != out.dtype or buf.device != out.device:
+        buf = scratch["buf"] = torch.empty_like(out)
+    return x.add_(torch.mul(gate.unsqueeze(1), out, out=buf))
+
+
+def _branch_fn(norm, module, compiled: bool = False, scratch: dict | None = None):
+    """The fused work of one branch: Z = modulate(norm(x)), out = F(Z), the gated residual; returns (x, out, Z)."""
+    forward = type(module).forward
+
+    def branch(x, shift, scale, gate, *extra):
+        if compiled or torch.is_grad_enabled():
+            z = modulate(norm(x), shift, scale)  # (B, N, D)
+        else:  # the same ops and rounding, without two (B, N, D) temporaries
+            z = norm(x).mul_(1 + scale.unsqueeze(1)).add_(shift.unsqueeze(1))
+        out = forward(module, z, *extra)
+        x = x + gate.unsqueeze(1) * out if compiled else _residual(x, gate, out, scratch)  # compiled: fused
+        return x, out, z
+
+    return branch
+
+
+def _hooked_forward(self, z, *extra):
+    """Replacement forward of an attached branch module."""
+    return self._lazy_hook(z, *extra)
+
+
+def _block_forward(self, x, *args, **kwargs):
+    """Replacement forward of a block under a plans-ahead policy (sample mode; other modes run the block as is)."""
+    run, hooks = self._lazy_block
+    if run.mode != "sample":
+        return type(self).forward(self, x, *args, **kwargs)
+    spec = block_spec(self)
+    c, extras = spec.inputs(self, *args, **kwargs)
+    mods = getattr(self, spec.modulation)(c).chunk(3 * len(hooks), dim=1)  # (shift, scale, gate) per branch
+    for b, hook in enumerate(hooks):
+        x = hook.run_branch(x, *mods[3 * b : 3 * b + 3], extras[b])
+    return x
+
+
+def _pre_hook(model, args, kwargs):
+    t = args[1] if len(args) > 1 else kwargs["t"]
+    model._lazy_run.set_timestep(t)
+
+
+class LazyHandle:
+    """Returned by `apply_lazy`: the run's state, plus mode / reset / stats / remove."""
+
+    def __init__(self, model, run: LazyRun, hook):
+        self.model, self.run, self._hook = model, run, hook
+
+    @property
+    def policy(self) -> Policy:
+        return self.run.policy
+
+    @property
+    def mode(self):
+        return self.run.mode
+
+    @mode.setter
+    def mode(self, value):
+        if value not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {value!r}")
+        self.run.mode = value
+
+    @property
+    def probs(self) -> list:
+        """Soft mode: (branch, p (B,)) of every branch evaluation since the last `reset()` / `probs.clear()`."""
+        return self.run.probs
+
+    @property
+    def decisions(self):
+        """(T, L, 2, B) bool, True = computed, of the last batch (with LazyConfig(record_decisions=True))."""
+        return self.run.collector.decisions
+
+    def reset(self):
+        """Forget caches (and soft-mode probabilities)."""
+        self.run.reset()
+
+    def reset_stats(self):
+        self.run.collector.reset()
+
+    def stats(self) -> LazyStats:
+        return self.run.collector.stats()
+
+    def remove(self):
+        """Detach the policy: the model is the bare model again."""
+        self._hook.remove()
+        for block in model_blocks(self.model):
+            block.__dict__.pop("forward", None)
+            block.__dict__.pop("_lazy_block", None)
+            for module in block_spec(block).modules(block):
+                module.__dict__.pop("forward", None)
+                module.__dict__.pop("_lazy_hook", None)
+        self.model.__dict__.pop("_lazy_run", None)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+def apply_lazy(model, policy, config: LazyConfig | None = None, mode: str = "sample") -> LazyHandle:
+    """Attach a caching policy (or LazyDiT gates) to a model from the outside.
+
+    Args:
+        model: a DiT or Large-DiT (any model whose blocks are in `lazydit.models.registry`).
+        policy: a `Policy`, or a `LazyGates` bank (it becomes `ReferenceGates` or `LookaheadGates` with `config`).
+        config: LazyConfig for a gate bank (a Policy carries its own).
+        mode: "sample" (hard per-row skips), "soft" (training mix), "record" (fill caches), "off" (bare).
+    Returns:
+        LazyHandle; `handle.remove()` (or leaving a `with` block) restores the bare model.
+    """
+    if getattr(model, "_lazy_run", None) is not None:
+        raise RuntimeError("a caching policy is already attached to this model: remove the first handle")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if isinstance(policy, LazyGates):
+        policy = policy_for(policy, config)
+    elif config is not None:
+        raise ValueError("pass the LazyConfig to the policy's constructor, not to apply_lazy")
+    policy.check_model(model)
+    if policy.config.compile and not policy.plans_ahead:
+        raise UsageError(f"compile needs a policy that plans ahead (look-ahead gates, a forced plan), not "
+                           f"{type(policy).__name__}: the reference path branches on every module")
+    blocks = model_blocks(model)
+    specs = [block_spec(b) for b in blocks]
+    run = LazyRun(policy, mode, len(blocks), len(specs[0].branches))
+    for i, (block, spec) in enumerate(zip(blocks, specs)):
+        hooks = []
+        for b, (module, norm) in enumerate(zip(spec.modules(block), spec.norms)):
+            hook = BranchHook(run, i, b, module, getattr(block, norm))
+            module._lazy_hook = hook
+            module.forward = types.MethodType(_hooked_forward, module)
+            hooks.append(hook)
+        run.hooks.extend(hooks)
+        if policy.plans_ahead:
+            block._lazy_block = (run, hooks)
+            block.forward = types.MethodType(_block_forward, block)
+    model._lazy_run = run
+    hook = model.register_forward_pre_hook(_pre_hook, with_kwargs=True)
+    return LazyHandle(model, run, hook)

@@ -1,0 +1,238 @@
+"""Caching policies: which rows of a branch compute at a step, and what a skipped row receives.
+
+A policy is the whole of a caching method. The hooks (`lazydit.lazy.hooks`) own the caches, run the modules, merge
+mixed batches and count every evaluation; a policy only answers the questions below. Adding a method is one
+subclass (see docs/architecture.md for a complete example): it then gets statistics, heat maps, TMACs, the CLI
+(`--method`) and the benchmarks from the code that already exists.
+
+Every question is asked per branch hook (`hook.layer`, `hook.branch`, `hook.cache` ...) at respaced index k
+(T-1 is the first sampling step, 0 the last):
+- `begin_step(run, k)`: the model is about to be called at step k (every hook is in `run.hooks`).
+- `compute_rows(hook, k, z)`: (B,) bool, True = compute, or None = every row computes. Asked only when the hook
+  holds a cache for exactly these rows and the branch may skip; `z` is this step's modulated input for policies
+  that need it (`plans_ahead = False`), None for those that decide before it exists (`plans_ahead = True`, whose
+  skipped rows then skip the norm and modulation too).
+- `reuse(hook, k)`: what the skipped rows receive, (B, N, D); the cached output of the last step by default.
+- `computed(hook, k, z)`: every row of the branch computed at step k from input z (plans-ahead path only).
+- `compute_prob(hook, k, z)`: (B,) probability to compute, for the soft mix of gate training (learned policies).
+"""
+
+import importlib
+
+import torch
+
+from lazydit.errors import UsageError
+from lazydit.lazy.config import LazyConfig
+from lazydit.lazy.gates import LazyGates, logit_of
+
+
+class Policy:
+    """Base class of every caching policy: computes everything (subclasses decide otherwise)."""
+
+    plans_ahead = False  # decisions of a step are known before its branch inputs are built
+    records_inputs = False  # record mode keeps each branch's input Z as well as its output (look-ahead training)
+    label = "Cached"  # report rows are named f"{label}-{T}"
+
+    def __init__(self, steps: int, config: LazyConfig | None = None):
+        self.steps = steps  # T: the policy is defined on the reference respacing of T steps
+        self.config = config or LazyConfig()
+
+    def check_model(self, model):
+        """Raise unless this policy fits `model` (gate banks check depth and width)."""
+
+    def describe(self) -> dict:
+        """What shapes this policy's samples, as JSON (resumable outputs record it): class, T, config, and every
+        plain option of the instance."""
+        from dataclasses import asdict
+
+        opts = {k: v for k, v in vars(self).items() if isinstance(v, (bool, int, float, str)) and k != "steps"}
+        return {"policy": type(self).__name__, "steps": self.steps, "config": asdict(self.config), **opts}
+
+    def begin_step(self, run, k: int):
+        """Called when the model is called at respaced step k."""
+
+    def compute_rows(self, hook, k: int, z):
+        """(B,) bool compute decisions of this branch at step k, or None: every row computes."""
+        return None
+
+    def reuse(self, hook, k: int) -> torch.Tensor:
+        """What the skipped rows receive: the branch output cached at the last step."""
+        return hook.cache
+
+    def computed(self, hook, k: int, z: torch.Tensor):
+        """Every row of the branch computed at step k, from modulated input z (plans-ahead policies)."""
+
+    def compute_prob(self, hook, k: int, z: torch.Tensor) -> torch.Tensor:
+        raise UsageError(f"{type(self).__name__} has no soft decisions to train")
+
+    def combine(self, compute: torch.Tensor) -> torch.Tensor:
+        """Apply the config's tie_cfg and uniform options to compute decisions (..., B)."""
+        B = compute.shape[-1]
+        if self.config.tie_cfg and B % 2 == 0:
+            either = compute[..., : B // 2] | compute[..., B // 2 :]
+            compute = torch.cat([either, either], dim=-1)
+        if self.config.uniform:
+            compute = (2 * compute.sum(-1, keepdim=True) >= B).expand(compute.shape)
+        return compute
+
+
+class ReferenceGates(Policy):
+    """LazyDiT as released: the gate of step k scores Z_k, the branch's own modulated input at step k, so the norm
+    and modulation always run and every branch branches on a fresh score (one host sync per branch). Under the
+    reference parity odd steps always compute (their gates are untrained)."""
+
+    label = "Lazy"
+
+    def __init__(self, gates: LazyGates, config: LazyConfig | None = None):
+        super().__init__(gates.steps, config)
+        self.gates = gates
+        self.threshold = gates.threshold if self.config.threshold is None else self.config.threshold
+        self.logit_threshold = logit_of(self.threshold)
+
+    def check_model(self, model):
+        self.gates.check_model(model)
+
+    def gated(self, k: int) -> bool:
+        """Whether step k may skip at all (the reference parity: even steps only)."""
+        return not (self.gates.parity and k % 2 == 1)
+
+    def compute_rows(self, hook, k, z):
+        if not self.gated(k):
+            return None
+        # p >= threshold, compared in logit space so that thresholds near 0 or 1 stay exact
+        return self.combine(self.gates.logit(hook.layer, hook.branch, k, z).float() >= self.logit_threshold)
+
+    def compute_prob(self, hook, k, z):
+        return torch.sigmoid(self.gates.logit(hook.layer, hook.branch, k, z))
+
+
+class LookaheadGates(ReferenceGates):
+    """Look-ahead gates (beyond the reference): the gate of step k scores Z_{k+1}, the input of the last fully
+    computed step (the odd step k+1 under the parity). The plan of step k is known when step k+1 ends: one host
+    transfer per step pair, and a skipped branch costs nothing, not its norm or modulation either."""
+
+    plans_ahead = True
+    records_inputs = True
+    label = "Lazy-LA"
+
+    def begin_step(self, run, k):
+        scores = [h.score for h in run.hooks]
+        plan = None
+        if k % 2 == 0 and scores and all(s is not None for s in scores):  # step k+1 scored every branch
+            L, nb = run.depth, run.branches
+            plan = self.combine(torch.stack(scores).view(L, nb, -1)).cpu()  # (L, nb, B): one transfer
+        for h in run.hooks:
+            h.plan = None if plan is None else plan[h.layer, h.branch]
+            h.score = None
+
+    def compute_rows(self, hook, k, z):
+        if not self.gated(k) or hook.plan is None or hook.plan.shape[-1] != hook.cache.shape[0]:
+            return None
+        return hook.plan
+
+    def computed(self, hook, k, z):
+        if k % 2 == 1:  # score the next (even) step's gate on this step's input, kept on the device
+            hook.score = self.gates.logit(hook.layer, hook.branch, k - 1, z).float() >= self.logit_threshold
+
+    def compute_prob(self, hook, k, z):
+        return super().compute_prob(hook, k, hook.z)  # the input recorded at step k+1
+
+
+class ForcedPlan(Policy):
+    """A fixed skip plan: (T, L, 2) bool (True = skip, every row) or (T, L, 2, B) (per row). Under `parity` odd
+    steps compute whatever the plan says (as the gates' parity does). `ahead=False` executes it on the module-level
+    path of the reference gates (the norm and modulation run for every row) instead of the plans-ahead path; the
+    samples are the same."""
+
+    plans_ahead = True
+    label = "Forced"
+
+    def __init__(self, plan: torch.Tensor, parity: bool = True, ahead: bool = True, config: LazyConfig | None = None):
+        super().__init__(plan.shape[0], config)
+        self.plan = plan.bool().cpu()
+        self.parity = parity
+        self.plans_ahead = ahead
+
+    def describe(self) -> dict:
+        import hashlib
+
+        return {**super().describe(), "plan": hashlib.sha256(self.plan.numpy().tobytes()).hexdigest()[:16],
+                "shape": list(self.plan.shape)}
+
+    def check_model(self, model):
+        from lazydit.models.registry import model_blocks
+
+        depth = len(model_blocks(model))
+        if self.plan.dim() not in (3, 4) or self.plan.shape[1:3] != (depth, 2):
+            raise UsageError(f"a forced plan is (T, {depth}, 2) or (T, {depth}, 2, B) for this model, "
+                               f"not {tuple(self.plan.shape)}")
+
+    def compute_rows(self, hook, k, z):
+        if self.parity and k % 2 == 1:
+            return None
+        skip = self.plan[k, hook.layer, hook.branch]
+        return (~skip).expand(hook.cache.shape[0]) if skip.dim() == 0 else ~skip
+
+
+def policy_for(gates: LazyGates, config: LazyConfig | None = None) -> Policy:
+    """The policy of a gate bank: LookaheadGates for look-ahead gates, ReferenceGates otherwise."""
+    return (LookaheadGates if gates.lookahead else ReferenceGates)(gates, config)
+
+
+# ---------------------------------------------------------------- policies by name (the CLI's --method)
+
+POLICIES: dict = {}
+
+
+def register_policy(name: str):
+    """Class decorator: make a policy selectable as `--method name[:key=value,...]`.
+
+    The class is built as cls(steps=T, config=LazyConfig, **options); options are parsed as int, float or str.
+    """
+
+    def deco(cls):
+        POLICIES[name] = cls
+        return cls
+
+    return deco
+
+
+def _value(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def make_policy(spec: str, steps: int, config: LazyConfig | None = None) -> Policy:
+    """Build a policy from `name[:key=value,...]` (a registered name) or `package.module:Class[:key=value,...]`.
+
+    Raises:
+        UsageError: unknown name, a class that is not a Policy, or bad options.
+    """
+    head, _, rest = spec.partition(":")
+    if head in POLICIES:
+        cls, opts = POLICIES[head], rest
+    elif "." in head and rest:
+        name, _, opts = rest.partition(":")
+        try:
+            cls = getattr(importlib.import_module(head), name)
+        except (ImportError, AttributeError) as e:
+            raise UsageError(f"--method {spec}: cannot import {head}:{name} ({e})") from e
+    else:
+        raise UsageError(f"--method {spec}: unknown method; registered: {', '.join(sorted(POLICIES)) or 'none'} "
+                           "(or give package.module:Class)")
+    if not (isinstance(cls, type) and issubclass(cls, Policy)):
+        raise UsageError(f"--method {spec}: {cls!r} is not a lazydit Policy")
+    options = {}
+    for item in filter(None, opts.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"--method {spec}: expected key=value, got {item!r}")
+        options[key.strip()] = _value(value.strip())
+    try:
+        return cls(steps=steps, config=config, **options)
+    except TypeError as e:
+        raise UsageError(f"--method {spec}: {e}") from e

@@ -1,0 +1,66 @@
+"""What a caching policy computed: counts of module evaluations per (respaced step, layer, branch)."""
+
+from dataclasses import dataclass
+
+import torch
+
+from lazydit.models.registry import BRANCH_NAMES
+
+
+@dataclass
+class LazyStats:
+    """Counts of module evaluations per (respaced step, layer, branch): skipped and total rows."""
+
+    skipped: torch.Tensor  # (T, L, 2) int64
+    total: torch.Tensor  # (T, L, 2) int64
+
+    @property
+    def lazy_ratio(self) -> float:
+        """Skipped module evaluations / all module evaluations (both CFG halves, every step)."""
+        return float(self.skipped.sum()) / max(1, int(self.total.sum()))
+
+    def ratio(self, dims) -> torch.Tensor:
+        """Lazy ratio kept along `dims` (0 step, 1 layer, 2 branch), summed over the others."""
+        keep = (dims,) if isinstance(dims, int) else tuple(dims)
+        red = tuple(d for d in range(3) if d not in keep)
+        skipped, total = (self.skipped.sum(red), self.total.sum(red)) if red else (self.skipped, self.total)
+        return skipped.double() / total.clamp(min=1).double()
+
+    def as_dict(self) -> dict:
+        return {
+            "lazy_ratio": self.lazy_ratio,
+            "per_step": self.ratio(0).tolist(),
+            "per_layer": self.ratio(1).tolist(),
+            "per_branch": dict(zip(BRANCH_NAMES, self.ratio(2).tolist())),
+            "per_step_layer_branch": self.ratio((0, 1, 2)).tolist(),
+        }
+
+
+class StatsCollector:
+    """Counts every branch evaluation of a run, for every policy alike (and, optionally, each row's decision)."""
+
+    def __init__(self, steps: int, depth: int, branches: int = 2, record_decisions: bool = False):
+        self.shape = (steps, depth, branches)
+        self.record_decisions = record_decisions
+        self.reset()
+
+    def reset(self):
+        self.skipped = torch.zeros(self.shape, dtype=torch.long)
+        self.total = torch.zeros(self.shape, dtype=torch.long)
+        self.decisions = None  # (T, L, branches, B) bool, True = computed (record_decisions)
+
+    def count(self, k: int, layer: int, branch: int, rows: int, computed: int, decision=None):
+        """One branch evaluation at step k over `rows` rows, `computed` of which ran the module.
+
+        Args:
+            decision: (rows,) bool compute decisions (any device), or None when every row computed.
+        """
+        self.skipped[k, layer, branch] += rows - computed
+        self.total[k, layer, branch] += rows
+        if self.record_decisions:
+            if self.decisions is None or self.decisions.shape[-1] != rows:
+                self.decisions = torch.ones(*self.shape, rows, dtype=torch.bool)
+            self.decisions[k, layer, branch] = True if decision is None else decision.cpu()
+
+    def stats(self) -> LazyStats:
+        return LazyStats(self.skipped.clone(), self.total.clone())

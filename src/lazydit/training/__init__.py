@@ -1,0 +1,6 @@
+"""Training on a frozen or a fresh model: LazyDiT gates (`gates`, the 3-pass recipe) and the embedded default's
+base model (`pretrain`)."""
+
+from lazydit.training.gates import GateTrainConfig, train_gates
+
+__all__ = ["GateTrainConfig", "train_gates"]
