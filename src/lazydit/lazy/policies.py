@@ -207,7 +207,7 @@ def _value(text: str):
 
 
 def make_policy(spec: str, steps: int, config: LazyConfig | None = None) -> Policy:
-    """Build a policy from `name[:key=value,...]` (a registered name) or `package.module:Class[:key=value,...]`.
+    """Build a policy from `name[:key=value,...]` (a registered name) or `module:Class[:key=value,...]`.
 
     Raises:
         UsageError: unknown name, a class that is not a Policy, or bad options.
@@ -215,7 +215,7 @@ def make_policy(spec: str, steps: int, config: LazyConfig | None = None) -> Poli
     head, _, rest = spec.partition(":")
     if head in POLICIES:
         cls, opts = POLICIES[head], rest
-    elif "." in head and rest:
+    elif rest:  # module:Class[:options]
         name, _, opts = rest.partition(":")
         try:
             cls = getattr(importlib.import_module(head), name)
