@@ -181,7 +181,16 @@ class FinalLayer(nn.Module):
 
 
 class ConditionalTransformer(nn.Module):
-    """What DiT and Large-DiT share: patch output layout, classifier-free guidance, the adaLN-Zero initialisation."""
+    """What DiT and Large-DiT share: the config's shape attributes, patch output layout, classifier-free guidance,
+    the adaLN-Zero initialisation."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.in_channels = config.in_channels
+        self.out_channels = config.out_channels
+        self.patch_size = config.patch_size
+        self.num_heads = config.num_heads
 
     def zero_adaln(self):
         """adaLN-Zero: every block's modulation and the final layer (modulation and linear) start at zero."""
@@ -210,12 +219,7 @@ class DiT(ConditionalTransformer):
     """Class-conditional diffusion transformer."""
 
     def __init__(self, config: DiTConfig):
-        super().__init__()
-        self.config = config
-        self.in_channels = config.in_channels
-        self.out_channels = config.out_channels
-        self.patch_size = config.patch_size
-        self.num_heads = config.num_heads
+        super().__init__(config)
         D = config.hidden_size
         self.x_embedder = PatchEmbed(config.input_size, config.patch_size, config.in_channels, D)
         self.t_embedder = TimestepEmbedder(D)

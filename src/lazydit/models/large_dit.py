@@ -227,13 +227,8 @@ class LargeDiT(ConditionalTransformer):
     """Class-conditional DiT-Llama; `forward(x, t, y)` as our DiT's. Blocks are `layers` (also `blocks`)."""
 
     def __init__(self, config: LargeDiTConfig):
-        super().__init__()
-        self.config = config
-        self.in_channels = config.in_channels
-        self.out_channels = config.out_channels
+        super().__init__(config)
         self.input_size = config.input_size
-        self.patch_size = config.patch_size
-        self.num_heads = config.num_heads
         self.learn_sigma = config.learn_sigma
         p, C, D = config.patch_size, config.in_channels, config.hidden_size
         self.x_embedder = nn.Linear(p * p * C, D, bias=True)
