@@ -1,10 +1,10 @@
 """The paper's analyses as figures, on the embedded default.
 
-    python benchmarks/analysis_figures.py similarity   # consecutive-step cosine similarity per layer and step
-    python benchmarks/analysis_figures.py heatmap      # Figure 4: layer x step laziness, MHSA and FFN
-    python benchmarks/analysis_figures.py agreement    # look-ahead vs reference gate decisions, shipped and at 40%
-    python benchmarks/analysis_figures.py ablation     # MHSA only / FFN only / both: quality vs lazy ratio
-    python benchmarks/analysis_figures.py all
+    python experiments/analysis_figures.py similarity   # consecutive-step cosine similarity per layer and step
+    python experiments/analysis_figures.py heatmap      # Figure 4: layer x step laziness, MHSA and FFN
+    python experiments/analysis_figures.py agreement    # look-ahead vs reference gate decisions, shipped and at 40%
+    python experiments/analysis_figures.py ablation     # MHSA only / FFN only / both: quality vs lazy ratio
+    python experiments/analysis_figures.py all
 
 similarity: DDIM-50 (CFG 1.5) on a 40-image class grid with the bare model; for every block's MHSA and FFN the
 cosine similarity between its output at step k+1 and at step k (per image, flattened over tokens and channels,
@@ -26,8 +26,9 @@ import numpy as np
 import torch
 
 from lazydit.assets import default_gates, default_model
-from lazydit.diffusion import ddim_sample
+from lazydit.lazy import LazyConfig
 from lazydit.pipeline import calibrate_threshold, class_grid_labels, sample
+from lazydit.sampling.ddim import ddim_sample
 
 BRANCH_NAMES = ("MHSA", "FFN")
 
@@ -107,7 +108,8 @@ def heatmap(model, args):
     maps, out = [], dict(cfg=args.cfg, images=len(y), steps=50, rows=[])
     for target in targets:
         th, _ = calibrate_threshold(model, gates, target, y, cfg_scale=args.cfg, seed=args.seed, progress=False)
-        _, rep = sample(model, y, 50, gates=gates, threshold=th, cfg_scale=args.cfg, seed=args.seed, progress=False)
+        _, rep = sample(model, y, 50, gates=gates, lazy=LazyConfig(threshold=th), cfg_scale=args.cfg, seed=args.seed,
+                        progress=False)
         r = np.asarray(rep.stats["per_step_layer_branch"])[0::2][::-1]  # gated steps k = 48, 46, ..., 0 (order run)
         maps.append((target, th, rep.lazy_ratio, r))
         out["rows"].append(dict(target=target, threshold=th, lazy_ratio=rep.lazy_ratio,
@@ -153,9 +155,9 @@ def agreement(model, args):
         for kind, g in gates.items():
             th = g.threshold if target == "shipped" else calibrate_threshold(
                 model, g, target, y, cfg_scale=args.cfg, seed=args.seed, progress=False)[0]
-            with apply_lazy(model, g, threshold=th, record_decisions=True) as h:
+            with apply_lazy(model, g, LazyConfig(threshold=th, record_decisions=True)) as h:
                 ddim_sample(model, y, 50, cfg_scale=args.cfg, seed=args.seed, progress=False)
-                dec[kind], ratio[kind] = h.state.decisions[0::2], h.stats().lazy_ratio  # even (gated) steps
+                dec[kind], ratio[kind] = h.decisions[0::2], h.stats().lazy_ratio  # even (gated) steps
             ths[kind] = th
         same = (dec["reference"] == dec["lookahead"]).double()  # (T/2, L, 2, B)
         row = dict(target=target, threshold=ths, lazy_ratio=ratio, agreement=float(same.mean()),
@@ -174,11 +176,11 @@ def agreement(model, args):
 
 def ablation(model, args):
     """Quality vs lazy ratio for MHSA-only, FFN-only and both-branch laziness at T=20."""
-    from lazydit.data import InfiniteSampler, load_fashion_mnist
-    from lazydit.evaluation import EvalConfig, evaluate_config
-    from lazydit.features import default_classifier, default_reference
+    from lazydit.data.fashion_mnist import InfiniteSampler, load_fashion_mnist
+    from lazydit.evaluation.driver import EvalConfig, evaluate_config
+    from lazydit.evaluation.fmnist import default_classifier, default_reference
     from lazydit.lazy import LazyGates
-    from lazydit.training import GateTrainConfig, train_gates
+    from lazydit.training.gates import GateTrainConfig, train_gates
 
     T, run = 20, Path(args.run)
     extractor, ref = default_classifier(), default_reference()
@@ -209,15 +211,15 @@ def ablation(model, args):
                                       resume=(out / "checkpoint.pt").exists())
                 gates = train_gates(model, InfiniteSampler(x, yl, cfg.batch_size, seed=cfg.seed), cfg,
                                     progress=not args.quiet)
+        tag = branches[0] if len(branches) == 1 else "both"
         for target in targets[vname]:
             key = f"{vname}@{target}"
             if key not in done:
-                th, reached = calibrate_threshold(model, gates, target, y, cfg_scale=args.cfg, seed=args.seed,
-                                                  branches=branches, progress=False)
-                ecfg = EvalConfig(**base_cfg, threshold=th, branches=branches, name=key)
+                th, reached = calibrate_threshold(model, gates, target, y, lazy=LazyConfig(branches=branches),
+                                                  cfg_scale=args.cfg, seed=args.seed, progress=False)
+                ecfg = EvalConfig(**base_cfg, lazy=LazyConfig(threshold=th, branches=branches), name=key)
                 row = evaluate_config(model, ecfg, extractor, ref, gates=gates,
-                                      out=run / f"ablation_{branches[0] if len(branches) == 1 else 'both'}_{target}.npz",
-                                      progress=not args.quiet)
+                                      out=run / f"ablation_{tag}_{target}.npz", progress=not args.quiet)
                 done[key] = {**row, "variant": vname, "target": target, "calibration_ratio": reached}
                 rows_path.write_text(json.dumps(done, indent=1))
                 print(f"{key}: lazy {row['lazy_ratio']:.3f} FID {row['fid']:.3f}", flush=True)

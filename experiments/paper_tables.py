@@ -1,7 +1,7 @@
 """The paper's Table 1 / Table 3 on the embedded default: DDIM at many step counts against LazyDiT at equal TMACs.
 
-    python benchmarks/paper_tables.py [--num-samples 5000] [--cfg 1.5] [--run runs/paper_tables] [--docs docs]
-    python benchmarks/paper_tables.py --only DDIM-25,Lazy-50@50   # some rows; the write-up uses whatever is done
+    python experiments/paper_tables.py [--num-samples 5000] [--cfg 1.5] [--run runs/paper_tables] [--docs docs]
+    python experiments/paper_tables.py --only DDIM-25,Lazy-50@50   # some rows; the write-up uses whatever is done
 
 Rows: DDIM 50, 40, 30, 25, 20, 14, 10, 7 and Lazy 50@20%, 50@40%, 50@50%, 40@50%, 20@30%, 20@50%, 10@30%, with the
 shipped gates of each T (reference gates, 3-pass recipe, rho 1e-2); plus LazyLA-50@50 and LazyLA-50@40, the
@@ -9,18 +9,19 @@ shipped look-ahead gates (beyond the paper: the fast sampling path), next to the
 Lazy row is reached by calibrating the compute threshold on a 40-image class grid
 (lazydit.pipeline.calibrate_threshold) at the table's guidance scale; the threshold, the calibration ratio and the
 ratio measured over all samples are recorded.
-Every row samples the same labels and the same initial noise (lazydit.evaluation), and is scored with the shipped
-Fashion-MNIST evaluator against the test-split statistics: FID, sFID, IS, precision, recall (k=3), KID.
+Every row samples the same labels and the same initial noise (lazydit.evaluation.driver), and is scored with the
+shipped Fashion-MNIST evaluator against the test-split statistics: FID, sFID, IS, precision, recall (k=3), KID.
+Rows are `Row(steps, target, lookahead)` values (named DDIM-25, Lazy-50@40, LazyLA-50@40); `--only` takes names.
 Each finished row is saved as JSON under --run and skipped when the script runs again; an interrupted row resumes
 from its last sampled batch. `--timing` then measures the wall-clock column on a quiet machine in one run: every
 finished row samples the same --timing-images images (micro-batches of --micro-batch) after a warm-up, in
 --timing-rounds rounds with the rows interleaved (order rotated each round); the median seconds per image go to
 <run>/timing.json and replace the batched wall-clock of the long runs, which other jobs on the machine disturb.
-`--bootstrap N` adds, per pairing, a 95% paired-bootstrap interval of FID(Lazy) - FID(DDIM) (lazydit.metrics.
-paired_bootstrap_fid; rows share labels and noise, so the same rows are resampled in both).
+`--bootstrap N` adds, per pairing, a 95% paired-bootstrap interval of FID(Lazy) - FID(DDIM) (lazydit.evaluation.
+metrics.paired_bootstrap_fid; rows share labels and noise, so the same rows are resampled in both).
 Beyond the paper, once the --fidelity-ref row (DDIM-50) is sampled, every row also gets its fidelity to it: the PSNR
-of its images against that row's images of the same labels and noise (lazydit.metrics.paired_psnr), which tells the
-error of reusing module outputs apart from the error of taking fewer steps, whatever FID makes of either.
+of its images against that row's images of the same labels and noise (lazydit.evaluation.metrics.paired_psnr), which
+tells the error of reusing module outputs apart from the error of taking fewer steps, whatever FID makes of either.
 Writes <docs>/paper_tables.md, <docs>/paper_tables.csv and <docs>/images/quality_vs_tmacs.png from the rows that
 are done.
 """
@@ -31,109 +32,157 @@ import functools
 import json
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from lazydit.assets import default_gates, default_model
-from lazydit.evaluation import EvalConfig, eval_labels, evaluate_config
-from lazydit.features import default_classifier, default_reference
+from lazydit.evaluation.driver import EvalConfig, eval_labels, evaluate_config
+from lazydit.evaluation.fmnist import default_classifier, default_reference
+from lazydit.lazy import LazyConfig
 from lazydit.pipeline import calibrate_threshold, class_grid_labels, sample
 
-DDIM_STEPS = (50, 40, 30, 25, 20, 14, 10, 7)
-LAZY_ROWS = ((50, 0.2), (50, 0.4), (50, 0.5), (40, 0.5), (20, 0.3), (20, 0.5), (10, 0.3))
-LOOKAHEAD_ROWS = ((50, 0.5), (50, 0.4))  # beyond the paper: look-ahead gates (the fast path), next to the reference
-PAIRS = (("Lazy-50@50", "DDIM-25"), ("Lazy-40@50", "DDIM-20"), ("Lazy-20@50", "DDIM-10"), ("Lazy-10@30", "DDIM-7"),
-         ("Lazy-50@40", "DDIM-30"), ("Lazy-20@30", "DDIM-14"), ("Lazy-50@20", "DDIM-40"), ("LazyLA-50@50", "DDIM-25"),
-         ("LazyLA-50@40", "DDIM-30"))
-EXTRA_PAIRS = (("LazyLA-50@40", "Lazy-50@40"), ("Lazy-50@40", "Lazy-50@50"), ("DDIM-25", "DDIM-20"),
-               ("DDIM-30", "DDIM-20"))  # paired differences that explain the pairings
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the tables: DDIM at `steps`, or LazyDiT at `steps` calibrated to the lazy ratio `target`."""
+
+    steps: int  # T, DDIM sampling steps
+    target: float | None = None  # lazy ratio the threshold is calibrated to; None: plain DDIM
+    lookahead: bool = False  # the shipped look-ahead gates instead of the reference gates (a Lazy row)
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"steps must be positive, got {self.steps}")
+        if self.target is None and self.lookahead:
+            raise ValueError("a look-ahead row needs a target lazy ratio")
+        if self.target is not None and not 0 < self.target < 1:
+            raise ValueError(f"target must lie in (0, 1), got {self.target}")
+
+    @property
+    def lazy(self) -> bool:
+        return self.target is not None
+
+    @property
+    def kind(self) -> str:
+        """The code path: "DDIM" (bare model), "Lazy" (reference gates) or "LazyLA" (look-ahead gates)."""
+        return "LazyLA" if self.lookahead else "Lazy" if self.lazy else "DDIM"
+
+    @property
+    def name(self) -> str:
+        """DDIM-25, Lazy-50@40, LazyLA-50@40: the row's label in the JSON/sample files, the markdown and the CSV."""
+        return f"DDIM-{self.steps}" if not self.lazy else f"{self.kind}-{self.steps}@{round(self.target * 100)}"
+
+    @property
+    def dense(self) -> "Row":
+        """The DDIM row with this row's step count (Lazy-50@40 -> DDIM-50)."""
+        return Row(self.steps)
+
+    def __str__(self):
+        return self.name
 
 
-def dense_of(lazy: str) -> str:
-    """The DDIM row with a Lazy row's step count (Lazy-50@40 -> DDIM-50)."""
-    return "DDIM-" + lazy.split("-")[1].split("@")[0]
-
-
+DDIM_ROWS = tuple(Row(s) for s in (50, 40, 30, 25, 20, 14, 10, 7))
+LAZY_ROWS = tuple(Row(t, r) for t, r in ((50, 0.2), (50, 0.4), (50, 0.5), (40, 0.5), (20, 0.3), (20, 0.5), (10, 0.3)))
+# beyond the paper: look-ahead gates (the fast path), next to the reference
+LOOKAHEAD_ROWS = tuple(Row(t, r, lookahead=True) for t, r in ((50, 0.5), (50, 0.4)))
+ROWS = DDIM_ROWS + LAZY_ROWS + LOOKAHEAD_ROWS  # in table order
+ROWS_BY_NAME = {r.name: r for r in ROWS}
+PAIRS = ((Row(50, 0.5), Row(25)), (Row(40, 0.5), Row(20)), (Row(20, 0.5), Row(10)), (Row(10, 0.3), Row(7)),
+         (Row(50, 0.4), Row(30)), (Row(20, 0.3), Row(14)), (Row(50, 0.2), Row(40)),
+         (Row(50, 0.5, lookahead=True), Row(25)), (Row(50, 0.4, lookahead=True), Row(30)))  # equal TMACs
+EXTRA_PAIRS = ((Row(50, 0.4, lookahead=True), Row(50, 0.4)), (Row(50, 0.4), Row(50, 0.5)), (Row(25), Row(20)),
+               (Row(30), Row(20)))  # paired differences that explain the pairings
 # FID(Lazy-T) - FID(DDIM-S) = [FID(Lazy-T) - FID(DDIM-T)] (reuse) + [FID(DDIM-T) - FID(DDIM-S)] (step count)
-DECOMP_PAIRS = tuple(dict.fromkeys(p for lz, dd in PAIRS if not lz.startswith("LazyLA")
-                                   for p in ((lz, dense_of(lz)), (dense_of(lz), dd))))
+DECOMP_PAIRS = tuple(dict.fromkeys(p for lz, dd in PAIRS if not lz.lookahead
+                                   for p in ((lz, lz.dense), (lz.dense, dd))))
+assert all(r in ROWS_BY_NAME.values() for pair in PAIRS + EXTRA_PAIRS + DECOMP_PAIRS for r in pair)
 COLUMNS = ("sampler", "steps", "target", "lazy_ratio", "tmacs", "fid", "sfid", "inception_score", "precision",
            "recall", "kid", "seconds_per_image", "threshold", "psnr_vs_ref")
 
 
-def row_names():
-    return ([f"DDIM-{s}" for s in DDIM_STEPS] + [f"Lazy-{t}@{round(r * 100)}" for t, r in LAZY_ROWS]
-            + [f"LazyLA-{t}@{round(r * 100)}" for t, r in LOOKAHEAD_ROWS])
+def select_rows(only: str | None) -> tuple:
+    """The rows named in a comma-separated list (all rows for None / ""); ValueError names the valid ones."""
+    if not only:
+        return ROWS
+    names = [n.strip() for n in only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ROWS_BY_NAME]
+    if unknown:
+        raise ValueError(f"unknown rows {unknown}; choose from {', '.join(ROWS_BY_NAME)}")
+    return tuple(ROWS_BY_NAME[n] for n in dict.fromkeys(names))
 
 
-def run_row(name, model, extractor, ref, args):
+def pair_key(a: Row, b: Row) -> str:
+    """The key of a paired difference in bootstrap.json ("Lazy-50@50 vs DDIM-25")."""
+    return f"{a.name} vs {b.name}"
+
+
+def run_row(row: Row, model, extractor, ref, args):
     """Sample and score one row (calibrating the threshold of a Lazy row first)."""
-    steps = int(name.split("-")[1].split("@")[0])
-    cfg = EvalConfig(steps=steps, cfg_scale=args.cfg, num_samples=args.num_samples, batch_size=args.batch_size,
-                     seed=args.seed, name=name, micro_batch=args.micro_batch)
-    gates, extra = None, {}
-    if name.startswith("Lazy"):
-        target = int(name.split("@")[1]) / 100
-        gates = default_gates(steps, lookahead=name.startswith("LazyLA"))
+    gates, lazy, extra = None, LazyConfig(), {}
+    if row.lazy:
+        gates = default_gates(row.steps, lookahead=row.lookahead)
         yc = class_grid_labels(model.config.num_classes, args.calib_per_class)
-        th, reached = calibrate_threshold(model, gates, target, yc, cfg_scale=args.cfg, seed=args.seed,
+        th, reached = calibrate_threshold(model, gates, row.target, yc, cfg_scale=args.cfg, seed=args.seed,
                                           progress=False)
-        cfg.threshold = th
-        extra = dict(target=target, calibration_ratio=round(reached, 4), rho=gates.meta.get("training", {}).get(
+        lazy = LazyConfig(threshold=th)
+        extra = dict(target=row.target, calibration_ratio=round(reached, 4), rho=gates.meta.get("training", {}).get(
             "rho_attn"))
-    row = evaluate_config(model, cfg, extractor, ref, gates=gates, out=Path(args.run) / f"{name}.npz",
+    cfg = EvalConfig(steps=row.steps, cfg_scale=args.cfg, num_samples=args.num_samples, batch_size=args.batch_size,
+                     seed=args.seed, lazy=lazy, name=row.name, micro_batch=args.micro_batch)
+    out = evaluate_config(model, cfg, extractor, ref, gates=gates, out=Path(args.run) / f"{row.name}.npz",
                           progress=not args.quiet)
-    return {**row, **extra}
+    return {**out, **extra}
 
 
-def time_rows(names, model, args) -> dict:
+def time_rows(rows, model, args) -> dict:
     """Median sampling seconds per image of every finished row, all measured in this one run (see the docstring)."""
     run = Path(args.run)
-    rows = {n: json.loads((run / f"{n}.json").read_text()) for n in names if (run / f"{n}.json").exists()}
-    if not rows:
+    done = {r: json.loads((run / f"{r.name}.json").read_text()) for r in rows if (run / f"{r.name}.json").exists()}
+    if not done:
         raise SystemExit("--timing: no finished rows to time")
     y = eval_labels(args.num_samples, model.config.num_classes, args.seed)[: args.timing_images]
-    gates = {n: default_gates(r["steps"], lookahead=n.startswith("LazyLA")) for n, r in rows.items()
-             if n.startswith("Lazy")}
+    gates = {r: default_gates(r.steps, lookahead=r.lookahead) for r in done if r.lazy}
 
-    def once(n):
-        r = rows[n]
-        _, rep = sample(model, y, r["steps"], gates=gates.get(n), threshold=r.get("threshold"), cfg_scale=args.cfg,
-                        seed=args.seed, micro_batch=args.micro_batch, progress=False)
+    def once(r):
+        lazy = LazyConfig(threshold=done[r].get("threshold")) if r.lazy else None
+        _, rep = sample(model, y, r.steps, gates=gates.get(r), lazy=lazy, cfg_scale=args.cfg, seed=args.seed,
+                        micro_batch=args.micro_batch, progress=False)
         return rep.seconds / len(y)
 
-    for n in {("DDIM" if n.startswith("DDIM") else n.split("-")[0]): n for n in rows}.values():
-        once(n)  # warm-up of each code path (plain, reference gates, look-ahead gates)
-    order, times = list(rows), {n: [] for n in rows}
+    for r in {r.kind: r for r in done}.values():
+        once(r)  # warm-up of each code path (plain, reference gates, look-ahead gates)
+    order, times = list(done), {r: [] for r in done}
     for i in range(args.timing_rounds):
-        for n in order[i % len(order):] + order[: i % len(order)]:
-            times[n].append(once(n))
+        for r in order[i % len(order):] + order[: i % len(order)]:
+            times[r].append(once(r))
         print(f"timing round {i + 1}/{args.timing_rounds} done", flush=True)
     out = dict(images=len(y), micro_batch=args.micro_batch, rounds=args.timing_rounds, cfg=args.cfg,
                threads=torch.get_num_threads(), machine=platform.processor() or platform.machine(),
                torch=torch.__version__,
-               rows={n: dict(median=float(torch.tensor(t).median()), all=[round(v, 6) for v in t])
-                     for n, t in times.items()})
+               rows={r.name: dict(median=float(torch.tensor(t).median()), all=[round(v, 6) for v in t])
+                     for r, t in times.items()})
     (run / "timing.json").write_text(json.dumps(out, indent=1))
     return out
 
 
 def bootstrap_pairs(args) -> dict:
     """Paired-bootstrap 95% intervals of FID(Lazy) - FID(DDIM) for every pairing whose two sample files exist."""
-    from lazydit.features import extract_features
-    from lazydit.metrics import load_npz_samples, paired_bootstrap_fid
+    from lazydit.evaluation.features import extract_features
+    from lazydit.evaluation.metrics import load_npz_samples, paired_bootstrap_fid
 
     run, extractor, ref = Path(args.run), default_classifier(), default_reference()
     feats, out = {}, dict(reps=args.bootstrap, level=0.95, pairs={})
     for a, b in dict.fromkeys(PAIRS + EXTRA_PAIRS + DECOMP_PAIRS):
-        if not all((run / f"{n}.npz").exists() for n in (a, b)):
+        if not all((run / f"{r.name}.npz").exists() for r in (a, b)):
             continue
-        for n in (a, b):
-            if n not in feats:
-                feats[n] = extract_features(extractor, load_npz_samples(run / f"{n}.npz"), progress=False)["pool"]
-        bs = out["pairs"][f"{a} vs {b}"] = paired_bootstrap_fid(feats[a], feats[b], ref["mu"], ref["sigma"],
-                                                                reps=args.bootstrap)
+        for r in (a, b):
+            if r not in feats:
+                feats[r] = extract_features(extractor, load_npz_samples(run / f"{r.name}.npz"),
+                                            progress=False)["pool"]
+        bs = out["pairs"][pair_key(a, b)] = paired_bootstrap_fid(feats[a], feats[b], ref["mu"], ref["sigma"],
+                                                                 reps=args.bootstrap)
         print(f"{a} - {b}: FID {bs['delta']:+.3f} [{bs['lo']:+.3f}, {bs['hi']:+.3f}]", flush=True)
     (run / "bootstrap.json").write_text(json.dumps(out, indent=1))
     return out
@@ -142,7 +191,7 @@ def bootstrap_pairs(args) -> dict:
 @functools.lru_cache(maxsize=None)
 def psnr_between(run: str, a: str, b: str):
     """PSNR (dB) of row a's samples against row b's (same labels and noise); None if either is not sampled."""
-    from lazydit.metrics import load_npz_samples, paired_psnr
+    from lazydit.evaluation.metrics import load_npz_samples, paired_psnr
 
     paths = [Path(run) / f"{n}.npz" for n in (a, b)]
     if not all(p.exists() for p in paths):
@@ -165,8 +214,8 @@ def write_up(rows, args, meta):
     """Markdown + CSV + the quality-versus-TMACs plot from the finished rows."""
     docs = Path(args.docs)
     (docs / "images").mkdir(parents=True, exist_ok=True)
-    order = {n: i for i, n in enumerate(row_names())}
-    rows = sorted(rows, key=lambda r: order.get(r["sampler"], 99))
+    order = {n: i for i, n in enumerate(ROWS_BY_NAME)}
+    rows = sorted(rows, key=lambda r: order.get(r["sampler"], len(order)))
     psnr_between.cache_clear()  # samples are read once per write-up
     has_fid = fidelity(rows, args)
 
@@ -225,9 +274,9 @@ def write_up(rows, args, meta):
               "(95% paired bootstrap) | Lazy better? |" + (" PSNR Lazy / DDIM (dB) |" if has_fid else ""),
               "|---|---|---|---|---|---|---|---|" + ("---|" if has_fid else "")]
     for lz, dd in PAIRS:
-        if lz in by and dd in by:
-            a, b = by[lz], by[dd]
-            bs = boot["pairs"].get(f"{lz} vs {dd}")
+        if lz.name in by and dd.name in by:
+            a, b = by[lz.name], by[dd.name]
+            bs = boot["pairs"].get(pair_key(lz, dd))
             ci = "" if bs is None else f"{bs['delta']:+.3f} [{bs['lo']:+.3f}, {bs['hi']:+.3f}]"
             spans = " (interval spans 0)" if bs and bs["lo"] < 0 < bs["hi"] else ""
             lines.append(f"| {lz} | {dd} | {a['tmacs'] / b['tmacs']:.3f} | "
@@ -235,13 +284,13 @@ def write_up(rows, args, meta):
                          f"{ci} | "
                          f"{'yes' if a['fid'] < b['fid'] else 'no'}{spans} |"
                          + (f"{psnr(a)[:-2]} /{psnr(b)}" if has_fid else ""))
-    extra = [(a, b, boot["pairs"][f"{a} vs {b}"]) for a, b in EXTRA_PAIRS if f"{a} vs {b}" in boot["pairs"]]
+    extra = [(a, b, boot["pairs"][pair_key(a, b)]) for a, b in EXTRA_PAIRS if pair_key(a, b) in boot["pairs"]]
     if extra:
         lines += ["", "Other paired differences (same labels and noise; 95% paired bootstrap of FID(A) - FID(B)):", "",
                   "| A | B | FID A - FID B | 95% interval |", "|---|---|---|---|"]
         lines += [f"| {a} | {b} | {bs['delta']:+.3f} | [{bs['lo']:+.3f}, {bs['hi']:+.3f}] |" for a, b, bs in extra]
     lines += decomposition(by, boot, args)
-    missing = [n for n in row_names() if n not in by]
+    missing = [n for n in ROWS_BY_NAME if n not in by]
     if missing:
         lines += ["", f"Rows not run yet: {', '.join(missing)}."]
     notes = docs / "paper_tables_notes.md"  # the hand-written reading of the numbers, kept across reruns
@@ -254,18 +303,18 @@ def write_up(rows, args, meta):
 def decomposition(by, boot, args) -> list:
     """Markdown lines splitting each pairing's FID difference into the reuse part and the step-count part."""
     def diff(a, b):
-        bs = boot["pairs"].get(f"{a} vs {b}")
-        d = by[a]["fid"] - by[b]["fid"]
+        bs = boot["pairs"].get(pair_key(a, b))
+        d = by[a.name]["fid"] - by[b.name]["fid"]
         return f"{d:+.3f}" if bs is None else f"{bs['delta']:+.3f} [{bs['lo']:+.3f}, {bs['hi']:+.3f}]"
 
     def psnr_to(a, ref):
-        db = psnr_between(args.run, a, ref)
+        db = psnr_between(args.run, a.name, ref.name)
         return "n/a" if db is None else f"{db:.2f}"
 
     out = []
     for lz, dd in PAIRS:
-        dt = dense_of(lz)
-        if lz.startswith("LazyLA") or not all(n in by for n in (lz, dd, dt)):
+        dt = lz.dense
+        if lz.lookahead or not all(r.name in by for r in (lz, dd, dt)):
             continue
         out.append(f"| {lz} | {dd} | {dt} | {diff(lz, dd)} | {diff(lz, dt)} | {diff(dt, dd)} | "
                    f"{psnr_to(lz, dt)} / {psnr_to(dd, dt)} |")
@@ -290,8 +339,8 @@ def plot(rows, path, ref="DDIM-50"):
         panels.append(("psnr_vs_ref", f"PSNR vs {ref} (dB)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.8), dpi=120)
     for ax, (key, label) in zip(axes, panels):
-        ddim = sorted((r for r in rows if r["sampler"].startswith("DDIM") and key in r), key=lambda r: r["tmacs"])
-        lazy = [r for r in rows if r["sampler"].startswith("Lazy") and key in r]
+        ddim = sorted((r for r in rows if r.get("target") is None and key in r), key=lambda r: r["tmacs"])
+        lazy = [r for r in rows if r.get("target") is not None and key in r]
         ax.plot([r["tmacs"] * 1e3 for r in ddim], [r[key] for r in ddim], "o-", color="tab:blue", label="DDIM")
         for r in ddim:
             ax.annotate(str(r["steps"]), (r["tmacs"] * 1e3, r[key]), fontsize=7, xytext=(3, 3),
@@ -330,7 +379,7 @@ def main(argv=None):
     ap.add_argument("--timing-rounds", type=int, default=5)
     ap.add_argument("--bootstrap", type=int, default=0,
                     help="paired-bootstrap draws for the FID difference of each pairing (0: skip)")
-    ap.add_argument("--fidelity-ref", default="DDIM-50",
+    ap.add_argument("--fidelity-ref", default="DDIM-50", choices=list(ROWS_BY_NAME), metavar="ROW",
                     help="row whose samples the PSNR column compares every row against (when sampled)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
@@ -338,36 +387,36 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     run = Path(args.run)
     run.mkdir(parents=True, exist_ok=True)
-    names = args.only.split(",") if args.only else row_names()
-    unknown = set(names) - set(row_names())
-    if unknown:
-        ap.error(f"unknown rows {sorted(unknown)}; choose from {row_names()}")
-    meta = dict(command="python benchmarks/paper_tables.py" + (f" --num-samples {args.num_samples}"
-                                                                if args.num_samples != 5000 else ""),
+    try:
+        rows = select_rows(args.only)
+    except ValueError as e:
+        ap.error(f"--only: {e}")
+    meta = dict(command="python experiments/paper_tables.py" + (f" --num-samples {args.num_samples}"
+                                                                 if args.num_samples != 5000 else ""),
                 machine=platform.processor() or platform.machine(), torch=torch.__version__,
                 threads=torch.get_num_threads())
     if args.timing:
-        time_rows(names, default_model(), args)
+        time_rows(rows, default_model(), args)
     elif not args.write_only:
         model = default_model()
         extractor, ref = default_classifier(), default_reference()
-        for name in names:
-            path = run / f"{name}.json"
+        for row in rows:
+            path = run / f"{row.name}.json"
             if path.exists():
                 continue
             t0 = time.time()
-            row = run_row(name, model, extractor, ref, args)
-            row["num_samples"], row["cfg_scale"], row["micro_batch"] = args.num_samples, args.cfg, args.micro_batch
-            path.write_text(json.dumps(row, indent=1))
-            print(f"{name}: FID {row['fid']:.3f} lazy {row['lazy_ratio']:.1%} ({time.time() - t0:.0f} s)",
+            res = run_row(row, model, extractor, ref, args)
+            res["num_samples"], res["cfg_scale"], res["micro_batch"] = args.num_samples, args.cfg, args.micro_batch
+            path.write_text(json.dumps(res, indent=1))
+            print(f"{row.name}: FID {res['fid']:.3f} lazy {res['lazy_ratio']:.1%} ({time.time() - t0:.0f} s)",
                   flush=True)
     if args.bootstrap:
         bootstrap_pairs(args)
-    rows = [json.loads(p.read_text()) for p in sorted(run.glob("*.json")) if p.stem not in ("timing", "bootstrap")]
-    rows = [r for r in rows if r.get("num_samples") == args.num_samples and r.get("cfg_scale") == args.cfg]
-    if rows:
-        write_up(rows, args, meta)
-        print(f"wrote {args.docs}/paper_tables.md, .csv and images/quality_vs_tmacs.png ({len(rows)} rows)")
+    done = [json.loads(p.read_text()) for p in sorted(run.glob("*.json")) if p.stem not in ("timing", "bootstrap")]
+    done = [r for r in done if r.get("num_samples") == args.num_samples and r.get("cfg_scale") == args.cfg]
+    if done:
+        write_up(done, args, meta)
+        print(f"wrote {args.docs}/paper_tables.md, .csv and images/quality_vs_tmacs.png ({len(done)} rows)")
 
 
 if __name__ == "__main__":

@@ -1,18 +1,20 @@
-"""Smoke tests: the benchmark scripts run on CPU with a tiny config and print their table."""
+"""Smoke tests: the benchmark and experiment scripts run on CPU with a tiny config and write their tables."""
 
+import csv
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
 
-from lazydit.metrics import load_npz_samples, paired_psnr
+from lazydit.evaluation.metrics import load_npz_samples, paired_psnr
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def load(name):
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+def load(name, folder="benchmarks"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / folder / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -28,40 +30,150 @@ def test_bench_fast_tiny(capsys, tmp_path):
     assert json.loads((tmp_path / "b.json").read_text())["rows"] == out["rows"]
 
 
-def test_paper_tables_small_run_writes_markdown_csv_and_plot(tmp_path, capsys):
-    args = ["--only", "DDIM-7,DDIM-10,Lazy-10@30", "--num-samples", "20", "--batch-size", "20", "--calib-per-class", "1", "--run",
-            str(tmp_path / "run"), "--docs", str(tmp_path / "docs"), "--quiet", "--fidelity-ref", "DDIM-7"]
-    load("paper_tables").main(args)
-    md = (tmp_path / "docs" / "paper_tables.md").read_text()
-    assert "| Lazy-10@30 |" in md and "| DDIM-7 |" in md and "Rows not run yet" in md
-    run = tmp_path / "run"
-    db = paired_psnr(load_npz_samples(run / "Lazy-10@30.npz"), load_npz_samples(run / "DDIM-7.npz"))["psnr"]
-    lazy_line = next(line for line in md.splitlines() if line.startswith("| Lazy-10@30 |") and " G |" in line)
-    assert "PSNR vs DDIM-7 (dB)" in md and lazy_line.endswith(f" {db:.2f} |")
-    assert next(line for line in md.splitlines() if line.startswith("| DDIM-7 |") and " G |" in line).endswith(" ref |")
-    pair = next(line for line in md.splitlines() if line.startswith("| Lazy-10@30 | DDIM-7 |"))  # equal TMACs
-    assert pair.endswith(f" {db:.2f} / ref |")
-    assert (tmp_path / "docs" / "images" / "quality_vs_tmacs.png").stat().st_size > 0
-    rows = (tmp_path / "docs" / "paper_tables.csv").read_text().splitlines()
-    assert rows[0].startswith("sampler,steps,target") and rows[0].endswith(",psnr_vs_ref") and len(rows) == 4
-    lazy = json.loads((tmp_path / "run" / "Lazy-10@30.json").read_text())
-    assert abs(lazy["calibration_ratio"] - 0.3) < 0.05 and lazy["threshold"] is not None
-    capsys.readouterr()
-    load("paper_tables").main(args)  # finished rows are not run again
-    assert "FID" not in capsys.readouterr().out
-    load("paper_tables").main(args + ["--timing", "--timing-images", "4", "--timing-rounds", "2", "--bootstrap", "5"])
-    timing = json.loads((tmp_path / "run" / "timing.json").read_text())
-    assert set(timing["rows"]) == {"DDIM-7", "DDIM-10", "Lazy-10@30"} and all(len(t["all"]) == 2 for t in timing["rows"].values())
-    md = (tmp_path / "docs" / "paper_tables.md").read_text()
-    assert "medians of 2 interleaved rounds" in md and f"{timing['rows']['DDIM-7']['median']:.4f}" in md
-    boots = json.loads((tmp_path / "run" / "bootstrap.json").read_text())["pairs"]
-    boot = boots["Lazy-10@30 vs DDIM-7"]
-    # the pairing split into reuse (Lazy-10 - DDIM-10) and step count (DDIM-10 - DDIM-7), with its PSNRs to DDIM-10
-    reuse, steps = boots["Lazy-10@30 vs DDIM-10"], boots["DDIM-10 vs DDIM-7"]
-    assert reuse["delta"] + steps["delta"] == pytest.approx(boot["delta"], abs=1e-9)
+def md_tables(md: str) -> list:
+    """Every markdown table of `md` as a list of {header cell: cell} rows (a row of another width fails)."""
+    tables, block = [], []
+    for line in md.splitlines() + [""]:
+        if line.startswith("|"):
+            block.append([c.strip() for c in line.strip()[1:-1].split("|")])
+        elif block:
+            head, rule, *body = block
+            assert len(rule) == len(head) and all(len(r) == len(head) for r in body), block
+            tables.append([dict(zip(head, r)) for r in body])
+            block = []
+    return tables
+
+
+def table(md: str, first: str) -> dict:
+    """The table whose first header cell is `first`, as {first cell of a row: row}."""
+    found = [t for t in md_tables(md) if t and next(iter(t[0])) == first]
+    assert len(found) == 1, f"{len(found)} tables with first column {first!r}"
+    return {r[first]: r for r in found[0]}
+
+
+def test_paper_tables_rows_and_only():
+    pt = load("paper_tables", "experiments")
+    Row = pt.Row
+    assert [r.name for r in pt.ROWS[:8]] == [f"DDIM-{s}" for s in (50, 40, 30, 25, 20, 14, 10, 7)]
+    assert Row(50, 0.4).name == "Lazy-50@40" and Row(50, 0.4, lookahead=True).name == "LazyLA-50@40"
+    assert Row(10, 0.3).name == "Lazy-10@30" and Row(10, 0.3).dense == Row(10) and Row(10).name == "DDIM-10"
+    assert [r.kind for r in (Row(7), Row(7, 0.5), Row(7, 0.5, lookahead=True))] == ["DDIM", "Lazy", "LazyLA"]
+    assert len(pt.ROWS_BY_NAME) == len(pt.ROWS) == 17 and all(pt.ROWS_BY_NAME[r.name] is r for r in pt.ROWS)
+    assert (Row(50, 0.5), Row(25)) in pt.PAIRS and (Row(50, 0.5, lookahead=True), Row(25)) in pt.PAIRS
+    # the decomposition covers the reference pairings only: Lazy-T vs DDIM-T, DDIM-T vs DDIM-S
+    assert (Row(10, 0.3), Row(10)) in pt.DECOMP_PAIRS and (Row(10), Row(7)) in pt.DECOMP_PAIRS
+    assert not any(r.lookahead for pair in pt.DECOMP_PAIRS for r in pair)
+    assert pt.select_rows("DDIM-7, Lazy-10@30,DDIM-7") == (Row(7), Row(10, 0.3)) and pt.select_rows(None) == pt.ROWS
+    with pytest.raises(ValueError, match=r"unknown rows \['Lazy-10@31'\]; choose from DDIM-50, .*LazyLA-50@40"):
+        pt.select_rows("DDIM-7,Lazy-10@31")
+    with pytest.raises(ValueError):
+        Row(10, lookahead=True)
+
+
+def test_paper_tables_only_unknown_row_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        load("paper_tables", "experiments").main(["--only", "DDIM-7,Lazy-9@30", "--run", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Lazy-9@30" in err and "Lazy-10@30" in err and "LazyLA-50@40" in err
+
+
+def test_paper_tables_small_run_writes_markdown_csv_and_plot(tmp_path, capsys, monkeypatch):
+    pt = load("paper_tables", "experiments")
+    calls = []
+
+    def calibrate(model, gates, target, y, **kw):  # the bisection itself is not what this test is about
+        calls.append((gates.steps, target, len(y), kw["cfg_scale"]))
+        return 1e-3, 0.0123  # half the gate file's own (~0.3 lazy): ~0.13 lazy once it reaches the sampler
+
+    full = pt.default_reference()
+    ref = {**full, "pool": full["pool"][:400]}  # mu / sigma whole; precision/recall and KID on 400 test images
+    monkeypatch.setattr(pt, "calibrate_threshold", calibrate)
+    monkeypatch.setattr(pt, "default_reference", lambda: ref)
+    run, docs = tmp_path / "run", tmp_path / "docs"
+    names = ("DDIM-7", "DDIM-10", "Lazy-10@30")
+    args = ["--only", ",".join(names), "--num-samples", "4", "--batch-size", "4", "--calib-per-class", "1",
+            "--run", str(run), "--docs", str(docs), "--quiet", "--fidelity-ref", "DDIM-7"]
+    pt.main(args + ["--bootstrap", "5"])
+    assert calls == [(10, 0.3, 10, 1.5)]  # one calibration, of the Lazy row, on a 10-image class grid
+    printed = capsys.readouterr().out
+    assert all(re.search(rf"^{re.escape(n)}: FID ", printed, re.M) for n in names)
+
+    # per-row JSON and samples
+    rows = {n: json.loads((run / f"{n}.json").read_text()) for n in names}
+    keys = {"sampler", "steps", "fid", "sfid", "inception_score", "precision", "recall", "kid", "lazy_ratio", "tmacs",
+            "seconds_per_image", "threshold", "num_samples", "cfg_scale", "micro_batch"}
+    assert all(keys <= set(r) and r["num_samples"] == 4 and r["cfg_scale"] == 1.5 for r in rows.values())
+    assert {n: r["steps"] for n, r in rows.items()} == {"DDIM-7": 7, "DDIM-10": 10, "Lazy-10@30": 10}
+    lazy = rows["Lazy-10@30"]
+    assert {"target", "calibration_ratio", "rho"} <= set(lazy) and (lazy["target"], lazy["calibration_ratio"]) == (
+        0.3, 0.0123)
+    assert lazy["threshold"] == 1e-3 and 0 < lazy["lazy_ratio"] < 0.2  # the calibrated threshold, not the file's
+    assert rows["DDIM-10"]["lazy_ratio"] == 0 and rows["DDIM-10"]["threshold"] is None
+    assert lazy["tmacs"] < rows["DDIM-10"]["tmacs"]
+    assert all(len(load_npz_samples(run / f"{n}.npz")) == 4 for n in names)
+    boot = json.loads((run / "bootstrap.json").read_text())
+    assert boot["reps"] == 5 and boot["level"] == 0.95
+    assert set(boot["pairs"]) == {"Lazy-10@30 vs DDIM-7", "Lazy-10@30 vs DDIM-10", "DDIM-10 vs DDIM-7"}
+    assert all({"delta", "lo", "hi"} <= set(b) and b["lo"] <= b["hi"] for b in boot["pairs"].values())
+    # the pairing = reuse (Lazy-10 - DDIM-10) + step count (DDIM-10 - DDIM-7)
+    b = boot["pairs"]
+    assert b["Lazy-10@30 vs DDIM-10"]["delta"] + b["DDIM-10 vs DDIM-7"]["delta"] == pytest.approx(
+        b["Lazy-10@30 vs DDIM-7"]["delta"], abs=1e-9)
+
+    png = docs / "images" / "quality_vs_tmacs.png"
+    assert png.stat().st_size > 0
+    drawn = []  # the later write-ups hand their rows to the plot; drawing it once is enough here
+    monkeypatch.setattr(pt, "plot", lambda rows, path, ref: drawn.append((path, ref, {r["sampler"]: r for r in rows})))
+
+    # a second run resamples nothing; --timing measures the finished rows in one more
+    stamps = {p.name: p.stat().st_mtime_ns for p in run.iterdir() if p.suffix in (".json", ".npz")}
+    pt.main(args)
+    assert not re.search(r"^\S+: FID ", capsys.readouterr().out, re.M)
+    pt.main(args + ["--timing", "--timing-images", "1", "--timing-rounds", "2"])
+    assert {p: run.joinpath(p).stat().st_mtime_ns for p in stamps} == stamps
+    timing = json.loads((run / "timing.json").read_text())
+    assert {"images", "micro_batch", "rounds", "cfg", "threads", "machine", "torch", "rows"} <= set(timing)
+    assert timing["images"] == 1 and timing["rounds"] == 2 and set(timing["rows"]) == set(names)
+    assert all(len(t["all"]) == 2 and t["median"] > 0 for t in timing["rows"].values())
+    assert len(drawn) == 2 and drawn[-1][:2] == (png, "DDIM-7") and set(drawn[-1][2]) == set(names)
+    assert {n: r["seconds_per_image"] for n, r in drawn[-1][2].items()} == {
+        n: t["median"] for n, t in timing["rows"].items()}
+
+    # CSV: the columns, one line per finished row
+    with open(docs / "paper_tables.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == pt.COLUMNS
+        csv_rows = {r["sampler"]: r for r in reader}
+    assert list(csv_rows) == ["DDIM-10", "DDIM-7", "Lazy-10@30"]  # table order
+    assert csv_rows["Lazy-10@30"]["target"] == "0.3" and csv_rows["DDIM-7"]["target"] == ""
+    assert float(csv_rows["Lazy-10@30"]["fid"]) == lazy["fid"]
+
+    # markdown: the sections and the tables, by structure
+    md = (docs / "paper_tables.md").read_text()
+    heads = [line for line in md.splitlines() if line.startswith("#")]
+    assert heads[0].startswith("# The paper's Table 1") and any(h.startswith("## Equal-TMACs pairings") for h in heads)
+    assert any(h.startswith("## Where each difference comes from") for h in heads)
+    assert "python experiments/paper_tables.py --num-samples 4" in md
+    main_t = table(md, "sampler")
+    assert list(main_t) == ["DDIM-10", "DDIM-7", "Lazy-10@30"]
+    assert {n: main_t[n]["s / image"] for n in names} == {n: f"{t['median']:.4f}" for n, t in
+                                                          timing["rows"].items()}  # the timing run's medians
+    psnr_col = "PSNR vs DDIM-7 (dB)"
+    db = {n: paired_psnr(load_npz_samples(run / f"{n}.npz"), load_npz_samples(run / "DDIM-7.npz"))["psnr"]
+          for n in ("DDIM-10", "Lazy-10@30")}
+    assert main_t["DDIM-7"][psnr_col] == "ref" and all(main_t[n][psnr_col] == f"{v:.2f}" for n, v in db.items())
+    assert main_t["Lazy-10@30"]["threshold"] == "0.001" and main_t["DDIM-7"]["threshold"] == ""
+    pairing = table(md, "Lazy")
+    assert list(pairing) == ["Lazy-10@30"] and pairing["Lazy-10@30"]["DDIM"] == "DDIM-7"  # equal TMACs
+    pb = b["Lazy-10@30 vs DDIM-7"]
+    assert next(v for k, v in pairing["Lazy-10@30"].items() if k.startswith("FID Lazy - DDIM")) == (
+        f"{pb['delta']:+.3f} [{pb['lo']:+.3f}, {pb['hi']:+.3f}]")
+    decomp = table(md, "Lazy-T")["Lazy-10@30"]
+    assert (decomp["DDIM-S"], decomp["DDIM-T"]) == ("DDIM-7", "DDIM-10")
+    total, reuse, step = (float(v.split()[0]) for k, v in decomp.items() if k.startswith(("FID ", "reuse", "steps")))
+    assert total == pytest.approx(reuse + step, abs=2e-3)
     to10 = [paired_psnr(load_npz_samples(run / f"{n}.npz"), load_npz_samples(run / "DDIM-10.npz"))["psnr"]
             for n in ("Lazy-10@30", "DDIM-7")]
-    assert (f"| Lazy-10@30 | DDIM-7 | DDIM-10 | {boot['delta']:+.3f} [" in md
-            and f"| {reuse['delta']:+.3f} [{reuse['lo']:+.3f}, {reuse['hi']:+.3f}] |" in md
-            and f" {to10[0]:.2f} / {to10[1]:.2f} |" in md)
-    assert boot["lo"] <= boot["hi"] and f"{boot['delta']:+.3f} [{boot['lo']:+.3f}, {boot['hi']:+.3f}]" in md
+    assert next(v for k, v in decomp.items() if k.startswith("PSNR")) == f"{to10[0]:.2f} / {to10[1]:.2f}"
+    missing = re.search(r"^Rows not run yet: (.*)\.$", md, re.M).group(1).split(", ")
+    assert sorted(missing + list(names)) == sorted(pt.ROWS_BY_NAME)
