@@ -50,5 +50,9 @@ def test_example_policy_from_the_cli(tmp_path, monkeypatch, capsys):
     main(["sample", "--method", "mypolicies:EverySecondStep:offset=1", "--steps", "10", "--per-class", "1",
           "--out", str(tmp_path / "s.png"), "--heatmap", str(tmp_path / "h.png"), "--json"])
     row = json.loads(capsys.readouterr().out)[0]
-    assert row["sampler"] == "EverySecond-10" and row["lazy_ratio"] == 0.4  # k = 7, 5, 3, 1 skip (k = 9, the first, has no cache)
+    assert row["sampler"] == "EverySecond-10" and row["lazy_ratio"] == 0.4  # k = 7, 5, 3, 1 skip (k = 9 has no cache)
     assert (tmp_path / "s.png").stat().st_size > 0 and (tmp_path / "h.png").stat().st_size > 0
+    main(["eval", "--method", "mypolicies:EverySecondStep", "--steps", "10", "--num-samples", "20", "--batch-size",
+          "20", "--json"])
+    row = json.loads(capsys.readouterr().out)[0]
+    assert row["sampler"] == "EverySecond-10" and row["lazy_ratio"] == 0.5 and row["fid"] > 0

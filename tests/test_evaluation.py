@@ -97,7 +97,7 @@ def test_micro_batch_changes_neither_images_nor_resumable_parts(setup, tmp_path)
     out = tmp_path / "s.npz"
     parts = tmp_path / "s.npz.parts"
     parts.mkdir()
-    meta = {**json.loads(json.dumps(asdict(cfg))), "micro_batch": None, "gates": None}
+    meta = {**json.loads(json.dumps(asdict(cfg))), "micro_batch": None, "gates": None, "policy": None}
     (parts / "config.json").write_text(json.dumps(meta))  # parts written without micro-batching
     chunked = generate(model, EvalConfig(**{**vars(cfg), "micro_batch": 2}), out=out, progress=False)
     assert np.array_equal(chunked["images"], whole["images"])

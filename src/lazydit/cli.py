@@ -313,13 +313,11 @@ def cmd_eval(args):
             raise LazyditError("eval samples pixel models only; for a latent model write the images with "
                                "`lazydit sample-ddp --vae VAE_FOLDER --out s.npz`, then `lazydit eval --samples s.npz`")
         gates, policy = _policy(args, model)
-        if policy is not None:
-            raise LazyditError("eval takes --gates; run other methods through `lazydit sample-ddp --method` and "
-                               "`lazydit eval --samples`")
         cfg = EvalConfig(steps=args.steps, cfg_scale=args.cfg, num_samples=args.num_samples,
                          batch_size=args.batch_size, seed=args.seed, lazy=_lazy_config(args), name=args.name,
                          micro_batch=args.micro_batch)
-        row = evaluate_config(model, cfg, extractor, ref, gates=gates, out=args.out, progress=not args.json)
+        row = evaluate_config(model, cfg, extractor, ref, gates=gates, out=args.out, progress=not args.json,
+                              policy=policy)
         row["out"] = args.out
     _emit(args, [row], ["sampler", "steps", "n", "fid", "sfid", "inception_score", "precision", "recall", "kid",
                         "lazy_ratio", "tmacs", "seconds"])

@@ -37,13 +37,14 @@ def eval_labels(num_samples: int, num_classes: int, seed: int = 0) -> torch.Tens
     return y[torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed))]
 
 
-def generate(model, cfg: EvalConfig, gates=None, out=None, progress: bool = True) -> dict:
+def generate(model, cfg: EvalConfig, gates=None, out=None, progress: bool = True, policy=None) -> dict:
     """Sample cfg.num_samples images with one configuration, batch by batch, resumable.
 
     Args:
         model: a DiT (eval mode) on its device.
         cfg: EvalConfig.
         gates: LazyGates or None (plain DDIM).
+        policy: any other caching Policy instead of gates.
         out: ADM .npz to write (arr_0 uint8 N x H x W x C, arr_1 labels); parts go to `<out>.parts/` meanwhile.
         progress: progress bar over batches.
     Returns:
@@ -57,7 +58,8 @@ def generate(model, cfg: EvalConfig, gates=None, out=None, progress: bool = True
     if out:
         meta = {**asdict(cfg), "micro_batch": None,  # a compute detail: parts stay valid across it
                 "gates": None if gates is None else dict(steps=gates.steps, lookahead=gates.lookahead,
-                                                          threshold=gates.threshold)}
+                                                          threshold=gates.threshold),
+                "policy": None if policy is None else policy.describe()}
         parts = SampleParts(out, meta).prepare()
     images, labels, seconds, skipped, total = [], [], 0.0, None, None
     name = cfg.name
@@ -68,8 +70,8 @@ def generate(model, cfg: EvalConfig, gates=None, out=None, progress: bool = True
         if done is not None:
             img, lab, info = done
         else:
-            x, rep = sample(model, y.to(device), cfg.steps, gates=gates, lazy=cfg.lazy if gates is not None else None,
-                            cfg_scale=cfg.cfg_scale, seed=cfg.seed * 1_000_003 + i, progress=False, name=cfg.name,
+            x, rep = sample(model, y.to(device), cfg.steps, gates=gates, policy=policy,
+                            lazy=cfg.lazy if gates is not None else None, cfg_scale=cfg.cfg_scale, seed=cfg.seed * 1_000_003 + i, progress=False, name=cfg.name,
                             micro_batch=cfg.micro_batch)
             img, lab = to_uint8(x), y.numpy()
             info = dict(name=rep.name, seconds=rep.seconds)
@@ -103,11 +105,12 @@ def score(extractor, images, ref: dict, batch_size: int = 250, progress: bool = 
     return evaluate(extractor, extract_features(extractor, images, batch_size, progress), ref, progress=progress)
 
 
-def evaluate_config(model, cfg: EvalConfig, extractor, ref: dict, gates=None, out=None, progress: bool = True) -> dict:
+def evaluate_config(model, cfg: EvalConfig, extractor, ref: dict, gates=None, out=None, progress: bool = True,
+                    policy=None) -> dict:
     """One row of a results table: generate (resumable), then every metric against the reference statistics.
 
     Args:
-        model, cfg, gates, out: as `generate`.
+        model, cfg, gates, out, policy: as `generate`.
         extractor: feature extractor with `.features(x)` (e.g. lazydit.evaluation.fmnist.default_classifier()).
         ref: reference statistics made with the same extractor (e.g. lazydit.evaluation.fmnist.default_reference()).
     Returns:
@@ -115,7 +118,7 @@ def evaluate_config(model, cfg: EvalConfig, extractor, ref: dict, gates=None, ou
         seconds, seconds_per_image).
     """
     t0 = time.time()
-    g = generate(model, cfg, gates, out, progress)
+    g = generate(model, cfg, gates, out, progress, policy)
     metrics = score(extractor, g["images"], ref, progress=progress)
     row = dict(sampler=g["name"], steps=cfg.steps, n=len(g["images"]), **{k: float(v) for k, v in metrics.items()},
                lazy_ratio=round(g["lazy_ratio"], 4), tmacs=g["tmacs"], seconds=round(g["seconds"], 2),
