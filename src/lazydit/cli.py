@@ -39,6 +39,65 @@ def _emit_dict(args, res: dict):
     print(json.dumps(res) if args.json else "\n".join(f"{k}: {v}" for k, v in res.items()))
 
 
+# ---------------------------------------------------------------- validation before any work
+
+
+def _positive(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def _fraction(text: str) -> float:
+    """argparse type: a number strictly between 0 and 1 (thresholds, lazy ratios)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < v < 1:
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {v}")
+    return v
+
+
+def _finite(text: str) -> float:
+    """argparse type: a finite number (guidance scales)."""
+    import math
+
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return v
+
+
+def _check_out(path, folder: bool = False):
+    """Refuse an output path that cannot be written, before any work: a folder where a file goes (or the reverse),
+    a parent that is a file, or a parent without write permission."""
+    from pathlib import Path
+
+    from lazydit.errors import UsageError
+
+    if path is None:
+        return
+    p = Path(path)
+    if p.exists() and p.is_dir() != folder:
+        raise UsageError(f"{p} is {'a file' if folder else 'a folder'}: give a {'folder' if folder else 'file'} path")
+    anc = p.parent
+    while not anc.exists():
+        anc = anc.parent
+    if not anc.is_dir():
+        raise UsageError(f"cannot write {p}: {anc} is a file, not a folder")
+    if not os.access(anc, os.W_OK):
+        raise UsageError(f"cannot write {p}: no write permission in {anc}")
+
+
 # ---------------------------------------------------------------- arguments -> library objects
 
 
@@ -108,7 +167,9 @@ def _labels(args, num_classes):
     from lazydit.pipeline import class_grid_labels
 
     device = args.device
-    if getattr(args, "labels", None):
+    if getattr(args, "labels", None) is not None:
+        if not args.labels.strip():
+            raise LazyditError("--labels is empty: give comma-separated class numbers, e.g. 0,3,7")
         try:
             y = torch.tensor([int(v) for v in args.labels.split(",")], device=device)
         except ValueError:
@@ -129,6 +190,7 @@ def _labels(args, num_classes):
 def cmd_demo(args):
     from lazydit.demo import run_demo
 
+    _check_out(args.out, folder=True)
     rows = run_demo(args.out, per_class=args.per_class, cfg_scale=args.cfg, seed=args.seed, device=_device(args),
                     progress=not args.json)
     _emit(args, rows, ["sampler", "steps", "lazy_ratio", "tmacs", "gmacs", "seconds", "png"])
@@ -199,6 +261,7 @@ def cmd_sample_ddp(args):
     from lazydit.data.vae import decode, decoder_for
     from lazydit.files import weights_fingerprint
 
+    _check_out(args.out)
     args.device = distributed.init_distributed(_device(args))  # torchrun: one GPU per process; else a no-op
     if args.tf32:
         distributed.set_tf32(True)
@@ -236,6 +299,7 @@ def _calibrate_and_save(model, gates, args, out):
 def cmd_calibrate(args):
     from lazydit.assets import resolve_gates
 
+    _check_out(args.out)
     model = _model(args)
     gates = resolve_gates(args.gates, args.steps, args.device)
     out = args.out or args.gates
@@ -245,9 +309,16 @@ def cmd_calibrate(args):
 
 def cmd_sample(args):
     from lazydit.data.vae import decode, decoder_for
+    from lazydit.errors import UsageError
     from lazydit.images import save_grid, save_npz
     from lazydit.pipeline import sample
 
+    _check_out(args.out)
+    _check_out(args.heatmap)
+    if (args.heatmap or args.report) and args.gates in (None, "none") and not args.method:
+        raise UsageError("--heatmap and --report show where a caching method skips: pass --gates or --method")
+    if args.report and not args.json:
+        raise UsageError("--report adds per-step/layer/branch ratios to the JSON row: pass --json too")
     model = _model(args)
     vae = decoder_for(model, args.vae, args.device)
     gates, policy = _policy(args, model)
@@ -303,6 +374,7 @@ def cmd_eval(args):
     from lazydit.evaluation.metrics import load_npz_samples
 
     _device(args)
+    _check_out(args.out)
     extractor, ref = _extractor_and_ref(args)
     if args.samples:  # score an existing ADM .npz
         images = load_npz_samples(args.samples)
@@ -327,12 +399,17 @@ def cmd_cost(args):
     from lazydit.evaluation.cost import forward_macs
     from lazydit.models.dit import model_config
 
-    cfg = model_config(args.model, **({"input_size": args.image_size // 8} if args.image_size else {}))
+    name = "DiT-FMNIST" if args.model == "default" else args.model  # 'default': the shipped model, as everywhere
+    cfg = model_config(name, **({"input_size": args.image_size // 8} if args.image_size else {}))
+    latent = cfg.in_channels == 4  # latent DiTs: image = 8 x latent; pixel models: the input itself
+
+    def tmacs(macs):  # 3 decimals, as the paper; small models keep 4 significant digits
+        return round(macs / 1e12, 3) if macs >= 1e11 else float(f"{macs / 1e12:.4g}")
+
     rows = []
     for s in [int(v) for v in args.steps.split(",")]:
-        rows.append(dict(model=args.model, image_size=args.image_size or cfg.input_size * 8, steps=s,
-                         tmacs=round(s * forward_macs(cfg) / 1e12, 3),
-                         tmacs_with_attention=round(s * forward_macs(cfg, True) / 1e12, 3)))
+        rows.append(dict(model=name, image_size=args.image_size or cfg.input_size * (8 if latent else 1), steps=s,
+                         tmacs=tmacs(s * forward_macs(cfg)), tmacs_with_attention=tmacs(s * forward_macs(cfg, True))))
     _emit(args, rows, ["model", "image_size", "steps", "tmacs", "tmacs_with_attention"])
 
 
@@ -360,8 +437,8 @@ def _common(sp, model=True):
 
 def _sampling(sp, steps=50, gates=True, compile_flag=False):
     """The options every sampling command shares."""
-    sp.add_argument("--steps", type=int, default=steps, help="T, sampling steps")
-    sp.add_argument("--cfg", type=float, default=DEFAULT_CFG, help="classifier-free guidance scale (1: none)")
+    sp.add_argument("--steps", type=_positive, default=steps, help="T, sampling steps")
+    sp.add_argument("--cfg", type=_finite, default=DEFAULT_CFG, help="classifier-free guidance scale (1: none)")
     if not gates:
         return
     sp.add_argument("--gates", default=None, help="gate file, or 'default' / 'default-lookahead' for the shipped "
@@ -369,7 +446,7 @@ def _sampling(sp, steps=50, gates=True, compile_flag=False):
     sp.add_argument("--method", default=None,
                     help="another caching policy instead of gates: a registered name[:key=value,...] or "
                          "package.module:Class[:key=value,...] (see docs/architecture.md)")
-    sp.add_argument("--threshold", type=float, default=None, help="gate compute threshold (default: the gates')")
+    sp.add_argument("--threshold", type=_fraction, default=None, help="gate compute threshold (default: the gates')")
     sp.add_argument("--uniform", action="store_true", help="one skip decision per module for the whole batch")
     sp.add_argument("--tie-cfg", action="store_true", help="cond and uncond rows of a pair decide together")
     if compile_flag:
@@ -390,19 +467,19 @@ def build_parser():
     sp = add("demo", cmd_demo, "sample the shipped model with DDIM-50, DDIM-25 and Lazy-50 (offline)")
     _common(sp, model=False)
     sp.add_argument("--out", default="lazydit-demo", help="folder for the PNG grids")
-    sp.add_argument("--per-class", type=int, default=4, help="images per class")
-    sp.add_argument("--cfg", type=float, default=DEFAULT_CFG, help="classifier-free guidance scale")
+    sp.add_argument("--per-class", type=_positive, default=4, help="images per class")
+    sp.add_argument("--cfg", type=_finite, default=DEFAULT_CFG, help="classifier-free guidance scale")
 
     sp = add("pretrain", cmd_pretrain, "train a class-conditional DiT on Fashion-MNIST (with EMA)")
     _common(sp, model=False)
     sp.add_argument("--model-name", default="DiT-FMNIST", help="zoo name of the model to train")
     sp.add_argument("--data", default=None, help="folder with the Fashion-MNIST IDX files (default: Debian's)")
     sp.add_argument("--out", default="runs/pretrain", help="run folder (checkpoint, EMA model, previews)")
-    sp.add_argument("--iters", type=int, default=20000, help="optimiser steps")
-    sp.add_argument("--batch-size", type=int, default=64, help="images per optimiser step")
+    sp.add_argument("--iters", type=_positive, default=20000, help="optimiser steps")
+    sp.add_argument("--batch-size", type=_positive, default=64, help="images per optimiser step")
     sp.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate")
     sp.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of the weights")
-    sp.add_argument("--ckpt-every", type=int, default=500, help="optimiser steps between checkpoints")
+    sp.add_argument("--ckpt-every", type=_positive, default=500, help="optimiser steps between checkpoints")
     sp.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this many minutes")
     sp.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
     sp.add_argument("--flip", action="store_true", help="random horizontal flips")
@@ -415,13 +492,13 @@ def build_parser():
     sp.add_argument("--vae", required=True, help="local AutoencoderKL folder (stabilityai/sd-vae-ft-ema)")
     sp.add_argument("--image-size", type=int, default=256, help="center-crop size (latent = size / 8)")
     sp.add_argument("--out", required=True, help="latent folder (a rerun with the same arguments resumes)")
-    sp.add_argument("--batch-size", type=int, default=64, help="images per VAE call")
+    sp.add_argument("--batch-size", type=_positive, default=64, help="images per VAE call")
     sp.add_argument("--flip", choices=["random", "both", "none"], default="random",
                     help="random: one view per image, mirrored with p=1/2; both: image and mirror (2x disk); none")
     sp.add_argument("--posterior", choices=["sample", "mean", "moments"], default="sample",
                     help="store one posterior sample (DiT), its mean, or mean and std (fresh samples per draw)")
     sp.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="storage dtype")
-    sp.add_argument("--workers", type=int, default=4, help="threads decoding images")
+    sp.add_argument("--workers", type=_positive, default=4, help="threads decoding images")
 
     sp = add("train-gates", cmd_train_gates, "train LazyDiT gates on a frozen model (3-pass recipe)")
     _common(sp)
@@ -429,22 +506,22 @@ def build_parser():
                                                  "image folder with class sub-folders (latent models)")
     sp.add_argument("--latents", default=None, help="latent folder from `lazydit extract-latents` (latent models)")
     sp.add_argument("--vae", default=None, help="AutoencoderKL folder: encode --data images on the fly")
-    sp.add_argument("--workers", type=int, default=4, help="threads decoding images (--data with --vae)")
-    sp.add_argument("--steps", type=int, required=True, help="T, sampling steps the gates are for")
-    sp.add_argument("--iters", type=int, default=500, help="optimiser steps")
-    sp.add_argument("--batch-size", type=int, default=64,
+    sp.add_argument("--workers", type=_positive, default=4, help="threads decoding images (--data with --vae)")
+    sp.add_argument("--steps", type=_positive, required=True, help="T, sampling steps the gates are for")
+    sp.add_argument("--iters", type=_positive, default=500, help="optimiser steps")
+    sp.add_argument("--batch-size", type=_positive, default=64,
                     help="GLOBAL batch: under torchrun each of the N processes takes batch-size / N rows")
     sp.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
     sp.add_argument("--rho", type=float, default=1e-2, help="penalty on the compute probabilities of both branches")
     sp.add_argument("--rho-attn", type=float, default=None, help="penalty on attn only (default: --rho)")
     sp.add_argument("--rho-mlp", type=float, default=None, help="penalty on mlp only (default: --rho)")
-    sp.add_argument("--ckpt-every", type=int, default=100, help="optimiser steps between checkpoints")
+    sp.add_argument("--ckpt-every", type=_positive, default=100, help="optimiser steps between checkpoints")
     sp.add_argument("--out", default="runs/gates", help="run folder (checkpoint.pt, gates.safetensors)")
     sp.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
-    sp.add_argument("--target-ratio", type=float, default=None,
+    sp.add_argument("--target-ratio", type=_fraction, default=None,
                     help="after training, calibrate the threshold to this lazy ratio")
-    sp.add_argument("--calib-per-class", type=int, default=4, help="calibration images per class")
-    sp.add_argument("--cfg", type=float, default=DEFAULT_CFG, help="guidance scale used for calibration")
+    sp.add_argument("--calib-per-class", type=_positive, default=4, help="calibration images per class")
+    sp.add_argument("--cfg", type=_finite, default=DEFAULT_CFG, help="guidance scale used for calibration")
     sp.add_argument("--lookahead", action="store_true",
                     help="look-ahead gates: plan step k from the inputs of step k+1 (faster; beyond the paper)")
     sp.add_argument("--bf16", action="store_true", help="bf16 autocast of the model passes (gates stay fp32)")
@@ -454,9 +531,9 @@ def build_parser():
                                            "as DiT's sample_ddp.py; resumable")
     _common(sp)
     _sampling(sp)
-    sp.add_argument("--num-samples", type=int, default=50000, help="images in the .npz")
-    sp.add_argument("--batch-size", type=int, default=32, help="images per batch and PROCESS")
-    sp.add_argument("--num-classes", type=int, default=None, help="labels uniform over these (default: the model's)")
+    sp.add_argument("--num-samples", type=_positive, default=50000, help="images in the .npz")
+    sp.add_argument("--batch-size", type=_positive, default=32, help="images per batch and PROCESS")
+    sp.add_argument("--num-classes", type=_positive, default=None, help="labels uniform over these (default: the model's)")
     sp.add_argument("--keep-parts", action="store_true", help="keep <out>.parts/ after writing the .npz")
     sp.add_argument("--tf32", action="store_true", help="allow TF32 matmuls/convolutions on CUDA")
     sp.add_argument("--vae", default=None, help="AutoencoderKL folder decoding the latents (latent models)")
@@ -465,10 +542,10 @@ def build_parser():
     sp = add("calibrate", cmd_calibrate, "set a gate file's threshold so sampling reaches a target lazy ratio")
     _common(sp)
     sp.add_argument("--gates", required=True, help="gate file, or 'default' / 'default-lookahead'")
-    sp.add_argument("--steps", type=int, required=True, help="T of the gates")
-    sp.add_argument("--target-ratio", type=float, required=True, help="lazy ratio to reach")
-    sp.add_argument("--calib-per-class", type=int, default=4, help="calibration images per class")
-    sp.add_argument("--cfg", type=float, default=DEFAULT_CFG, help="guidance scale of the calibration sampling")
+    sp.add_argument("--steps", type=_positive, required=True, help="T of the gates")
+    sp.add_argument("--target-ratio", type=_fraction, required=True, help="lazy ratio to reach")
+    sp.add_argument("--calib-per-class", type=_positive, default=4, help="calibration images per class")
+    sp.add_argument("--cfg", type=_finite, default=DEFAULT_CFG, help="guidance scale of the calibration sampling")
     sp.add_argument("--out", default=None, help="write here instead of over --gates")
 
     sp = add("sample", cmd_sample, "sample a PNG grid or an ADM .npz (arr_0: N x H x W x C uint8)")
@@ -476,8 +553,8 @@ def build_parser():
     _sampling(sp, compile_flag=True)
     sp.add_argument("--labels", default=None, help="comma-separated class labels (default: every class of <= 10, "
                                                    "DiT's sample.py classes for 1000, else the first 10)")
-    sp.add_argument("--per-class", type=int, default=4, help="images per class of the default labels")
-    sp.add_argument("--scale", type=int, default=None, help="PNG upscaling (default: 3 below 64 px, else 1)")
+    sp.add_argument("--per-class", type=_positive, default=4, help="images per class of the default labels")
+    sp.add_argument("--scale", type=_positive, default=None, help="PNG upscaling (default: 3 below 64 px, else 1)")
     sp.add_argument("--vae", default=None, help="AutoencoderKL folder decoding the latents (latent models)")
     sp.add_argument("--report", action="store_true", help="add per-step/layer/branch lazy ratios (with --json)")
     sp.add_argument("--heatmap", default=None, help="also write the layer x step laziness heat map (PNG)")
@@ -487,9 +564,9 @@ def build_parser():
                                "ratio, TMACs, wall-clock")
     _common(sp)
     _sampling(sp)
-    sp.add_argument("--num-samples", type=int, default=5000, help="images sampled and scored")
-    sp.add_argument("--batch-size", type=int, default=250, help="images per sampling batch")
-    sp.add_argument("--micro-batch", type=int, default=None,
+    sp.add_argument("--num-samples", type=_positive, default=5000, help="images sampled and scored")
+    sp.add_argument("--batch-size", type=_positive, default=250, help="images per sampling batch")
+    sp.add_argument("--micro-batch", type=_positive, default=None,
                     help="images per sampler call inside a batch (on CPU 16 is ~1.4x faster than 250; same samples)")
     sp.add_argument("--name", default=None, help="row label")
     sp.add_argument("--out", default=None, help="also keep the samples as an ADM .npz (resumable parts meanwhile)")
@@ -500,7 +577,7 @@ def build_parser():
     sp.add_argument("--ref", default=None, help="reference statistics (.npz from lazydit) or an ADM reference batch")
 
     sp = add("cost", cmd_cost, "TMACs per image the paper's way (Linear+Conv, CFG not doubled)")
-    sp.add_argument("--model", default="DiT-XL/2", help="zoo name")
+    sp.add_argument("--model", default="DiT-XL/2", help="zoo name, or 'default' (the shipped DiT-FMNIST)")
     sp.add_argument("--image-size", type=int, default=None, help="image size; latent = size / 8")
     sp.add_argument("--steps", default="50", help="comma-separated step counts")
     sp.add_argument("--json", action="store_true", help="print the figures as JSON")

@@ -1,10 +1,11 @@
 """Images: tensors in [-1, 1] to uint8, PNG grids, and ADM-format .npz sample batches."""
 
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from lazydit.files import atomic_write
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -28,16 +29,18 @@ def make_grid(images: np.ndarray, nrow: int, pad: int = 2, scale: int = 1) -> Im
 
 
 def save_grid(x: torch.Tensor, path, nrow: int, scale: int = 1):
-    """Save (B, C, H, W) samples in [-1, 1] as a PNG grid."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    make_grid(to_uint8(x), nrow, scale=scale).save(path)
+    """Save (B, C, H, W) samples in [-1, 1] as a PNG grid (atomically: a failed write leaves no partial file)."""
+    img = make_grid(to_uint8(x), nrow, scale=scale)
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def save_npz(x: torch.Tensor | np.ndarray, path, labels=None):
     """Save samples as an ADM-evaluator batch: arr_0 (N, H, W, C) uint8 (and arr_1 labels when given)."""
     arr = x if isinstance(x, np.ndarray) else to_uint8(x)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    if labels is None:
-        np.savez(path, arr_0=arr)
-    else:
-        np.savez(path, arr_0=arr, arr_1=np.asarray(labels))
+    arrays = {"arr_0": arr} if labels is None else {"arr_0": arr, "arr_1": np.asarray(labels)}
+
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a temporary name
+            np.savez(f, **arrays)
+
+    atomic_write(path, write)  # a failed write (disk full) leaves the previous file or none, never half a file

@@ -101,6 +101,9 @@ class LazyGates(nn.Module):
         meta = {k: json.loads(v) for k, v in header.items()}
         if meta.pop("format", None) != GATE_FORMAT:
             raise GateMismatchError(f"{path}: not a lazydit gate file (format {header.get('format')!r})")
+        if not bool(torch.isfinite(weight).all()):
+            raise GateMismatchError(f"{path}: the gate bank holds non-finite (NaN or Inf) weights: the file is damaged "
+                                    "or training diverged")
         L, two, T, D = weight.shape
         if two != 2 or T != meta.get("steps"):
             raise GateMismatchError(f"{path}: gate bank of shape {tuple(weight.shape)} does not match its metadata")

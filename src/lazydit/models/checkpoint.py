@@ -19,7 +19,10 @@ def read_state_dict(path, key: str | None = None) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as e:  # SafetensorError: random bytes, a truncated file
+            raise CheckpointError(f"{path}: not a readable .safetensors file ({type(e).__name__}: {e})") from e
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):  # DiT's train.py stores args as a Namespace
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -55,6 +58,10 @@ def load_state_dict_strict(model: torch.nn.Module, state: dict, source: str = "c
         if shapes:
             lines.append(f"  mis-shaped keys: {fmt(shapes)}")
         raise CheckpointError("\n".join(lines))
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{source} holds non-finite (NaN or Inf) weights in {', '.join(bad[:8])}"
+                              f"{f' and {len(bad) - 8} more' if len(bad) > 8 else ''}: the file is damaged")
     model.load_state_dict(state, strict=True)
     return model
 
@@ -99,8 +106,11 @@ def read_model_metadata(path) -> dict:
     """Metadata of a lazydit .safetensors model: {"config": dict, "name": str, ...}."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = dict(f.metadata() or {})
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+    except Exception as e:  # SafetensorError: random bytes, a truncated file
+        raise CheckpointError(f"{path}: not a readable .safetensors file ({type(e).__name__}: {e})") from e
     out = {}
     for k, v in meta.items():
         try:
