@@ -42,15 +42,22 @@ def _emit_dict(args, res: dict):
 # ---------------------------------------------------------------- validation before any work
 
 
-def _positive(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
-    return v
+def _at_least(lo: int):
+    """argparse type: an integer >= lo (sizes >= 1; worker threads >= 0, 0 decoding in the main thread)."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be at least {lo}, got {v}")
+        return v
+
+    return parse
+
+
+_positive, _count = _at_least(1), _at_least(0)
 
 
 def _fraction(text: str) -> float:
@@ -498,7 +505,7 @@ def build_parser():
     sp.add_argument("--posterior", choices=["sample", "mean", "moments"], default="sample",
                     help="store one posterior sample (DiT), its mean, or mean and std (fresh samples per draw)")
     sp.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="storage dtype")
-    sp.add_argument("--workers", type=_positive, default=4, help="threads decoding images")
+    sp.add_argument("--workers", type=_count, default=4, help="threads decoding images")
 
     sp = add("train-gates", cmd_train_gates, "train LazyDiT gates on a frozen model (3-pass recipe)")
     _common(sp)
@@ -506,7 +513,7 @@ def build_parser():
                                                  "image folder with class sub-folders (latent models)")
     sp.add_argument("--latents", default=None, help="latent folder from `lazydit extract-latents` (latent models)")
     sp.add_argument("--vae", default=None, help="AutoencoderKL folder: encode --data images on the fly")
-    sp.add_argument("--workers", type=_positive, default=4, help="threads decoding images (--data with --vae)")
+    sp.add_argument("--workers", type=_count, default=4, help="threads decoding images (--data with --vae)")
     sp.add_argument("--steps", type=_positive, required=True, help="T, sampling steps the gates are for")
     sp.add_argument("--iters", type=_positive, default=500, help="optimiser steps")
     sp.add_argument("--batch-size", type=_positive, default=64,
