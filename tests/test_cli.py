@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -81,10 +82,26 @@ def test_train_gates_cli_resume_and_calibrate(tmp_path, fake_fmnist, capsys):
     b = run_json(capsys, *common, "--iters", "4", "--out", str(tmp_path / "b"), "--resume")
     ga, gb = LazyGates.load(a["gates"]), LazyGates.load(b["gates"])
     assert torch.equal(ga.weight, gb.weight)
+    for changed in (["--lr", "1e-3"], ["--rho", "0.1"], ["--seed", "3"], ["--lookahead"], ["--batch-size", "8"]):
+        before = (tmp_path / "b" / "gates.safetensors").read_bytes()
+        with pytest.raises(SystemExit) as e:  # provenance: the state came from other settings
+            main([*common, *changed, "--iters", "6", "--out", str(tmp_path / "b"), "--resume"])
+        assert "other settings" in str(e.value) and "\n" not in str(e.value)
+        assert (tmp_path / "b" / "gates.safetensors").read_bytes() == before
     res = run_json(capsys, "calibrate", "--gates", a["gates"], "--steps", "10", "--target-ratio", "0.2",
                    "--calib-per-class", "1", "--out", str(tmp_path / "c.safetensors"))
     assert abs(res["lazy_ratio"] - 0.2) < 0.1
     assert LazyGates.load(tmp_path / "c.safetensors").threshold == pytest.approx(res["threshold"])
+    before = Path(a["gates"]).read_bytes()
+    for argv, expect in ((["--target-ratio", "0.9", "--out", str(tmp_path / "d.safetensors")], "out of reach"),
+                         (["--target-ratio", "0.2"], "--out FILE"),
+                         (["--target-ratio", "0.2", "--steps", "20", "--out", str(tmp_path / "d.safetensors")], "T=10")):
+        with pytest.raises(SystemExit) as e:
+            main(["calibrate", "--gates", a["gates"], "--calib-per-class", "1", *argv])
+        assert expect in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "d.safetensors").exists() and Path(a["gates"]).read_bytes() == before
+    with pytest.raises(SystemExit, match="not the shipped gates"):
+        main(["calibrate", "--gates", "default", "--steps", "50", "--target-ratio", "0.3", "--in-place"])
 
 
 def test_cost_prints_paper_figures(capsys):

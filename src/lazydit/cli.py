@@ -305,10 +305,21 @@ def _calibrate_and_save(model, gates, args, out):
 
 def cmd_calibrate(args):
     from lazydit.assets import resolve_gates
+    from lazydit.errors import GateMismatchError, UsageError
 
+    shipped = args.gates in ("default", "default-lookahead")
+    if args.in_place and (shipped or args.out):
+        raise UsageError("--in-place rewrites a gate file of yours: not the shipped gates, and not with --out")
+    if not args.in_place and not args.out:
+        raise UsageError("calibrate writes a new gate file: pass --out FILE (or --in-place to rewrite --gates)")
+    if shipped and args.steps is None:
+        raise UsageError("--gates default needs --steps T: which shipped set (10, 20, 40 or 50)")
     _check_out(args.out)
     model = _model(args)
     gates = resolve_gates(args.gates, args.steps, args.device)
+    if args.steps is not None and args.steps != gates.steps:
+        raise GateMismatchError(f"{args.gates} holds gates for T={gates.steps}, not --steps {args.steps}")
+    args.steps = gates.steps
     out = args.out or args.gates
     th, ratio = _calibrate_and_save(model, gates, args, out)
     _emit_dict(args, {"gates": out, "threshold": th, "lazy_ratio": ratio})
@@ -549,11 +560,12 @@ def build_parser():
     sp = add("calibrate", cmd_calibrate, "set a gate file's threshold so sampling reaches a target lazy ratio")
     _common(sp)
     sp.add_argument("--gates", required=True, help="gate file, or 'default' / 'default-lookahead'")
-    sp.add_argument("--steps", type=_positive, required=True, help="T of the gates")
+    sp.add_argument("--steps", type=_positive, default=None, help="T of the gates (checked; needed for 'default')")
     sp.add_argument("--target-ratio", type=_fraction, required=True, help="lazy ratio to reach")
     sp.add_argument("--calib-per-class", type=_positive, default=4, help="calibration images per class")
     sp.add_argument("--cfg", type=_finite, default=DEFAULT_CFG, help="guidance scale of the calibration sampling")
-    sp.add_argument("--out", default=None, help="write here instead of over --gates")
+    sp.add_argument("--out", default=None, help="the calibrated gate file to write")
+    sp.add_argument("--in-place", action="store_true", help="rewrite --gates instead of writing --out")
 
     sp = add("sample", cmd_sample, "sample a PNG grid or an ADM .npz (arr_0: N x H x W x C uint8)")
     _common(sp)

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from lazydit.evaluation.cost import sampling_macs
 from lazydit.sampling.ddim import ddim_sample
-from lazydit.errors import GateMismatchError
+from lazydit.errors import GateMismatchError, UsageError
 from lazydit.lazy import ForcedPlan, LazyConfig, LazyGates, LazyStats, Policy, apply_lazy, policy_for
 
 
@@ -130,6 +130,9 @@ def calibrate_threshold(model, gates: LazyGates, target: float, y, *, lazy: Lazy
         lazy: LazyConfig of the sampling the threshold is for (its own threshold is replaced).
     Returns:
         (threshold, reached lazy ratio)
+    Raises:
+        UsageError: the target is out of reach (more than max(4 tol, 0.02) from what any threshold reaches); the
+            message gives the reachable range.
     """
     lo, hi = -60.0, 60.0  # logits of the threshold (gate logits are sums over tokens: they can be large)
     best = (gates.threshold, None)
@@ -148,4 +151,10 @@ def calibrate_threshold(model, gates: LazyGates, target: float, y, *, lazy: Lazy
             lo = mid
         else:
             hi = mid
+    if abs(best[1] - target) > max(4 * tol, 0.02):
+        reach = [sample(model, y, gates.steps, gates=gates, lazy=replace(lazy or LazyConfig(), threshold=th),
+                        cfg_scale=cfg_scale, seed=seed, progress=False)[1].lazy_ratio for th in (0.0, 1.0)]
+        raise UsageError(f"a lazy ratio of {target} is out of reach of these gates: any threshold gives "
+                         f"{reach[0]:.3f} to {reach[1]:.3f} on the calibration batch"
+                         + (" (the reference parity caps it at 0.5)" if gates.parity else ""))
     return best

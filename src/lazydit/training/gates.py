@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lazydit import distributed as dist
+from lazydit.errors import UsageError
 from lazydit.files import torch_save_atomic
 from lazydit.sampling.schedule import Schedule
 from lazydit.lazy import LazyGates, apply_lazy
@@ -31,6 +32,11 @@ class GateTrainConfig:
     resume: bool = False  # continue from out/checkpoint.pt
     lookahead: bool = False  # train look-ahead gates: gate k-1 scores the input recorded at step k (beyond the paper)
     bf16: bool = False  # bf16 autocast of the model's forward passes (gates, loss and AdamW stay fp32)
+
+
+# the fields that shape the trained gates: a resumed run must match the checkpoint's (iters may grow)
+RESULT_FIELDS = ("steps", "batch_size", "lr", "weight_decay", "rho_attn", "rho_mlp", "label_drop", "seed", "lookahead",
+                 "bf16")
 
 
 def gate_loss_step(model, handle, x0, y, k: int, drop, noise, sched: Schedule, rho_attn: float, rho_mlp: float):
@@ -148,8 +154,12 @@ def train_gates(model, data, cfg: GateTrainConfig, threshold: float = 0.5, progr
         if ckpt is None or not ckpt.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt}")
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        if state["config"]["steps"] != cfg.steps:
-            raise ValueError(f"checkpoint is for T={state['config']['steps']}, not {cfg.steps}")
+        saved = state["config"]
+        diff = [f"{k}: checkpoint {saved.get(k)!r}, now {getattr(cfg, k)!r}" for k in RESULT_FIELDS
+                if saved.get(k) != getattr(cfg, k)]
+        if diff:  # the gate file would record arguments that did not make the state it continues
+            raise UsageError(f"--resume: {ckpt} was trained with other settings ({'; '.join(diff)}): resume with "
+                             "the same ones, or start a new run with another --out")
         saved_world = state.get("world_size", 1)
         if "data" in state and hasattr(data, "load_state_dict"):
             ranks = state.get("data_ranks", [state["data"]])
