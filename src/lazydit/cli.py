@@ -146,7 +146,7 @@ def _lazy_config(args):
                       compile=getattr(args, "compile", False))
 
 
-def _policy(args, model):
+def _policy(args):
     """(gates, policy) of --gates / --method: at most one of them; (None, None) for plain DDIM."""
     from lazydit.errors import LazyditError
 
@@ -155,9 +155,7 @@ def _policy(args, model):
     if args.method:
         from lazydit.lazy import make_policy
 
-        policy = make_policy(args.method, args.steps, _lazy_config(args))
-        policy.check_model(model)
-        return None, policy
+        return None, make_policy(args.method, args.steps, _lazy_config(args))  # apply_lazy checks it fits
     if args.gates in (None, "none"):
         return None, None
     from lazydit.assets import resolve_gates
@@ -278,7 +276,7 @@ def cmd_sample_ddp(args):
     if vae is not None:
         dec = partial(decode, vae, batch_size=DECODE_BATCH)
         dec.fingerprint = weights_fingerprint(vae)  # joins the resume check of the parts
-    gates, policy = _policy(args, model)
+    gates, policy = _policy(args)
     res = distributed.sample_sharded(model, args.num_samples, args.steps, gates=gates, policy=policy,
                                      cfg_scale=args.cfg, batch_size=args.batch_size, seed=args.seed,
                                      num_classes=args.num_classes, out_npz=args.out,
@@ -339,7 +337,7 @@ def cmd_sample(args):
         raise UsageError("--report adds per-step/layer/branch ratios to the JSON row: pass --json too")
     model = _model(args)
     vae = decoder_for(model, args.vae, args.device)
-    gates, policy = _policy(args, model)
+    gates, policy = _policy(args)
     y, nrow = _labels(args, model.config.num_classes)
     x, rep = sample(model, y, args.steps, gates=gates, policy=policy,
                     lazy=_lazy_config(args) if gates is not None else None, cfg_scale=args.cfg, seed=args.seed,
@@ -402,7 +400,7 @@ def cmd_eval(args):
         if model.config.in_channels not in (1, 3):
             raise LazyditError("eval samples pixel models only; for a latent model write the images with "
                                "`lazydit sample-ddp --vae VAE_FOLDER --out s.npz`, then `lazydit eval --samples s.npz`")
-        gates, policy = _policy(args, model)
+        gates, policy = _policy(args)
         cfg = EvalConfig(steps=args.steps, cfg_scale=args.cfg, num_samples=args.num_samples,
                          batch_size=args.batch_size, seed=args.seed, lazy=_lazy_config(args), name=args.name,
                          micro_batch=args.micro_batch)

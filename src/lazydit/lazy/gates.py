@@ -47,11 +47,6 @@ class LazyGates(nn.Module):
         self.meta = dict(meta or {})  # model name/config, training arguments, ...
 
     @property
-    def logit_threshold(self) -> float:
-        """The threshold in logit space: p >= threshold iff logit >= logit_threshold (exact near 0 and 1)."""
-        return logit_of(self.threshold)
-
-    @property
     def depth(self):
         return self.weight.shape[0]
 

@@ -225,10 +225,9 @@ def _hooked_forward(self, z, *extra):
 
 def _block_forward(self, x, *args, **kwargs):
     """Replacement forward of a block under a plans-ahead policy (sample mode; other modes run the block as is)."""
-    run, hooks = self._lazy_block
+    run, hooks, spec = self._lazy_block
     if run.mode != "sample":
         return type(self).forward(self, x, *args, **kwargs)
-    spec = block_spec(self)
     c, extras = spec.inputs(self, *args, **kwargs)
     mods = getattr(self, spec.modulation)(c).chunk(3 * len(hooks), dim=1)  # (shift, scale, gate) per branch
     for b, hook in enumerate(hooks):
@@ -334,7 +333,7 @@ def apply_lazy(model, policy, config: LazyConfig | None = None, mode: str = "sam
             hooks.append(hook)
         run.hooks.extend(hooks)
         if policy.plans_ahead:
-            block._lazy_block = (run, hooks)
+            block._lazy_block = (run, hooks, spec)  # the registry is read once, not per step
             block.forward = types.MethodType(_block_forward, block)
     model._lazy_run = run
     hook = model.register_forward_pre_hook(_pre_hook, with_kwargs=True)
