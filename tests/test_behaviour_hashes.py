@@ -1,16 +1,23 @@
-"""No behaviour change across refactors: SHA-256 of samples and of `lazydit cost --json`, recorded before the
-restructure into policies (issue: one home for every caching method) on the shipped model.
+"""No behaviour change across refactors, on the shipped model: the skip counts of every run (SHA-256, exact) and
+`lazydit cost --json` (SHA-256), recorded before the restructure into policies; the samples themselves against
+stored arrays (`data/behaviour_samples.npz`) within a float tolerance.
 
-The hashes were taken on the 2-core development CPU with one thread (conftest); float results depend on the
-machine's kernels, so a different CPU may need them re-recorded with `python tests/test_behaviour_hashes.py`.
+Why a tolerance for the samples: float results depend on the machine's kernels. The first recording hashed the
+samples too, on an Intel development CPU; on an AMD EPYC every sample hash differed while every skip-count hash
+still matched. The arrays were recorded on the AMD machine from the same code (`python
+tests/test_behaviour_hashes.py --record-samples`); the tolerance (SAMPLE_ATOL) is far above kernel rounding and far
+below any change of what is computed (skipping any one module at one gated step of DDIM-10 moves the samples by
+1.4e-2 to 0.74, measured).
 """
 
 import hashlib
 import io
 import json
 import sys
+from pathlib import Path
 from contextlib import redirect_stdout
 
+import numpy as np
 import pytest
 import torch
 
@@ -33,6 +40,10 @@ EXPECTED = {
 }
 
 
+SAMPLES = Path(__file__).parent / "data" / "behaviour_samples.npz"
+SAMPLE_ATOL = 1e-4  # samples lie in about [-1, 1]
+
+
 def _digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().contiguous().cpu().numpy().tobytes()).hexdigest()
 
@@ -52,9 +63,10 @@ def runs():
 
     def run(steps, **kw):
         def go():
+            """(samples, digest of the skipped counts per step/layer/branch)."""
             out, rep = sample(model, y, steps, cfg_scale=2.0, seed=0, progress=False, **kw)
             counts = rep.lazy.skipped if rep.lazy is not None else torch.zeros(0, dtype=torch.long)
-            return _digest(out) + ":" + _digest(counts)  # the samples and the skipped counts per step/layer/branch
+            return out, _digest(counts)
         return go
 
     return {
@@ -81,7 +93,11 @@ def cost_json() -> str:
 @pytest.mark.parametrize("name", sorted(EXPECTED.get("samples", {})))
 def test_samples_unchanged(name):
     torch.set_num_threads(1)
-    assert runs()[name]() == EXPECTED["samples"][name]
+    out, counts = runs()[name]()
+    assert counts == EXPECTED["samples"][name].split(":")[1]  # the same modules skipped, exactly
+    with np.load(SAMPLES) as f:
+        ref = f[name]
+    np.testing.assert_allclose(out.numpy(), ref, rtol=0, atol=SAMPLE_ATOL)
 
 
 def test_recorded_every_run():
@@ -92,7 +108,11 @@ def test_cost_json_unchanged():
     assert cost_json() == EXPECTED["cost"]
 
 
-if __name__ == "__main__":  # re-record: python tests/test_behaviour_hashes.py
+if __name__ == "__main__":  # re-record: python tests/test_behaviour_hashes.py [--record-samples]
     torch.set_num_threads(1)
-    out = {"samples": {n: f() for n, f in runs().items()}, "cost": cost_json()}
+    done = {n: f() for n, f in runs().items()}
+    if "--record-samples" in sys.argv:
+        SAMPLES.parent.mkdir(exist_ok=True)
+        np.savez_compressed(SAMPLES, **{n: out.numpy() for n, (out, _) in done.items()})
+    out = {"samples": {n: _digest(o) + ":" + c for n, (o, c) in done.items()}, "cost": cost_json()}
     json.dump(out, sys.stdout, indent=1)
