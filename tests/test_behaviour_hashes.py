@@ -3,7 +3,7 @@
 stored arrays (`data/behaviour_samples.npz`) within a float tolerance.
 
 Why a tolerance for the samples: float results depend on the machine's kernels. The first recording hashed the
-samples too, on an Intel development CPU; on an AMD EPYC every sample hash differed while every skip-count hash
+samples too, on an earlier development machine; on this AMD EPYC every sample hash differed while every skip-count hash
 still matched. The arrays were recorded on the AMD machine from the same code (`python
 tests/test_behaviour_hashes.py --record-samples`); the tolerance (SAMPLE_ATOL) is far above kernel rounding and far
 below any change of what is computed (skipping any one module at one gated step of DDIM-10 moves the samples by
