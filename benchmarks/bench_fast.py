@@ -30,6 +30,7 @@ import time
 import torch
 
 from lazydit.assets import default_gates, default_model
+from lazydit.files import write_text_atomic
 from lazydit.bench import TimedRow, paired_ratio, random_model, time_interleaved
 from lazydit.lazy import LazyConfig, LazyGates
 
@@ -125,8 +126,7 @@ def main(argv=None):
               f"{r['median_s']:9.3f} {r['speedup_vs_dense']:7.2f}x {r['over_half_steps']:7.3f}x")
     print(json.dumps(out))
     if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(out, f, indent=1)
+        write_text_atomic(args.json_out, json.dumps(out, indent=1))
     return out
 
 

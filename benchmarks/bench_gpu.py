@@ -38,6 +38,7 @@ import time
 import torch
 
 from lazydit.bench import TimedRow, random_model, time_interleaved
+from lazydit.files import write_text_atomic
 from lazydit.lazy import LazyConfig, LazyGates
 from lazydit.training.gates import GateTrainConfig, train_gates
 
@@ -254,8 +255,7 @@ def main(argv=None):
     print_table(out)
     print(json.dumps(out))
     if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(out, f, indent=1)
+        write_text_atomic(args.json_out, json.dumps(out, indent=1))
     return out
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from lazydit.assets import default_gates, default_model
+from lazydit.files import savefig_atomic, write_text_atomic
 from lazydit.lazy import LazyConfig
 from lazydit.pipeline import calibrate_threshold, class_grid_labels, sample
 from lazydit.sampling.ddim import ddim_sample
@@ -87,9 +88,9 @@ def similarity(model, args):
     fig.suptitle(f"Consecutive-step similarity of module outputs, DDIM-{T}, CFG {args.cfg}, 40 images "
                  f"(min cos {sim.min():.3f})", fontsize=10)
     docs = Path(args.docs)
-    fig.savefig(docs / "images" / "similarity.png", bbox_inches="tight")
+    savefig_atomic(fig, docs / "images" / "similarity.png", bbox_inches="tight")
     plt.close(fig)
-    (docs / "similarity.json").write_text(json.dumps(dict(
+    write_text_atomic(docs / "similarity.json", json.dumps(dict(
         steps=T, cfg=args.cfg, images=len(y), min=float(sim.min()), mean_per_branch=sim.mean((0, 1)).tolist(),
         mean_per_layer_branch=sim.mean(0).tolist(), per_step_layer_branch=sim.round(5).tolist()), indent=1))
     print(f"similarity: min {sim.min():.4f}, mean MHSA {sim[:, :, 0].mean():.4f}, FFN {sim[:, :, 1].mean():.4f}")
@@ -132,9 +133,9 @@ def heatmap(model, args):
     fig.colorbar(im, ax=axes, fraction=0.02, label="share of the 80 rows (40 images x CFG) skipped")
     fig.suptitle(f"Layer x step laziness of the shipped T=50 gates (CFG {args.cfg}, 40-image class grid)",
                  fontsize=10)
-    fig.savefig(Path(args.docs) / "images" / "fig4_heatmap.png", bbox_inches="tight")
+    savefig_atomic(fig, Path(args.docs) / "images" / "fig4_heatmap.png", bbox_inches="tight")
     plt.close(fig)
-    (Path(args.docs) / "fig4_heatmap.json").write_text(json.dumps(out, indent=1))
+    write_text_atomic(Path(args.docs) / "fig4_heatmap.json", json.dumps(out, indent=1))
     return out
 
 
@@ -170,7 +171,7 @@ def agreement(model, args):
         out["settings"].append(row)
         print(f"agreement at {target}: {row['agreement']:.4f} of gated decisions equal; lazy ratio reference "
               f"{ratio['reference']:.4f}, look-ahead {ratio['lookahead']:.4f}", flush=True)
-    (Path(args.docs) / "lookahead_agreement.json").write_text(json.dumps(out, indent=1))
+    write_text_atomic(Path(args.docs) / "lookahead_agreement.json", json.dumps(out, indent=1))
     return out
 
 
@@ -221,10 +222,10 @@ def ablation(model, args):
                 row = evaluate_config(model, ecfg, extractor, ref, gates=gates,
                                       out=run / f"ablation_{tag}_{target}.npz", progress=not args.quiet)
                 done[key] = {**row, "variant": vname, "target": target, "calibration_ratio": reached}
-                rows_path.write_text(json.dumps(done, indent=1))
+                write_text_atomic(rows_path, json.dumps(done, indent=1))
                 print(f"{key}: lazy {row['lazy_ratio']:.3f} FID {row['fid']:.3f}", flush=True)
             results.setdefault(vname, []).append(done[key])
-    rows_path.write_text(json.dumps(done, indent=1))
+    write_text_atomic(rows_path, json.dumps(done, indent=1))
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=120)
     for ax, key, label in zip(axes, ("fid", "sfid"), ("FID", "sFID")):
@@ -238,9 +239,9 @@ def ablation(model, args):
     fig.suptitle(f"Individual laziness, DDIM-{T}, CFG {args.cfg}, {args.ablation_samples} samples per point "
                  f"(0 = DDIM-{T})", fontsize=10)
     fig.tight_layout()
-    fig.savefig(Path(args.docs) / "images" / "ablation.png")
+    savefig_atomic(fig, Path(args.docs) / "images" / "ablation.png")
     plt.close(fig)
-    (Path(args.docs) / "ablation.json").write_text(json.dumps(dict(
+    write_text_atomic(Path(args.docs) / "ablation.json", json.dumps(dict(
         steps=T, cfg=args.cfg, samples=args.ablation_samples, rho=args.rho, dense=dense, variants=results), indent=1))
     return results
 

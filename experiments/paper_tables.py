@@ -29,6 +29,7 @@ are done.
 import argparse
 import csv
 import functools
+import io
 import json
 import platform
 import time
@@ -38,6 +39,7 @@ from pathlib import Path
 import torch
 
 from lazydit.assets import default_gates, default_model
+from lazydit.files import savefig_atomic, write_text_atomic
 from lazydit.evaluation.driver import EvalConfig, eval_labels, evaluate_config
 from lazydit.evaluation.fmnist import default_classifier, default_reference
 from lazydit.lazy import LazyConfig
@@ -163,7 +165,7 @@ def time_rows(rows, model, args) -> dict:
                torch=torch.__version__,
                rows={r.name: dict(median=float(torch.tensor(t).median()), all=[round(v, 6) for v in t])
                      for r, t in times.items()})
-    (run / "timing.json").write_text(json.dumps(out, indent=1))
+    write_text_atomic(run / "timing.json", json.dumps(out, indent=1))
     return out
 
 
@@ -184,7 +186,7 @@ def bootstrap_pairs(args) -> dict:
         bs = out["pairs"][pair_key(a, b)] = paired_bootstrap_fid(feats[a], feats[b], ref["mu"], ref["sigma"],
                                                                  reps=args.bootstrap)
         print(f"{a} - {b}: FID {bs['delta']:+.3f} [{bs['lo']:+.3f}, {bs['hi']:+.3f}]", flush=True)
-    (run / "bootstrap.json").write_text(json.dumps(out, indent=1))
+    write_text_atomic(run / "bootstrap.json", json.dumps(out, indent=1))
     return out
 
 
@@ -225,10 +227,11 @@ def write_up(rows, args, meta):
         return f" {r['psnr_vs_ref']:.2f} |" if "psnr_vs_ref" in r else (" ref |" if r["sampler"] == args.fidelity_ref
                                                                          else " |")
 
-    with open(docs / "paper_tables.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    write_text_atomic(docs / "paper_tables.csv", buf.getvalue())
     by = {r["sampler"]: r for r in rows}
     tpath = Path(args.run) / "timing.json"
     timing = json.loads(tpath.read_text()) if tpath.exists() else None
@@ -296,7 +299,7 @@ def write_up(rows, args, meta):
     notes = docs / "paper_tables_notes.md"  # the hand-written reading of the numbers, kept across reruns
     if notes.exists():
         lines += ["", notes.read_text().rstrip()]
-    (docs / "paper_tables.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(docs / "paper_tables.md", "\n".join(lines) + "\n")
     plot(rows, docs / "images" / "quality_vs_tmacs.png", args.fidelity_ref)
 
 
@@ -356,7 +359,7 @@ def plot(rows, path, ref="DDIM-50"):
     fig.suptitle("Quality vs cost on the embedded default (lower FID/sFID, higher IS and PSNR are better)",
                  fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
+    savefig_atomic(fig, path)
     plt.close(fig)
 
 
@@ -407,7 +410,7 @@ def main(argv=None):
             t0 = time.time()
             res = run_row(row, model, extractor, ref, args)
             res["num_samples"], res["cfg_scale"], res["micro_batch"] = args.num_samples, args.cfg, args.micro_batch
-            path.write_text(json.dumps(res, indent=1))
+            write_text_atomic(path, json.dumps(res, indent=1))
             print(f"{row.name}: FID {res['fid']:.3f} lazy {res['lazy_ratio']:.1%} ({time.time() - t0:.0f} s)",
                   flush=True)
     if args.bootstrap:

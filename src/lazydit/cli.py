@@ -42,8 +42,9 @@ def _emit_dict(args, res: dict):
 # ---------------------------------------------------------------- validation before any work
 
 
-def _at_least(lo: int):
-    """argparse type: an integer >= lo (sizes >= 1; worker threads >= 0, 0 decoding in the main thread)."""
+def _at_least(lo: int, hi: int | None = None):
+    """argparse type: an integer >= lo (and <= hi): sizes >= 1; worker threads >= 0, 0 decoding in the main
+    thread; sampling steps in [1, 1000]."""
 
     def parse(text: str) -> int:
         try:
@@ -52,12 +53,43 @@ def _at_least(lo: int):
             raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
         if v < lo:
             raise argparse.ArgumentTypeError(f"must be at least {lo}, got {v}")
+        if hi is not None and v > hi:
+            raise argparse.ArgumentTypeError(f"must be at most {hi}, got {v}")
         return v
 
     return parse
 
 
 _positive, _count = _at_least(1), _at_least(0)
+_steps = _at_least(1, 1000)  # T: the respacing picks T of the 1000 training timesteps
+
+
+def _step_list(text: str) -> list:
+    """argparse type: comma-separated step counts, each in [1, 1000]."""
+    return [_steps(v.strip()) for v in text.split(",")]
+
+
+def _real(lo: float, hi: float = float("inf"), lo_open: bool = True):
+    """argparse type: a finite number in (lo, hi) ((lo, ...] closed at lo when lo_open is False): learning rates,
+    penalties, decays, minutes."""
+    import math
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        ok = math.isfinite(v) and (v > lo if lo_open else v >= lo) and v < hi
+        if not ok:
+            left = "(" if lo_open else "["
+            right = ", inf)" if hi == float("inf") else f", {hi:g})"
+            raise argparse.ArgumentTypeError(f"must be a finite number in {left}{lo:g}{right}, got {text}")
+        return v
+
+    return parse
+
+
+_rate, _penalty, _decay = _real(0), _real(0, lo_open=False), _real(0, 1, lo_open=False)
 
 
 def _fraction(text: str) -> float:
@@ -109,10 +141,25 @@ def _check_out(path, folder: bool = False):
 
 
 def _device(args):
+    """--device as a checked name: 'auto' resolved, an unknown or unavailable device refused before any work."""
     import torch
+
+    from lazydit.errors import UsageError
 
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(args.device)
+    except RuntimeError:
+        raise UsageError(f"--device {args.device}: not a torch device (e.g. cpu, cuda, cuda:1, mps, auto)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA GPU; use "
+                             "--device cpu, or install a CUDA build of torch")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {args.device}: MPS is not available on this machine; use --device cpu")
     return args.device
 
 
@@ -423,7 +470,7 @@ def cmd_cost(args):
         return round(macs / 1e12, 3) if macs >= 1e11 else float(f"{macs / 1e12:.4g}")
 
     rows = []
-    for s in [int(v) for v in args.steps.split(",")]:
+    for s in args.steps:
         rows.append(dict(model=name, image_size=args.image_size or cfg.input_size * (8 if latent else 1), steps=s,
                          tmacs=tmacs(s * forward_macs(cfg)), tmacs_with_attention=tmacs(s * forward_macs(cfg, True))))
     _emit(args, rows, ["model", "image_size", "steps", "tmacs", "tmacs_with_attention"])
@@ -453,7 +500,7 @@ def _common(sp, model=True):
 
 def _sampling(sp, steps=50, gates=True, compile_flag=False):
     """The options every sampling command shares."""
-    sp.add_argument("--steps", type=_positive, default=steps, help="T, sampling steps")
+    sp.add_argument("--steps", type=_steps, default=steps, help="T, sampling steps")
     sp.add_argument("--cfg", type=_finite, default=DEFAULT_CFG, help="classifier-free guidance scale (1: none)")
     if not gates:
         return
@@ -469,9 +516,16 @@ def _sampling(sp, steps=50, gates=True, compile_flag=False):
         sp.add_argument("--compile", action="store_true", help="torch.compile the branches (look-ahead gates only)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: 'lazydit sample: error: ... (lazydit sample --help)', exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser():
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    p = argparse.ArgumentParser(prog="lazydit", description="LazyDiT: learned lazy gates for diffusion transformers")
+    p = _Parser(prog="lazydit", description="LazyDiT: learned lazy gates for diffusion transformers")
     p.add_argument("--debug", action="store_true", help="show tracebacks (also LAZYDIT_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -493,10 +547,11 @@ def build_parser():
     sp.add_argument("--out", default="runs/pretrain", help="run folder (checkpoint, EMA model, previews)")
     sp.add_argument("--iters", type=_positive, default=20000, help="optimiser steps")
     sp.add_argument("--batch-size", type=_positive, default=64, help="images per optimiser step")
-    sp.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate")
-    sp.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of the weights")
+    sp.add_argument("--lr", type=_rate, default=3e-4, help="AdamW learning rate")
+    sp.add_argument("--ema-decay", type=_decay, default=0.999, help="EMA decay of the weights")
     sp.add_argument("--ckpt-every", type=_positive, default=500, help="optimiser steps between checkpoints")
-    sp.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this many minutes")
+    sp.add_argument("--max-minutes", type=_rate, default=None,
+                    help="wall-clock budget of the whole run, previews included: stop and save then")
     sp.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
     sp.add_argument("--flip", action="store_true", help="random horizontal flips")
     sp.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
@@ -523,14 +578,14 @@ def build_parser():
     sp.add_argument("--latents", default=None, help="latent folder from `lazydit extract-latents` (latent models)")
     sp.add_argument("--vae", default=None, help="AutoencoderKL folder: encode --data images on the fly")
     sp.add_argument("--workers", type=_count, default=4, help="threads decoding images (--data with --vae)")
-    sp.add_argument("--steps", type=_positive, required=True, help="T, sampling steps the gates are for")
+    sp.add_argument("--steps", type=_steps, required=True, help="T, sampling steps the gates are for")
     sp.add_argument("--iters", type=_positive, default=500, help="optimiser steps")
     sp.add_argument("--batch-size", type=_positive, default=64,
                     help="GLOBAL batch: under torchrun each of the N processes takes batch-size / N rows")
-    sp.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
-    sp.add_argument("--rho", type=float, default=1e-2, help="penalty on the compute probabilities of both branches")
-    sp.add_argument("--rho-attn", type=float, default=None, help="penalty on attn only (default: --rho)")
-    sp.add_argument("--rho-mlp", type=float, default=None, help="penalty on mlp only (default: --rho)")
+    sp.add_argument("--lr", type=_rate, default=1e-4, help="AdamW learning rate")
+    sp.add_argument("--rho", type=_penalty, default=1e-2, help="penalty on the compute probabilities of both branches")
+    sp.add_argument("--rho-attn", type=_penalty, default=None, help="penalty on attn only (default: --rho)")
+    sp.add_argument("--rho-mlp", type=_penalty, default=None, help="penalty on mlp only (default: --rho)")
     sp.add_argument("--ckpt-every", type=_positive, default=100, help="optimiser steps between checkpoints")
     sp.add_argument("--out", default="runs/gates", help="run folder (checkpoint.pt, gates.safetensors)")
     sp.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
@@ -558,7 +613,7 @@ def build_parser():
     sp = add("calibrate", cmd_calibrate, "set a gate file's threshold so sampling reaches a target lazy ratio")
     _common(sp)
     sp.add_argument("--gates", required=True, help="gate file, or 'default' / 'default-lookahead'")
-    sp.add_argument("--steps", type=_positive, default=None, help="T of the gates (checked; needed for 'default')")
+    sp.add_argument("--steps", type=_steps, default=None, help="T of the gates (checked; needed for 'default')")
     sp.add_argument("--target-ratio", type=_fraction, required=True, help="lazy ratio to reach")
     sp.add_argument("--calib-per-class", type=_positive, default=4, help="calibration images per class")
     sp.add_argument("--cfg", type=_finite, default=DEFAULT_CFG, help="guidance scale of the calibration sampling")
@@ -596,7 +651,7 @@ def build_parser():
     sp = add("cost", cmd_cost, "TMACs per image the paper's way (Linear+Conv, CFG not doubled)")
     sp.add_argument("--model", default="DiT-XL/2", help="zoo name, or 'default' (the shipped DiT-FMNIST)")
     sp.add_argument("--image-size", type=int, default=None, help="image size; latent = size / 8")
-    sp.add_argument("--steps", default="50", help="comma-separated step counts")
+    sp.add_argument("--steps", type=_step_list, default="50", help="comma-separated step counts")
     sp.add_argument("--json", action="store_true", help="print the figures as JSON")
     return p
 
@@ -606,18 +661,27 @@ def _fail(message: str):
     sys.exit("error: " + "; ".join(line.strip() for line in message.splitlines() if line.strip()))
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    """warnings.showwarning for the CLI: 'warning: <message>' on one line, without the source line."""
+    print(f"warning: {message}", file=sys.stderr if file is None else file)
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.debug or os.environ.get("LAZYDIT_DEBUG"):
         return args.func(args)
+    import warnings
+
     from lazydit.errors import LazyditError
 
     try:
-        return args.func(args)
+        with warnings.catch_warnings():  # restores the usual warning display when the command returns
+            warnings.showwarning = _one_line_warning
+            return args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
-    except (LazyditError, OSError, ValueError, ImportError) as e:
+    except (LazyditError, OSError, ValueError, ImportError, EOFError) as e:  # EOFError: a truncated torch file
         _fail(str(e) or type(e).__name__)
     except RuntimeError as e:  # torch: an unavailable or unknown device
         if "device" not in str(e).lower() and "cuda" not in str(e).lower():

@@ -5,6 +5,7 @@ from pathlib import Path
 import torch
 
 from lazydit.assets import default_gates, default_model
+from lazydit.files import savefig_atomic
 from lazydit.images import make_grid, save_grid, to_uint8
 from lazydit.pipeline import class_grid_labels, sample
 from lazydit.plots import laziness_heatmap
@@ -59,5 +60,5 @@ def compare_figure(grids, nrow, path):
                      fontsize=9)
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path)
+    savefig_atomic(fig, path)
     plt.close(fig)

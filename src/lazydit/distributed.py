@@ -276,8 +276,13 @@ def sample_sharded(model, num_samples: int, steps: int, *, gates=None, policy=No
             if not np.array_equal(labels, y.cpu().numpy()):
                 raise PartsMismatchError(f"{store.path(name)}: labels differ from this run's draws: delete {store.folder}")
         else:
-            x, rep = sample(model, y, steps, gates=gates, policy=policy, lazy=lazy, cfg_scale=cfg_scale, x=z,
-                            progress=False)
+            try:
+                x, rep = sample(model, y, steps, gates=gates, policy=policy, lazy=lazy, cfg_scale=cfg_scale, x=z,
+                                progress=False)
+            except BaseException:  # an error or Ctrl-C before the first part: one process leaves no empty folder
+                if world == 1:
+                    store.remove_if_empty()
+                raise
             info = dict(lazy_ratio=rep.lazy_ratio, tmacs=rep.tmacs, seconds=rep.seconds)
             store.write(name, to_uint8(x if decode is None else decode(x)), y.cpu().numpy(), info)
         ratio_sum += info["lazy_ratio"]

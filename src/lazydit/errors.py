@@ -20,3 +20,11 @@ class DataMissingError(LazyditError, FileNotFoundError):
 
 class UsageError(LazyditError, ValueError):
     """Options that do not fit together or lie out of range."""
+
+
+class NonFiniteError(LazyditError, FloatingPointError):
+    """Sampling or training produced NaN or Inf: nothing is written from such a run."""
+
+
+class SmallSampleWarning(UserWarning):
+    """A metric computed on too few samples to mean what it usually means (FID on a few hundred images)."""

@@ -30,6 +30,17 @@ def torch_save_atomic(obj, path):
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
+def write_text_atomic(path, text: str):
+    """Write a text file (JSON, CSV, markdown) atomically."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def savefig_atomic(fig, path, **kwargs):
+    """fig.savefig to `path` atomically (the format from the file's suffix, since the temporary name has none)."""
+    fmt = Path(path).suffix.lstrip(".") or "png"
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, **kwargs))
+
+
 def weights_fingerprint(module) -> str:
     """Short sha256 of a module's state dict (names and bytes, any dtype or device): the same weights, the same
     fingerprint. Reference statistics record their extractor's; resumable sampling records its model's and gates'."""

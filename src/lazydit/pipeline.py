@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from lazydit.evaluation.cost import sampling_macs
 from lazydit.sampling.ddim import ddim_sample
-from lazydit.errors import GateMismatchError, UsageError
+from lazydit.errors import GateMismatchError, NonFiniteError, UsageError
 from lazydit.lazy import ForcedPlan, LazyConfig, LazyGates, LazyStats, Policy, apply_lazy, policy_for
 
 
@@ -74,18 +74,52 @@ def sample(model, y, steps: int, *, gates: LazyGates | None = None, policy: Poli
         return _sample_chunked(model, y, steps, micro_batch, policy=policy, cfg_scale=cfg_scale, seed=seed, x=x,
                                progress=progress, name=name)
     handle = apply_lazy(model, policy) if policy is not None else None
+    watch = FiniteWatch(steps)
     try:
         sync = torch.cuda.synchronize if y.is_cuda else (lambda: None)
         sync()
         t0 = time.perf_counter()
-        out = ddim_sample(model, y, steps, x=x, cfg_scale=cfg_scale, seed=seed, progress=progress)
+        out = ddim_sample(model, y, steps, x=x, cfg_scale=cfg_scale, seed=seed, progress=progress,
+                          desc=name or (f"{policy.label}-{steps}" if policy is not None else None), callback=watch)
         sync()
         seconds = time.perf_counter() - t0
+        watch.check()
         stats = handle.stats() if handle else None
     finally:
         if handle:
             handle.remove()
     return out, _report(model, steps, policy, stats, seconds, name)
+
+
+class FiniteWatch:
+    """Sampler callback that stops a run whose samples turn NaN or Inf, naming the first such step.
+
+    On the CPU it checks every step as it ends (free: CPU tensors are already computed) and raises there; on an
+    accelerator it keeps one flag per step on the device (no host sync per step) and `check()` reads them once
+    after the run. Either way the caller raises before anything is written.
+    """
+
+    def __init__(self, steps: int):
+        self.steps, self.flags = steps, []
+
+    def __call__(self, info: dict):
+        ok = torch.isfinite(info["x_prev"]).all()
+        if ok.device.type == "cpu":
+            if not ok:
+                self._fail(info["i"])
+        else:
+            self.flags.append(ok)
+
+    def check(self):
+        if self.flags:
+            ok = torch.stack(self.flags).cpu()
+            if not ok.all():
+                self._fail(int((~ok).nonzero()[0]))
+
+    def _fail(self, i: int):
+        raise NonFiniteError(f"sampling produced NaN or Inf at step {i + 1} of {self.steps}: the model overflows "
+                             "(weights far too large, or a dtype too narrow for them) or the guidance scale is "
+                             "extreme; nothing was written")
 
 
 def _report(model, steps, policy, stats, seconds, name):

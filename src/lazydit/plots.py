@@ -1,8 +1,8 @@
 """Plots: the layer x step laziness heat map (the paper's Figure 4), MHSA and FFN side by side."""
 
-from pathlib import Path
-
 import numpy as np
+
+from lazydit.files import savefig_atomic
 
 
 def laziness_heatmap(per_step_layer_branch, path, title: str = ""):
@@ -30,6 +30,5 @@ def laziness_heatmap(per_step_layer_branch, path, title: str = ""):
     fig.colorbar(im, ax=axes, fraction=0.03, label="lazy ratio")
     if title:
         fig.suptitle(title, fontsize=10)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, bbox_inches="tight")
+    savefig_atomic(fig, path, bbox_inches="tight")
     plt.close(fig)

@@ -70,9 +70,15 @@ def generate(model, cfg: EvalConfig, gates=None, out=None, progress: bool = True
         if done is not None:
             img, lab, info = done
         else:
-            x, rep = sample(model, y.to(device), cfg.steps, gates=gates, policy=policy,
-                            lazy=cfg.lazy if gates is not None else None, cfg_scale=cfg.cfg_scale, seed=cfg.seed * 1_000_003 + i, progress=False, name=cfg.name,
-                            micro_batch=cfg.micro_batch)
+            try:
+                x, rep = sample(model, y.to(device), cfg.steps, gates=gates, policy=policy,
+                                lazy=cfg.lazy if gates is not None else None, cfg_scale=cfg.cfg_scale,
+                                seed=cfg.seed * 1_000_003 + i, progress=False, name=cfg.name,
+                                micro_batch=cfg.micro_batch)
+            except BaseException:  # an error or Ctrl-C before the first part: no empty parts folder is left
+                if parts is not None:
+                    parts.remove_if_empty()
+                raise
             img, lab = to_uint8(x), y.numpy()
             info = dict(name=rep.name, seconds=rep.seconds)
             if rep.lazy is not None:

@@ -3,12 +3,14 @@ InceptionV3): features of image batches, reference statistics and their file for
 set against a reference, as ADM's evaluator. The formulas themselves are in `lazydit.evaluation.metrics`."""
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from lazydit.errors import SmallSampleWarning
 from lazydit.files import atomic_write
 from lazydit.files import weights_fingerprint as fingerprint  # the extractor's, in reference files
 from lazydit.evaluation.metrics import feature_stats, frechet_distance, inception_score, kid, precision_recall
@@ -130,6 +132,9 @@ def load_reference(path) -> dict:
 # ---------------------------------------------------------------- metrics
 
 
+FEW_SAMPLES = 2000  # below this many samples FID's bias swamps the differences between samplers: a warning
+
+
 def evaluate(extractor, images, ref: dict, batch_size=500, progress=True, is_splits=10, k=3, kid_subsets=100,
              kid_subset_size=1000, check_fingerprint=True) -> dict:
     """Every metric of generated images against reference statistics, as ADM's evaluator (+ KID).
@@ -151,6 +156,10 @@ def evaluate(extractor, images, ref: dict, batch_size=500, progress=True, is_spl
             raise ValueError(f"the reference statistics were computed with another extractor (fingerprint {want}, "
                              f"this one {have}): metrics would be meaningless")
     f = images if isinstance(images, dict) else extract_features(extractor, images, batch_size, progress)
+    if len(f["pool"]) < FEW_SAMPLES:
+        warnings.warn(f"FID on {len(f['pool'])} samples is biased upward and noisy (it falls as samples grow): use "
+                      f"at least {FEW_SAMPLES:,} to rank samplers, and the same count for every row (the tables use "
+                      "5,000)", SmallSampleWarning, stacklevel=2)
     if len(f["pool"]) <= k:
         raise ValueError(f"need more than k={k} samples for precision/recall, got {len(f['pool'])}")
     mu, sigma = feature_stats(f["pool"])

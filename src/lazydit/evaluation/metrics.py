@@ -7,6 +7,8 @@ every function takes feature or probability arrays of shape (N, D).
 
 import warnings
 
+from pathlib import Path
+
 import numpy as np
 from scipy import linalg
 from scipy.special import xlogy
@@ -200,11 +202,29 @@ def paired_psnr(a, b, data_range=255.0):
 
 
 def load_npz_samples(path):
-    """Load an ADM sample batch. Args: path to .npz with arr_0 (N, H, W, C) uint8. Returns: that array."""
-    with np.load(path, allow_pickle=False) as f:
-        if "arr_0" not in f.files:
-            raise ValueError(f"{path}: no 'arr_0' in npz (keys: {f.files})")
-        arr = f["arr_0"]
+    """Load an ADM sample batch. Args: path to .npz with arr_0 (N, H, W, C) uint8. Returns: that array.
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: not a readable .npz with such an arr_0 (truncated, another
+        format, wrong shape or dtype).
+    """
+    import zipfile
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"sample batch not found: {path}")
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":  # every .npz is a zip archive
+            raise ValueError(f"{path}: not an .npz file (an ADM sample batch is an .npz with arr_0: N x H x W x C uint8)")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if not hasattr(f, "files"):  # a bare .npy array
+                raise ValueError("a .npy array, not an .npz batch")
+            if "arr_0" not in f.files:
+                raise ValueError(f"no 'arr_0' in it (keys: {f.files})")
+            arr = f["arr_0"]
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: not a readable ADM sample batch (.npz with arr_0: N x H x W x C uint8): "
+                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] not in (1, 3):
         raise ValueError(f"{path}: arr_0 must be (N, H, W, C) uint8 with C in (1, 3), got {arr.shape} {arr.dtype}")
     return arr

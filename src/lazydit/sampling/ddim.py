@@ -30,6 +30,7 @@ def ddim_sample(
     seed: int | None = None,
     null_label: int | None = None,
     progress: bool = True,
+    desc: str | None = None,
     callback=None,
 ):
     """DDIM (eta = 0) over the reference respacing of T steps, with optional classifier-free guidance.
@@ -43,6 +44,7 @@ def ddim_sample(
         generator, seed: source of the initial noise (deterministic for a given seed).
         null_label: label of the unconditional branch; defaults to config.num_classes.
         progress: show a progress bar.
+        desc: its label (default "DDIM-T").
         callback: called as callback(dict(k=k, i=i, x=x_k, x_prev=x_{k-1}, eps=eps)) after every step.
     Returns:
         (B, C, H, W) samples x_0 (conditional half only when guided).
@@ -61,7 +63,7 @@ def ddim_sample(
         x = torch.cat([x, x])
         y = torch.cat([y, torch.full_like(y, null)])
     sched = Schedule(steps)
-    bar = tqdm(range(steps - 1, -1, -1), desc=f"DDIM-{steps}", disable=not progress, leave=False)
+    bar = tqdm(range(steps - 1, -1, -1), desc=desc or f"DDIM-{steps}", disable=not progress, leave=False)
     with torch.no_grad():
         for i, k in enumerate(bar):
             t = sched.timesteps(k, x.shape[0], device)

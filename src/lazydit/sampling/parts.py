@@ -69,3 +69,9 @@ class SampleParts:
 
     def remove(self):
         shutil.rmtree(self.folder, ignore_errors=True)
+
+    def remove_if_empty(self):
+        """Remove the folder when it holds no part yet (only config.json): a run that failed before its first part
+        leaves nothing behind."""
+        if self.folder.is_dir() and not any(self.folder.rglob("*.npz")):
+            self.remove()

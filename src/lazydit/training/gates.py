@@ -2,6 +2,7 @@
 under torchrun (see `train_gates`)."""
 
 import contextlib
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -10,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lazydit import distributed as dist
-from lazydit.errors import UsageError
+from lazydit.errors import NonFiniteError, UsageError
 from lazydit.files import torch_save_atomic
 from lazydit.sampling.schedule import Schedule
 from lazydit.lazy import LazyGates, apply_lazy
@@ -126,6 +127,7 @@ def train_gates(model, data, cfg: GateTrainConfig, threshold: float = 0.5, progr
     gen = torch.Generator().manual_seed(cfg.seed)
     sched = Schedule(cfg.steps)
     odd = torch.arange(1, cfg.steps, 2)  # trains gates k-1: the even indices (reference parity)
+    gated_share = len(odd) / cfg.steps  # the share of sampling steps whose modules the gates decide
     it, log = 0, []
     out = Path(cfg.out) if cfg.out else None
     ckpt = out / "checkpoint.pt" if out else None
@@ -200,9 +202,19 @@ def train_gates(model, data, cfg: GateTrainConfig, threshold: float = 0.5, progr
             skip = torch.cat([pa, pm], 1).detach().lt(threshold).float().mean()
             figs = dist.all_reduce_(torch.stack([loss.detach(), mse.detach(), skip]).double()) / world
             rec = dict(iter=it, k=k, loss=float(figs[0]), mse=float(figs[1]), skip=float(figs[2]))
+            # before this step's state reaches a checkpoint or the gate file: the loss (of the gates before the
+            # update) and the updated gates themselves
+            if not (math.isfinite(rec["loss"]) and bool(torch.isfinite(gates.weight).all())):
+                raise NonFiniteError(
+                    f"gate training diverged at iteration {it} (loss {rec['loss']}): the model's outputs or the "
+                    "learning rate overflow (try a lower --lr, check the model file); no gate file was written, the "
+                    "last checkpoint (if any) is kept")
             log.append(rec)
             bar.update(1)
-            bar.set_postfix(loss=f"{rec['loss']:.4g}", lazy=f"{rec['skip']:.0%}")
+            # the share of gated decisions below the threshold on this batch, spread over all T steps as sampling
+            # counts it (odd steps always compute under the parity): the lazy ratio these gates would give if the
+            # batch were typical, before any calibration
+            bar.set_postfix(loss=f"{rec['loss']:.4g}", **{f"lazy@{threshold:g}": f"{rec['skip'] * gated_share:.0%}"})
             if callback is not None:
                 callback(rec)
             if ckpt is not None and (it % cfg.ckpt_every == 0 or it == cfg.iters):

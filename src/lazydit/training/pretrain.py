@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -9,8 +10,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from lazydit.errors import NonFiniteError, UsageError
 from lazydit.models.checkpoint import save_model
-from lazydit.files import torch_save_atomic
+from lazydit.files import torch_save_atomic, write_text_atomic
 from lazydit.data.fashion_mnist import InfiniteSampler, load_fashion_mnist
 from lazydit.sampling.schedule import NUM_TRAIN_TIMESTEPS, TrainingLoss
 from lazydit.sampling.ddim import ddim_sample
@@ -32,10 +34,18 @@ class PretrainConfig:
     flip: bool = False  # random horizontal flip (reference: on; Fashion-MNIST: off)
     seed: int = 0  # data order, noise and init
     ckpt_every: int = 500  # optimiser steps between atomic checkpoints (+ a preview grid)
-    max_minutes: float | None = None  # stop (and save) after this wall-clock budget
+    max_minutes: float | None = None  # wall-clock budget of the whole call, previews included: stop and save then
     bf16: bool = False  # bf16 autocast (CUDA)
-    resume: bool = False  # continue from out/checkpoint.pt
+    resume: bool = False  # continue from out/checkpoint.pt when there (same result-shaping settings), else start
     preview: bool = True  # write a DDIM-25 sample grid with every checkpoint
+
+
+# the fields that shape the trained model: a resumed run must match the checkpoint's (iters and the budget may grow)
+RESULT_FIELDS = ("model", "batch_size", "lr", "warmup", "weight_decay", "ema_decay", "flip", "seed", "bf16")
+
+
+class _OutOfTime(Exception):
+    """The --max-minutes budget ended during a preview."""
 
 
 def _ema_update(ema, model, decay):
@@ -54,10 +64,11 @@ def pretrain(cfg: PretrainConfig, device="cpu", progress=True) -> Path:
     Returns:
         out/model.safetensors, the EMA weights with the config in the metadata.
     """
+    deadline = None if cfg.max_minutes is None else time.time() + 60 * cfg.max_minutes
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     x, y = load_fashion_mnist("train", cfg.data)
+    out.mkdir(parents=True, exist_ok=True)
     model = create_model(cfg.model).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -67,6 +78,12 @@ def pretrain(cfg: PretrainConfig, device="cpu", progress=True) -> Path:
     ckpt = out / "checkpoint.pt"
     if cfg.resume and ckpt.exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        saved = state.get("args", {})
+        diff = [f"{k}: checkpoint {saved.get(k)!r}, now {getattr(cfg, k)!r}" for k in RESULT_FIELDS
+                if k in saved and saved[k] != getattr(cfg, k)]
+        if diff:  # the saved model would record arguments that did not make the state it continues
+            raise UsageError(f"--resume: {ckpt} was trained with other settings ({'; '.join(diff)}): resume with "
+                             "the same ones, or start a new run with another --out")
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
@@ -82,16 +99,24 @@ def pretrain(cfg: PretrainConfig, device="cpu", progress=True) -> Path:
                                sampler=sampler.state_dict(), rng=torch.get_rng_state(), gen=gen.get_state(), step=step,
                                args=asdict(cfg), log=log), ckpt)
         save_model(ema, out / "model.safetensors", extra={"pretrain": asdict(cfg), "step": step})
-        (out / "log.json").write_text(json.dumps(log))
+        write_text_atomic(out / "log.json", json.dumps(log))
         if not cfg.preview:
             return
+
+        def stop_at_deadline(_):
+            if deadline is not None and time.time() > deadline:
+                raise _OutOfTime
+
         labels = torch.arange(10, device=device).repeat_interleave(4)
-        samples = ddim_sample(ema, labels, 25, cfg_scale=2.0, seed=0, progress=False)
+        try:
+            samples = ddim_sample(ema, labels, 25, cfg_scale=2.0, seed=0, progress=False, callback=stop_at_deadline)
+        except _OutOfTime:  # the budget ends inside the preview: no grid this time
+            return
         save_grid(samples.reshape(10, 4, *samples.shape[1:]).transpose(0, 1).reshape(samples.shape),
                   out / f"preview_{step:06d}.png", nrow=10, scale=2)
 
     model.train()
-    t0, start = time.time(), step
+    start = step
     bar = tqdm(total=cfg.iters, initial=step, desc="pretrain", disable=not progress)
     while step < cfg.iters:
         xb, yb = next(sampler)
@@ -108,10 +133,13 @@ def pretrain(cfg: PretrainConfig, device="cpu", progress=True) -> Path:
         _ema_update(ema, model, cfg.ema_decay if step >= cfg.warmup else 0.0)
         step += 1
         loss_value = loss.item()
+        if not math.isfinite(loss_value):  # before this step's weights reach a checkpoint
+            raise NonFiniteError(f"training diverged: the loss is {loss_value} at step {step}: lower --lr (or use "
+                                 f"fp32); the last checkpoint is kept")
         log.append((step, loss_value))
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}")
-        out_of_time = cfg.max_minutes is not None and (time.time() - t0) / 60 > cfg.max_minutes
+        out_of_time = deadline is not None and time.time() > deadline
         if step % cfg.ckpt_every == 0 or step == cfg.iters or out_of_time:
             save()
         if out_of_time:
