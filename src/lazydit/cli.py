@@ -261,11 +261,22 @@ def cmd_pretrain(args):
     print(json.dumps({"model": str(path)}) if args.json else f"EMA model written to {path}")
 
 
+def _check_parity_cap(target):
+    """The reference parity computes every odd step, so no threshold goes past a lazy ratio of 0.5: refuse more
+    before any work (the exact reachable range of a gate set is only known by sampling: calibrate states it)."""
+    from lazydit.errors import UsageError
+
+    if target is not None and target > 0.5:
+        raise UsageError(f"--target-ratio {target}: out of reach, the reference parity (odd steps always compute) "
+                         "caps the lazy ratio at 0.5")
+
+
 def cmd_train_gates(args):
     from lazydit import distributed
     from lazydit.data.sources import gate_training_data
     from lazydit.training.gates import GateTrainConfig, train_gates
 
+    _check_parity_cap(args.target_ratio)
     args.device = distributed.init_distributed(_device(args))  # torchrun: one GPU per process; else a no-op
     if args.tf32:
         distributed.set_tf32(True)
@@ -362,6 +373,8 @@ def cmd_calibrate(args):
     _check_out(args.out)
     model = _model(args)
     gates = resolve_gates(args.gates, args.steps, args.device)
+    if gates.parity:
+        _check_parity_cap(args.target_ratio)
     if args.steps is not None and args.steps != gates.steps:
         raise GateMismatchError(f"{args.gates} holds gates for T={gates.steps}, not --steps {args.steps}")
     args.steps = gates.steps
