@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lazydit.evaluation.metrics import load_npz_samples, paired_psnr
@@ -177,3 +178,17 @@ def test_paper_tables_small_run_writes_markdown_csv_and_plot(tmp_path, capsys, m
     assert next(v for k, v in decomp.items() if k.startswith("PSNR")) == f"{to10[0]:.2f} / {to10[1]:.2f}"
     missing = re.search(r"^Rows not run yet: (.*)\.$", md, re.M).group(1).split(", ")
     assert sorted(missing + list(names)) == sorted(pt.ROWS_BY_NAME)
+
+
+def test_evaluator_evidence_degradations_do_what_they_say():
+    ev = load("evaluator_evidence", "experiments")
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (3, 28, 28, 1), dtype=np.uint8)
+    flat = np.full((2, 28, 28, 1), 77, np.uint8)
+    assert np.array_equal(ev.blur(flat, 0.7), flat)  # a blur keeps constant images (normalised kernel)
+    assert not np.array_equal(ev.blur(img, 0.5), img)
+    assert np.array_equal(ev.noise(img, 0), img)  # zero noise is the identity
+    assert abs(float((ev.noise(flat, 4).astype(float) - 77).std()) - 4) < 0.3
+    s = ev.shift(img, 1)
+    assert np.array_equal(s[:, :, 1:], img[:, :, :-1]) and not s[:, :, 0].any()
+    assert ev.psnr(img, img) == float("inf")
