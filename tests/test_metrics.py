@@ -173,8 +173,24 @@ def test_kid_full_subset_matches_direct_unbiased_mmd():
     m = 60
     kxx, kyy, kxy = k(a, a), k(b, b), k(a, b)
     expected = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * kxy.mean()
-    # subset_size clipped to 60: every subset is a permutation of the full sets
-    assert kid(a, b, subsets=3, subset_size=1000) == pytest.approx(expected, rel=1e-9)
+    # subsets of all 60 rows: every subset is a permutation of the full sets
+    assert kid(a, b, subsets=3, subset_size=60) == pytest.approx(expected, rel=1e-9)
+    with pytest.raises(ValueError, match="exceeds the smaller set"):  # never shrunk silently
+        kid(a, b, subsets=3, subset_size=61)
+
+
+def test_inception_score_adm_chunks_and_equal_splits():
+    from lazydit.evaluation.metrics import inception_score, inception_score_adm, inception_score_splits
+
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.ones(20) * 0.3, size=12000)
+    # ADM: chunks of 5,000, 5,000 and 2,000 rows
+    chunks = [inception_score_splits(p[i : i + 5000], 1)[0] for i in (0, 5000, 10000)]
+    assert inception_score_adm(p) == pytest.approx(np.mean(chunks), rel=1e-12)
+    assert inception_score_adm(p[:5000]) == pytest.approx(inception_score(p[:5000], splits=1), rel=1e-12)
+    # at 50,000 rows ten equal splits are ADM's ten chunks
+    q = rng.dirichlet(np.ones(20) * 0.3, size=50000)
+    assert inception_score(q, splits=10) == pytest.approx(inception_score_adm(q), rel=1e-12)
 
 
 def test_kid_same_distribution_small_and_grows_with_shift():

@@ -143,8 +143,9 @@ def evaluate(extractor, images, ref: dict, batch_size=500, progress=True, is_spl
         extractor: the classifier that built `ref`.
         images: uint8 (N, 28, 28, 1) samples, or a dict from extract_features of them.
         ref: reference statistics (load_reference / reference_stats).
-        is_splits: Inception Score splits (clipped to N); k: precision/recall neighbourhood;
-        kid_subsets, kid_subset_size: KID subsampling.
+        is_splits: Inception Score splits (clipped to N; equal splits, not ADM's chunks of 5,000: see
+            `metrics.inception_score`); k: precision/recall neighbourhood;
+        kid_subsets, kid_subset_size: KID subsampling (the subset size is cut to the smaller set).
         check_fingerprint: raise if `ref` records a different extractor than `extractor`.
     Returns:
         dict(fid, sfid, inception_score, precision, recall, kid) of floats.
@@ -172,5 +173,8 @@ def evaluate(extractor, images, ref: dict, batch_size=500, progress=True, is_spl
         inception_score=inception_score(f["probs"], splits=max(1, min(is_splits, len(f["probs"])))),
     )
     out["precision"], out["recall"] = precision_recall(ref_pool, gen_pool, k=k)
-    out["kid"] = kid(gen_pool, ref_pool, subsets=kid_subsets, subset_size=kid_subset_size)
+    # KID subsets of kid_subset_size rows, or of every generated row when there are fewer (a smaller subset than
+    # asked: KID's variance grows, its mean stays unbiased)
+    out["kid"] = kid(gen_pool, ref_pool, subsets=kid_subsets, subset_size=min(kid_subset_size, len(gen_pool),
+                                                                              len(ref_pool)))
     return out
