@@ -32,6 +32,7 @@ import torch
 from lazydit.assets import default_gates, default_model
 from lazydit.files import write_text_atomic
 from lazydit.bench import TimedRow, paired_ratio, random_model, time_interleaved
+from lazydit.cpu import tune_allocator
 from lazydit.lazy import LazyConfig, LazyGates
 
 PRESETS = {
@@ -71,12 +72,17 @@ def main(argv=None):
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--gates", choices=["shipped", "plan50"])
     ap.add_argument("--repeats", type=int)
+    ap.add_argument("--micro-batch", type=int, default=None,
+                    help="images per sampler call (the paper table's --timing uses 16; default: the whole batch)")
     ap.add_argument("--compile", action="store_true", default=None, help="also run the compiled setting")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json-out", default=None)
+    ap.add_argument("--no-tune-allocator", action="store_true",
+                    help="leave glibc's malloc as it is (default: lazydit.tune_allocator(), as the CLI does)")
     args = ap.parse_args(argv)
+    tuned = False if args.no_tune_allocator else tune_allocator()
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
@@ -103,7 +109,8 @@ def main(argv=None):
             rows = [TimedRow(f"dense-{T}", dense, T), TimedRow(f"dense-{half}", dense, half),
                     TimedRow(f"ref-lazy-{T}", model, T, ref), TimedRow(f"la-lazy-{T}", model, T, la, la_cfg)]
             t0 = time.time()
-            timed = time_interleaved(rows, y, cfg_scale=args.cfg, repeats=args.repeats, vary_seed=True)
+            timed = time_interleaved(rows, y, cfg_scale=args.cfg, repeats=args.repeats, vary_seed=True,
+                                     micro_batch=args.micro_batch)
             for r in rows:
                 t, rep = timed[r.name]["times"], timed[r.name]["report"]
                 results.append(dict(
@@ -118,7 +125,8 @@ def main(argv=None):
                                                                                      platform.machine())
     out = dict(preset=args.preset, device=args.device, device_name=device_name, threads=torch.get_num_threads(),
                torch=torch.__version__, model=args.model, dtype=args.dtype, steps=T, cfg=args.cfg, gates=args.gates,
-               repeats=args.repeats, compile_mode=args.compile_mode, rows=results)
+               repeats=args.repeats, micro_batch=args.micro_batch, compile_mode=args.compile_mode,
+               allocator_tuned=tuned, rows=results)
     print(f"{'batch':>5} {'setting':9} {'sampler':12} {'lazy':>6} {'TMACs':>9} {'median s':>9} "
           f"{'vs dense':>8} {'/ half-T':>8}")
     for r in results:

@@ -4,7 +4,8 @@ step of plain DDIM, on the embedded default (issue: wall-clock that follows the 
     python benchmarks/profile_step.py                          # batch 16 with CFG, T = 50, the shipped gates
     python benchmarks/profile_step.py --md docs/profile_step.md --json-out docs/profile_step.json
 
-Every step of sampling runs is timed (perf_counter around the model call); then one more run is profiled with
+Every step of sampling runs is timed (perf_counter around the model call; dense and lazy runs alternate, --repeats
+of each); then one more run of each is profiled with
 torch.profiler, each model call in its own session, with a labelled range around the embedders, every block's
 adaLN modulation and the final layer (inclusive time), and every aten op by self time (what the blocks' branches,
 norms, modulations and gated residuals are made of). Times are averaged over the steps of each kind: "computed" (the odd steps of
@@ -23,6 +24,7 @@ import torch
 from torch.autograd.profiler import record_function
 
 from lazydit.assets import default_gates, default_model
+from lazydit.cpu import tune_allocator
 from lazydit.files import write_text_atomic
 from lazydit.lazy import apply_lazy, policy_for
 from lazydit.sampling.ddim import ddim_sample
@@ -132,35 +134,45 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--md", default=None, help="also write the markdown table here")
     ap.add_argument("--json-out", default=None)
+    ap.add_argument("--no-tune-allocator", action="store_true", help="leave glibc's malloc as it is")
     args = ap.parse_args(argv)
+    tuned = False if args.no_tune_allocator else tune_allocator()
     if args.threads:
         torch.set_num_threads(args.threads)
     model = default_model()
     y = torch.arange(args.batch) % model.config.num_classes
     gates = default_gates(args.steps, lookahead=True)
     res = dict(steps=args.steps, batch=args.batch, cfg=args.cfg, threads=torch.get_num_threads(),
-               machine=platform.processor() or platform.machine(), torch=torch.__version__, wall_ms={}, profile={})
-    for lazy in (False, True):
+               machine=platform.processor() or platform.machine(), torch=torch.__version__, allocator_tuned=tuned,
+               wall_ms={}, profile={})
+    times = defaultdict(list)
+
+    def run(lazy, measure):
         kinds = step_kinds(args.steps, lazy)
         handle = apply_lazy(model, policy_for(gates)) if lazy else None
         try:
-            _run(model, y, args.steps, args.cfg)  # warm-up
-            times = defaultdict(list)
-            for _ in range(args.repeats):
-                for kind, t in timed_steps(model, y, args.steps, args.cfg, kinds).items():
-                    times[kind] += t
-            res["profile"].update(profiled_steps(model, y, args.steps, args.cfg, kinds))
+            return measure(model, y, args.steps, args.cfg, kinds)
         finally:
             if handle:
                 handle.remove()
-        for kind, t in times.items():
-            res["wall_ms"][kind] = round(1e3 * statistics.median(t), 3)
+
+    for lazy in (False, True):  # warm-up
+        run(lazy, lambda m, y_, s, c, k: _run(m, y_, s, c))
+    for _ in range(args.repeats):  # dense and lazy runs alternate, so that machine drift hits both alike
+        for lazy in (False, True):
+            for kind, t in run(lazy, timed_steps).items():
+                times[kind] += t
+    for lazy in (False, True):
+        res["profile"].update(run(lazy, profiled_steps))
+    for kind, t in times.items():
+        res["wall_ms"][kind] = round(1e3 * statistics.median(t), 3)
     cols = ("dense", "computed", "skipped")
     prof = res["profile"]
     ops = sorted({op for k in cols for op in prof.get(k, {}) if op not in PARTS and op != "(all)"},
                  key=lambda op: -max(prof.get(k, {}).get(op, 0) for k in cols))[: args.top]
     lines = [f"Per model call (one step), batch {args.batch} with CFG ({2 * args.batch} rows), T = {args.steps}, "
-             f"{res['threads']} threads, torch {res['torch']}.", "",
+             f"{res['threads']} threads, torch {res['torch']}, allocator "
+             f"{'tuned (lazydit.tune_allocator)' if tuned else 'as it is'}.", "",
              "| | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols),
              "| **wall-clock ms (median, no profiler)** | " + " | ".join(f"{res['wall_ms'].get(k, 0):.2f}"
                                                                           for k in cols) + " |",

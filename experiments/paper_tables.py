@@ -32,6 +32,7 @@ import functools
 import io
 import json
 import platform
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,8 @@ from pathlib import Path
 import torch
 
 from lazydit.assets import default_gates, default_model
+from lazydit.bench import TimedRow, time_interleaved
+from lazydit.cpu import tune_allocator
 from lazydit.files import savefig_atomic, write_text_atomic
 from lazydit.evaluation.driver import EvalConfig, eval_labels, evaluate_config
 from lazydit.evaluation.fmnist import default_classifier, default_reference
@@ -138,34 +141,43 @@ def run_row(row: Row, model, extractor, ref, args):
     return {**out, **extra}
 
 
+def finished_thresholds(rows, args) -> dict:
+    """Row -> its compute threshold (None for DDIM rows) for every finished row: from <run>/<row>.json, else from
+    the committed table (<docs>/paper_tables.csv), so that `--timing` also runs on a clean checkout."""
+    run, found = Path(args.run), {}
+    for r in rows:
+        if (run / f"{r.name}.json").exists():
+            found[r] = json.loads((run / f"{r.name}.json").read_text()).get("threshold")
+    table = Path(args.docs) / "paper_tables.csv"
+    if table.exists():
+        with open(table, newline="") as f:
+            for rec in csv.DictReader(f):
+                r = ROWS_BY_NAME.get(rec["sampler"])
+                if r in rows and r not in found:
+                    found[r] = float(rec["threshold"]) if rec.get("threshold") else None
+    return found
+
+
 def time_rows(rows, model, args) -> dict:
-    """Median sampling seconds per image of every finished row, all measured in this one run (see the docstring)."""
-    run = Path(args.run)
-    done = {r: json.loads((run / f"{r.name}.json").read_text()) for r in rows if (run / f"{r.name}.json").exists()}
+    """Median sampling seconds per image of every finished row, all measured in this one run by the project's one
+    timing routine (`lazydit.bench.time_interleaved`, as `benchmarks/bench_fast.py`): a warm-up of every row, then
+    --timing-rounds rounds with the rows interleaved (order rotated each round), --timing-images images in
+    micro-batches of --micro-batch."""
+    done = finished_thresholds(rows, args)
     if not done:
         raise SystemExit("--timing: no finished rows to time")
     y = eval_labels(args.num_samples, model.config.num_classes, args.seed)[: args.timing_images]
-    gates = {r: default_gates(r.steps, lookahead=r.lookahead) for r in done if r.lazy}
-
-    def once(r):
-        lazy = LazyConfig(threshold=done[r].get("threshold")) if r.lazy else None
-        _, rep = sample(model, y, r.steps, gates=gates.get(r), lazy=lazy, cfg_scale=args.cfg, seed=args.seed,
-                        micro_batch=args.micro_batch, progress=False)
-        return rep.seconds / len(y)
-
-    for r in {r.kind: r for r in done}.values():
-        once(r)  # warm-up of each code path (plain, reference gates, look-ahead gates)
-    order, times = list(done), {r: [] for r in done}
-    for i in range(args.timing_rounds):
-        for r in order[i % len(order):] + order[: i % len(order)]:
-            times[r].append(once(r))
-        print(f"timing round {i + 1}/{args.timing_rounds} done", flush=True)
+    timed_rows = [TimedRow(r.name, model, r.steps, default_gates(r.steps, lookahead=r.lookahead) if r.lazy else None,
+                           LazyConfig(threshold=th) if r.lazy else None) for r, th in done.items()]
+    timed = time_interleaved(timed_rows, y, cfg_scale=args.cfg, repeats=args.timing_rounds,
+                             micro_batch=args.micro_batch)
     out = dict(images=len(y), micro_batch=args.micro_batch, rounds=args.timing_rounds, cfg=args.cfg,
                threads=torch.get_num_threads(), machine=platform.processor() or platform.machine(),
                torch=torch.__version__,
-               rows={r.name: dict(median=float(torch.tensor(t).median()), all=[round(v, 6) for v in t])
-                     for r, t in times.items()})
-    write_text_atomic(run / "timing.json", json.dumps(out, indent=1))
+               rows={name: dict(median=statistics.median(t["times"]) / len(y),
+                                all=[round(v / len(y), 6) for v in t["times"]],
+                                lazy_ratio=round(t["report"].lazy_ratio, 4)) for name, t in timed.items()})
+    write_text_atomic(Path(args.run) / "timing.json", json.dumps(out, indent=1))
     return out
 
 
@@ -253,7 +265,7 @@ def write_up(rows, args, meta):
         f"Command: `{meta['command']}` ({meta['machine']}, torch {meta['torch']}, {meta['threads']} threads).",
         f"{args.num_samples} samples per row, the same labels (uniform over the 10 classes) and initial noise for "
         f"every row, CFG {args.cfg}, scored with the shipped Fashion-MNIST classifier against the test split "
-        f"(`lazydit eval`). TMACs per image counted the paper's way (spec 3.5); {speed}.",
+        f"(`lazydit eval`). TMACs per image counted the paper's way (docs/method-notes.md §4); {speed}.",
         "",
         "| sampler | lazy ratio | TMACs | FID | sFID | IS | precision | recall | KID | s / image | threshold |"
         + (f" PSNR vs {args.fidelity_ref} (dB) |" if has_fid else ""),
@@ -399,6 +411,7 @@ def main(argv=None):
                 machine=platform.processor() or platform.machine(), torch=torch.__version__,
                 threads=torch.get_num_threads())
     if args.timing:
+        tune_allocator()  # as bench_fast and the CLI (lazydit.cpu)
         time_rows(rows, default_model(), args)
     elif not args.write_only:
         model = default_model()

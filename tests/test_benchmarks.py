@@ -192,3 +192,35 @@ def test_evaluator_evidence_degradations_do_what_they_say():
     s = ev.shift(img, 1)
     assert np.array_equal(s[:, :, 1:], img[:, :, :-1]) and not s[:, :, 0].any()
     assert ev.psnr(img, img) == float("inf")
+
+
+def test_timing_reads_thresholds_from_the_committed_table(tmp_path):
+    """--timing on a clean checkout: rows without a run JSON take their threshold from <docs>/paper_tables.csv."""
+    import argparse
+
+    pt = load("paper_tables", "experiments")
+    docs, run = tmp_path / "docs", tmp_path / "run"
+    docs.mkdir(), run.mkdir()
+    (docs / "paper_tables.csv").write_text("sampler,threshold\nDDIM-25,\nLazy-50@50,0.75\nLazy-10@30,0.5\n")
+    (run / "Lazy-10@30.json").write_text(json.dumps({"threshold": 0.6}))  # the run's own row wins
+    rows = pt.select_rows("DDIM-25,Lazy-50@50,Lazy-10@30,DDIM-7")
+    got = pt.finished_thresholds(rows, argparse.Namespace(run=str(run), docs=str(docs)))
+    assert {r.name: th for r, th in got.items()} == {"DDIM-25": None, "Lazy-50@50": 0.75, "Lazy-10@30": 0.6}
+
+
+def test_time_interleaved_warms_up_then_rotates_the_order(monkeypatch):
+    import lazydit.bench as bench
+    from lazydit.pipeline import SampleReport
+
+    calls = []
+
+    def fake_sample(model, y, steps, **kw):
+        calls.append(kw["name"])
+        return None, SampleReport(kw["name"], steps, 0.0, 0.0, 1.0)
+
+    monkeypatch.setattr(bench, "sample", fake_sample)
+    rows = [bench.TimedRow(n, None, 2) for n in "abc"]
+    y = __import__("torch").zeros(2)
+    out = bench.time_interleaved(rows, y, cfg_scale=1.0, repeats=3, micro_batch=4)
+    assert calls == list("abc") + list("bca") + list("cab") + list("abc")  # warm-up, then rotated rounds
+    assert all(o["times"] == [1.0] * 3 for o in out.values())

@@ -49,8 +49,12 @@ class TimedRow:
     policy: Policy | None = None  # any other caching policy
 
 
-def time_interleaved(rows, y, *, cfg_scale: float, repeats: int, vary_seed: bool = False) -> dict:
+def time_interleaved(rows, y, *, cfg_scale: float, repeats: int, vary_seed: bool = False,
+                     micro_batch: int | None = None, rotate: bool = True) -> dict:
     """Wall-clock of every row: one warm-up call each, then `repeats` interleaved rounds.
+
+    The one timing routine of the project: `benchmarks/bench_fast.py` and the paper table's `--timing` both call it,
+    so that their figures are taken the same way.
 
     Args:
         rows: TimedRow list.
@@ -58,6 +62,8 @@ def time_interleaved(rows, y, *, cfg_scale: float, repeats: int, vary_seed: bool
         cfg_scale: guidance scale of every row.
         repeats: timed rounds.
         vary_seed: round i samples from seed i (else seed 0 every time).
+        micro_batch: images per sampler call (see `lazydit.pipeline.sample`; None: the whole batch at once).
+        rotate: start round i at row i (mod the row count), so that no row always runs first or after the same one.
     Returns:
         name -> dict(times (list of seconds, one per round), report (the last SampleReport), peak_gib (the highest
         CUDA memory peak of that row's calls; None on the CPU)).
@@ -65,12 +71,14 @@ def time_interleaved(rows, y, *, cfg_scale: float, repeats: int, vary_seed: bool
     cuda = y.is_cuda
     out = {r.name: dict(times=[], report=None, peak_gib=0.0 if cuda else None) for r in rows}
     for i in range(repeats + 1):  # round 0: the warm-up
-        for r in rows:
+        shift = (i % len(rows)) if rotate and i else 0
+        for r in rows[shift:] + rows[:shift]:
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             _, rep = sample(r.model, y, r.steps, gates=r.gates, lazy=r.lazy, policy=r.policy, cfg_scale=cfg_scale,
-                            seed=i - 1 if vary_seed and i else 0, progress=False, name=r.name)
+                            seed=i - 1 if vary_seed and i else 0, progress=False, name=r.name,
+                            micro_batch=micro_batch)
             o = out[r.name]
             if cuda:
                 o["peak_gib"] = max(o["peak_gib"], torch.cuda.max_memory_allocated() / 2**30)

@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from lazydit.models.registry import BRANCH_NAMES
@@ -45,8 +46,11 @@ class StatsCollector:
         self.reset()
 
     def reset(self):
-        self.skipped = torch.zeros(self.shape, dtype=torch.long)
-        self.total = torch.zeros(self.shape, dtype=torch.long)
+        # numpy counters: counting every branch evaluation must cost next to nothing (a torch in-place index add is
+        # ~10 us of dispatch, twice per branch and step); views of the same memory as torch tensors
+        self._skipped = np.zeros(self.shape, dtype=np.int64)
+        self._total = np.zeros(self.shape, dtype=np.int64)
+        self.skipped, self.total = torch.from_numpy(self._skipped), torch.from_numpy(self._total)
         self.decisions = None  # (T, L, branches, B) bool, True = computed (record_decisions)
 
     def count(self, k: int, layer: int, branch: int, rows: int, computed: int, decision=None):
@@ -55,8 +59,8 @@ class StatsCollector:
         Args:
             decision: (rows,) bool compute decisions (any device), or None when every row computed.
         """
-        self.skipped[k, layer, branch] += rows - computed
-        self.total[k, layer, branch] += rows
+        self._skipped[k, layer, branch] += rows - computed
+        self._total[k, layer, branch] += rows
         if self.record_decisions:
             if self.decisions is None or self.decisions.shape[-1] != rows:
                 self.decisions = torch.ones(*self.shape, rows, dtype=torch.bool)
