@@ -190,7 +190,7 @@ def _lazy_config(args):
     from lazydit.lazy import LazyConfig
 
     return LazyConfig(threshold=args.threshold, uniform=args.uniform, tie_cfg=args.tie_cfg,
-                      compile=getattr(args, "compile", False))
+                      compile=getattr(args, "compile", False), max_skips=args.max_skips)
 
 
 def _policy(args):
@@ -276,18 +276,31 @@ def cmd_train_gates(args):
     from lazydit.data.sources import gate_training_data
     from lazydit.training.gates import GateTrainConfig, train_gates
 
-    _check_parity_cap(args.target_ratio)
+    from lazydit.errors import UsageError
+
+    if not args.every_step:
+        _check_parity_cap(args.target_ratio)
+    if args.every_step and args.lookahead:
+        raise UsageError("--every-step and --lookahead do not go together: look-ahead gates need the parity")
+    if args.data_free and (args.data or args.latents or args.vae):
+        raise UsageError("--data-free trains on the model's own trajectories: drop --data / --latents / --vae")
     args.device = distributed.init_distributed(_device(args))  # torchrun: one GPU per process; else a no-op
     if args.tf32:
         distributed.set_tf32(True)
     model = _model(args)
-    data, source = gate_training_data(model, args.batch_size, data=args.data, latents=args.latents, vae=args.vae,
-                                      workers=args.workers, seed=args.seed)
+    if args.data_free:
+        from lazydit.training.trajectories import trajectory_data
+
+        data, source = trajectory_data(model, args.steps, args.batch_size, size=args.pool, cfg_scale=args.cfg,
+                                       seed=args.seed, progress=distributed.is_main() and not args.json)
+    else:
+        data, source = gate_training_data(model, args.batch_size, data=args.data, latents=args.latents,
+                                          vae=args.vae, workers=args.workers, seed=args.seed)
     cfg = GateTrainConfig(steps=args.steps, iters=args.iters, batch_size=args.batch_size, lr=args.lr,
                           rho_attn=args.rho if args.rho_attn is None else args.rho_attn,
                           rho_mlp=args.rho if args.rho_mlp is None else args.rho_mlp, seed=args.seed,
                           ckpt_every=args.ckpt_every, out=args.out, resume=args.resume, lookahead=args.lookahead,
-                          bf16=args.bf16)
+                          bf16=args.bf16, every_step=args.every_step, data_free=args.data_free)
     gates = train_gates(model, data, cfg, progress=not args.json,
                         extra_meta={"model_path": str(args.model or "default"), **source})
     distributed.cleanup()
@@ -525,6 +538,8 @@ def _sampling(sp, steps=50, gates=True, compile_flag=False):
     sp.add_argument("--threshold", type=_fraction, default=None, help="gate compute threshold (default: the gates')")
     sp.add_argument("--uniform", action="store_true", help="one skip decision per module for the whole batch")
     sp.add_argument("--tie-cfg", action="store_true", help="cond and uncond rows of a pair decide together")
+    sp.add_argument("--max-skips", type=_count, default=None,
+                    help="at most this many consecutive skips per module and row (every-step gates; default: any)")
     if compile_flag:
         sp.add_argument("--compile", action="store_true", help="torch.compile the branches (look-ahead gates only)")
 
@@ -605,7 +620,13 @@ def build_parser():
     sp.add_argument("--target-ratio", type=_fraction, default=None,
                     help="after training, calibrate the threshold to this lazy ratio")
     sp.add_argument("--calib-per-class", type=_positive, default=4, help="calibration images per class")
-    sp.add_argument("--cfg", type=_finite, default=DEFAULT_CFG, help="guidance scale used for calibration")
+    sp.add_argument("--cfg", type=_finite, default=DEFAULT_CFG,
+                    help="guidance scale of calibration (and of the trajectories, with --data-free)")
+    sp.add_argument("--every-step", action="store_true",
+                    help="gates on every step, no parity: lazy ratios past 50%% (beyond the paper)")
+    sp.add_argument("--data-free", action="store_true",
+                    help="train on the frozen model's own DDIM trajectories: no dataset needed (beyond the paper)")
+    sp.add_argument("--pool", type=_positive, default=512, help="trajectories sampled once for --data-free")
     sp.add_argument("--lookahead", action="store_true",
                     help="look-ahead gates: plan step k from the inputs of step k+1 (faster; beyond the paper)")
     sp.add_argument("--bf16", action="store_true", help="bf16 autocast of the model passes (gates stay fp32)")
@@ -681,6 +702,9 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    from lazydit.cpu import tune_allocator
+
+    tune_allocator()  # the CPU's malloc keeps activation-sized blocks (see lazydit.cpu); process-wide, so here
     if args.debug or os.environ.get("LAZYDIT_DEBUG"):
         return args.func(args)
     import warnings

@@ -59,11 +59,13 @@ class LazyGates(nn.Module):
         return self.weight.shape[3]
 
     @classmethod
-    def for_model(cls, model, steps: int, threshold: float = 0.5, lookahead: bool = False):
-        """Zero gates sized for `model` (a DiT) and T = steps, with the model's config in the metadata."""
+    def for_model(cls, model, steps: int, threshold: float = 0.5, lookahead: bool = False, parity: bool = True):
+        """Zero gates sized for `model` (a DiT) and T = steps, with the model's config in the metadata (parity
+        False: every step gated, beyond the paper)."""
         cfg = model.config
         meta = {"model_name": getattr(model, "name", "") or "", "model_config": dict(cfg.__dict__)}
-        gates = cls(len(model_blocks(model)), cfg.hidden_size, steps, threshold, meta, lookahead=lookahead)
+        gates = cls(len(model_blocks(model)), cfg.hidden_size, steps, threshold, meta, parity=parity,
+                    lookahead=lookahead)
         return gates.to(next(model.parameters()).device)
 
     def logit(self, layer: int, branch: int, k: int, z: torch.Tensor) -> torch.Tensor:

@@ -101,16 +101,30 @@ class BranchHook(_Transient):
         self.z = None  # record mode, look-ahead: the input Z recorded at that step
         self.score = None  # look-ahead: (B,) device compute decisions for the next step
         self.plan = None  # plans-ahead: (B,) host compute decisions of this step
+        self.skips = None  # LazyConfig.max_skips: (B,) consecutive skips of each row so far (None: none)
 
     # -------------------------------------------------------------- shared by both paths
 
     def _decide(self, rows: int, z):
         """Compute decisions (B,) bool or None (all compute): nothing to reuse, or a branch that may not skip, always
-        computes; otherwise the policy decides."""
+        computes; otherwise the policy decides (and LazyConfig.max_skips caps each row's run of skips: a skip may
+        reuse a cache that was itself reused, max_skips times in a row at most)."""
         run = self.run
         if self.cache is None or self.cache.shape[0] != rows or self.branch not in run.skippable:
+            compute = None
+        else:
+            compute = run.policy.compute_rows(self, run.k, z)
+        cap = run.config.max_skips
+        if cap is None:
+            return compute
+        if compute is None:
+            self.skips = None
             return None
-        return run.policy.compute_rows(self, run.k, z)
+        prev = (torch.zeros(rows, dtype=torch.long, device=compute.device) if self.skips is None
+                else self.skips.to(compute.device))
+        compute = compute | (prev >= cap)
+        self.skips = torch.where(compute, 0, prev + 1)
+        return compute
 
     def _count(self, rows: int, computed: int, decision):
         self.run.collector.count(self.run.k, self.layer, self.branch, rows, computed, decision)

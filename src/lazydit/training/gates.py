@@ -33,32 +33,34 @@ class GateTrainConfig:
     resume: bool = False  # continue from out/checkpoint.pt
     lookahead: bool = False  # train look-ahead gates: gate k-1 scores the input recorded at step k (beyond the paper)
     bf16: bool = False  # bf16 autocast of the model's forward passes (gates, loss and AdamW stay fp32)
+    every_step: bool = False  # gates on every step, no parity: any k in 1..T-1 is drawn (beyond the paper)
+    data_free: bool = False  # data yields (trajectories (B, T, C, H, W), y) of the frozen model's own sampling
+    # (`lazydit.training.trajectories`), not (x0, y): x_k is read off the trajectory instead of noising data
 
 
 # the fields that shape the trained gates: a resumed run must match the checkpoint's (iters may grow)
 RESULT_FIELDS = ("steps", "batch_size", "lr", "weight_decay", "rho_attn", "rho_mlp", "label_drop", "seed", "lookahead",
-                 "bf16")
+                 "bf16", "every_step", "data_free")
 
 
-def gate_loss_step(model, handle, x0, y, k: int, drop, noise, sched: Schedule, rho_attn: float, rho_mlp: float):
-    """One 3-pass loss evaluation (record at odd k, teacher and soft student at k-1).
+def gate_loss_step(model, handle, x_k, y, k: int, drop, sched: Schedule, rho_attn: float, rho_mlp: float):
+    """One 3-pass loss evaluation (record at k, teacher and soft student at k-1).
 
     Args:
         model: the frozen DiT with gates attached through `handle`.
-        x0: (B, C, H, W) data; y: (B,) labels; drop: (B,) 0/1 label-drop mask shared by the passes.
-        k: odd respaced index; the gates of index k-1 are trained.
-        noise: (B, C, H, W) eps for q_sample.
+        x_k: (B, C, H, W) the input at respaced index k (data noised to k, or a sampling trajectory's state at k);
+            y: (B,) labels; drop: (B,) 0/1 label-drop mask shared by the passes.
+        k: respaced index (odd under the reference parity); the gates of index k-1 are trained.
     Returns:
         (loss, mse, p_attn (B, L), p_mlp (B, L)).
     """
-    B, C = x0.shape[:2]
+    B, C = x_k.shape[:2]
     with torch.no_grad():  # pass 1: one full DDIM step at k that fills every cache
         handle.mode = "record"
-        x_k = sched.q_sample(x0, k, noise)
-        eps = model(x_k, sched.timesteps(k, B, x0.device), y, force_drop_ids=drop)[:, :C].float()
+        eps = model(x_k, sched.timesteps(k, B, x_k.device), y, force_drop_ids=drop)[:, :C].float()
         x_prev = sched.ddim_step(x_k, eps, k)
         handle.mode = "off"  # pass 2: teacher, the full model at k-1
-        t_prev = sched.timesteps(k - 1, B, x0.device)
+        t_prev = sched.timesteps(k - 1, B, x_k.device)
         teacher = model(x_prev, t_prev, y, force_drop_ids=drop)
     handle.mode = "soft"  # pass 3: student, y = p F(Z) + (1 - p) cache with the gates of index k-1
     handle.probs.clear()
@@ -83,11 +85,11 @@ class GateLoss(torch.nn.Module):
         self.gates = gates
         self._ctx = (model, handle, sched, cfg)  # a plain tuple: not registered as sub-modules
 
-    def forward(self, x0, y, k: int, drop, noise):
+    def forward(self, x_k, y, k: int, drop):
         model, handle, sched, cfg = self._ctx
-        amp = (torch.autocast(x0.device.type, dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext())
+        amp = (torch.autocast(x_k.device.type, dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext())
         with amp:
-            return gate_loss_step(model, handle, x0, y, k, drop, noise, sched, cfg.rho_attn, cfg.rho_mlp)
+            return gate_loss_step(model, handle, x_k, y, k, drop, sched, cfg.rho_attn, cfg.rho_mlp)
 
 
 def train_gates(model, data, cfg: GateTrainConfig, threshold: float = 0.5, progress: bool = True,
@@ -107,7 +109,8 @@ def train_gates(model, data, cfg: GateTrainConfig, threshold: float = 0.5, progr
 
     Args:
         model: a DiT; it is frozen (requires_grad False) and put in eval mode.
-        data: an iterator of (x0 (B, C, H, W), y (B,)) batches (this rank's share), e.g. `InfiniteSampler`; on resume
+        data: an iterator of (x0 (B, C, H, W), y (B,)) batches (this rank's share), e.g. `InfiniteSampler` (with
+            cfg.data_free: of (trajectories (B, T, C, H, W), y), e.g. `training.trajectories.trajectory_data`); on resume
             its `load_state_dict` is called with the saved position when it has one.
         cfg: GateTrainConfig (cfg.bf16: bf16 autocast of the model passes; gates and AdamW stay fp32).
         threshold: compute threshold stored with the gates.
@@ -118,15 +121,20 @@ def train_gates(model, data, cfg: GateTrainConfig, threshold: float = 0.5, progr
         The trained LazyGates, the same on every rank (also written to out/gates.safetensors when cfg.out is set).
     """
     if cfg.steps < 2:
-        raise ValueError("gate training needs T >= 2 (odd respaced indices)")
+        raise ValueError("gate training needs T >= 2 (a recorded step before every trained one)")
+    if cfg.every_step and cfg.lookahead:
+        raise UsageError("look-ahead gates plan step k at step k+1, which must compute: they need the parity, "
+                         "not every_step")
     device = next(model.parameters()).device
     rank, world, main = dist.rank(), dist.world_size(), dist.is_main()
     model.eval().requires_grad_(False)
-    gates = LazyGates.for_model(model, cfg.steps, threshold, lookahead=cfg.lookahead)
+    gates = LazyGates.for_model(model, cfg.steps, threshold, lookahead=cfg.lookahead, parity=not cfg.every_step)
     opt = torch.optim.AdamW(gates.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     sched = Schedule(cfg.steps)
-    odd = torch.arange(1, cfg.steps, 2)  # trains gates k-1: the even indices (reference parity)
+    # record at k, train gates k-1: the even indices under the reference parity, every index but the first step's
+    # (T-1, which has nothing to reuse) with every_step
+    odd = torch.arange(1, cfg.steps) if cfg.every_step else torch.arange(1, cfg.steps, 2)
     gated_share = len(odd) / cfg.steps  # the share of sampling steps whose modules the gates decide
     it, log = 0, []
     out = Path(cfg.out) if cfg.out else None
@@ -187,14 +195,18 @@ def train_gates(model, data, cfg: GateTrainConfig, threshold: float = 0.5, progr
     t0 = time.time()
     try:
         while it < cfg.iters:
-            x0, y = next(data)
-            x0, y = x0.to(device), y.to(device)
+            x0, y = next(data)  # data_free: x0 holds whole trajectories (B, T, C, H, W)
             b = x0.shape[0]  # this rank's share; the global batch is world * b
             sl = slice(rank * b, (rank + 1) * b)
             k = int(odd[torch.randint(len(odd), (1,), generator=gen)])
             drop = (torch.rand(world * b, generator=gen)[sl] < cfg.label_drop).long().to(device)
-            noise = torch.randn((world * b, *x0.shape[1:]), generator=gen)[sl].to(device)
-            loss, mse, pa, pm = loss_fn(x0, y, k, drop, noise)
+            shape = x0.shape[2:] if cfg.data_free else x0.shape[1:]
+            noise = torch.randn((world * b, *shape), generator=gen)[sl].to(device)
+            if cfg.data_free:  # the frozen model's own state at step k
+                x_k = x0[:, cfg.steps - 1 - k].to(device)
+            else:
+                x_k = sched.q_sample(x0.to(device), k, noise)  # (3) data noised to step k
+            loss, mse, pa, pm = loss_fn(x_k, y.to(device), k, drop)
             opt.zero_grad(set_to_none=True)
             loss.backward()  # DDP: the gate gradient is averaged over ranks here
             opt.step()
