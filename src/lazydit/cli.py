@@ -190,7 +190,7 @@ def _lazy_config(args):
     from lazydit.lazy import LazyConfig
 
     return LazyConfig(threshold=args.threshold, uniform=args.uniform, tie_cfg=args.tie_cfg,
-                      compile=getattr(args, "compile", False), max_skips=args.max_skips)
+                      compile=getattr(args, "compile", False), max_skips=args.max_skips, forecast=args.forecast)
 
 
 def _policy(args):
@@ -300,7 +300,8 @@ def cmd_train_gates(args):
                           rho_attn=args.rho if args.rho_attn is None else args.rho_attn,
                           rho_mlp=args.rho if args.rho_mlp is None else args.rho_mlp, seed=args.seed,
                           ckpt_every=args.ckpt_every, out=args.out, resume=args.resume, lookahead=args.lookahead,
-                          bf16=args.bf16, every_step=args.every_step, data_free=args.data_free)
+                          bf16=args.bf16, every_step=args.every_step, data_free=args.data_free,
+                          forecast=args.forecast)
     gates = train_gates(model, data, cfg, progress=not args.json,
                         extra_meta={"model_path": str(args.model or "default"), **source})
     distributed.cleanup()
@@ -540,6 +541,9 @@ def _sampling(sp, steps=50, gates=True, compile_flag=False):
     sp.add_argument("--tie-cfg", action="store_true", help="cond and uncond rows of a pair decide together")
     sp.add_argument("--max-skips", type=_count, default=None,
                     help="at most this many consecutive skips per module and row (every-step gates; default: any)")
+    sp.add_argument("--forecast", type=int, choices=(0, 1, 2), default=None,
+                    help="order of the forecast a skipped module receives (default: the one the gates were trained "
+                         "with; 0: a copy)")
     if compile_flag:
         sp.add_argument("--compile", action="store_true", help="torch.compile the branches (look-ahead gates only)")
 
@@ -627,6 +631,9 @@ def build_parser():
     sp.add_argument("--data-free", action="store_true",
                     help="train on the frozen model's own DDIM trajectories: no dataset needed (beyond the paper)")
     sp.add_argument("--pool", type=_positive, default=512, help="trajectories sampled once for --data-free")
+    sp.add_argument("--forecast", type=int, choices=(0, 1, 2), default=0,
+                    help="skipped modules get an extrapolation of this order of their last computed outputs "
+                         "(0: a copy, as the paper; beyond the paper)")
     sp.add_argument("--lookahead", action="store_true",
                     help="look-ahead gates: plan step k from the inputs of step k+1 (faster; beyond the paper)")
     sp.add_argument("--bf16", action="store_true", help="bf16 autocast of the model passes (gates stay fp32)")

@@ -125,7 +125,8 @@ class FiniteWatch:
 def _report(model, steps, policy, stats, seconds, name):
     return SampleReport(
         name=name or (f"{policy.label}-{steps}" if policy is not None else f"DDIM-{steps}"), steps=steps,
-        lazy_ratio=stats.lazy_ratio if stats else 0.0, tmacs=sampling_macs(model.config, steps, stats) / 1e12,
+        lazy_ratio=stats.lazy_ratio if stats else 0.0,
+        tmacs=sampling_macs(model.config, steps, stats, forecast=policy.forecast if policy is not None else 0) / 1e12,
         seconds=seconds, stats=stats.as_dict() if stats else {}, lazy=stats,
     )
 

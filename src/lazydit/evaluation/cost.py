@@ -50,7 +50,15 @@ def gate_macs(cfg: DiTConfig) -> int:
     return 2 * cfg.depth * cfg.num_tokens * cfg.hidden_size
 
 
-def sampling_macs(cfg: DiTConfig, steps: int, stats=None, attention_matmuls: bool = False) -> float:
+def forecast_macs(cfg: DiTConfig, order: int) -> int:
+    """Elementwise multiply-adds of forecast reuse of `order` in one forward of one image (not Linear MACs: counted
+    so that a forecast is not free): every branch evaluation either extends its history (a computed row) or
+    evaluates the polynomial (a skipped row), `order` multiply-adds per output element: 2 L N D order."""
+    return 2 * cfg.depth * cfg.num_tokens * cfg.hidden_size * order
+
+
+def sampling_macs(cfg: DiTConfig, steps: int, stats=None, attention_matmuls: bool = False,
+                  forecast: int = 0) -> float:
     """MACs per image of a whole sampling run (CFG not doubled, as the paper).
 
     Args:
@@ -58,6 +66,7 @@ def sampling_macs(cfg: DiTConfig, steps: int, stats=None, attention_matmuls: boo
         steps: T.
         stats: LazyStats of the run (None for plain DDIM): skipped modules are subtracted, gates added.
         attention_matmuls: count attention matmuls too (skipping an attn module skips them as well).
+        forecast: order of the forecast reuse (its elementwise work is added, `forecast_macs`).
     Returns:
         MACs per image (float).
     """
@@ -69,4 +78,4 @@ def sampling_macs(cfg: DiTConfig, steps: int, stats=None, attention_matmuls: boo
     skipped = stats.skipped.sum(dim=(0, 1)).double()  # (2,) per branch
     rows = float(stats.total.sum()) / (2 * cfg.depth * steps)  # rows per forward (both CFG halves)
     saved = (float(skipped[0]) * attn + float(skipped[1]) * m["mlp"]) / rows  # per row = per image
-    return float(total - saved + steps * gate_macs(cfg))
+    return float(total - saved + steps * (gate_macs(cfg) + forecast_macs(cfg, forecast)))

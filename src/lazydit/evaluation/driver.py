@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from lazydit.sampling.parts import SampleParts
 from lazydit.evaluation.cost import sampling_macs
 from lazydit.images import save_npz, to_uint8
-from lazydit.lazy import LazyConfig, LazyStats
+from lazydit.lazy import LazyConfig, LazyStats, policy_for
 from lazydit.pipeline import sample
 
 
@@ -95,12 +95,14 @@ def generate(model, cfg: EvalConfig, gates=None, out=None, progress: bool = True
             total = t if total is None else total + t
     images, labels = np.concatenate(images), np.concatenate(labels)
     stats = LazyStats(skipped, total) if skipped is not None else None
+    forecast = (policy_for(gates, cfg.lazy) if gates is not None else policy).forecast if (gates is not None or
+                                                                                         policy is not None) else 0
     if out:
         save_npz(images, out, labels=labels)
         parts.remove()
     return dict(images=images, labels=labels, name=name, steps=cfg.steps,
                 lazy_ratio=stats.lazy_ratio if stats else 0.0,
-                tmacs=sampling_macs(model.config, cfg.steps, stats) / 1e12, seconds=seconds,
+                tmacs=sampling_macs(model.config, cfg.steps, stats, forecast=forecast) / 1e12, seconds=seconds,
                 seconds_per_image=seconds / len(images), stats=stats)
 
 

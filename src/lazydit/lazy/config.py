@@ -21,10 +21,13 @@ class LazyConfig:
     compile_mode: str | None = None  # torch.compile mode of those regions ("reduce-overhead": CUDA graphs on a GPU)
     record_decisions: bool = False  # keep every row's decision: handle.decisions, (T, L, 2, B) bool, True = computed
     max_skips: int | None = None  # at most this many consecutive skips per module and row, then it computes (None: any)
+    forecast: int | None = None  # skipped rows get an extrapolation of order 0 (copy), 1 or 2; None: the gates' own (0)
 
     def __post_init__(self):
         if self.threshold is not None and not 0 <= self.threshold <= 1:
             raise ValueError(f"threshold must lie in [0, 1], got {self.threshold}")
+        if self.forecast is not None and self.forecast not in (0, 1, 2):
+            raise ValueError(f"forecast order must be 0, 1 or 2 (or None), got {self.forecast}")
         if self.max_skips is not None and self.max_skips < 0:
             raise ValueError(f"max_skips must be >= 0 (or None), got {self.max_skips}")
         object.__setattr__(self, "branches", tuple(self.branches))

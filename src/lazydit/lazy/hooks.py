@@ -21,6 +21,7 @@ import torch
 
 from lazydit.errors import GateMismatchError, UsageError
 from lazydit.lazy.config import LazyConfig
+from lazydit.lazy.forecast import ForecastHistory
 from lazydit.lazy.gates import LazyGates
 from lazydit.lazy.policies import Policy, policy_for
 from lazydit.lazy.stats import LazyStats, StatsCollector
@@ -56,11 +57,17 @@ class LazyRun(_Transient):
         self.depth, self.branches = depth, branches
         self.hooks: list = []  # BranchHook per (layer, branch), layer-major
         self.k = 0  # current respaced step index
-        self.timestep_index = {t: k for k, t in enumerate(respaced_timesteps(policy.steps))}
+        self.timesteps = respaced_timesteps(policy.steps)  # k -> original timestep
+        self.timestep_index = {t: k for k, t in enumerate(self.timesteps)}
         self.collector = StatsCollector(policy.steps, depth, branches, self.config.record_decisions)
         self.probs: list = []  # soft mode: (branch, p (B,)) per branch evaluation, for the training penalty
         self.skippable = self.config.skippable
         self.scratch: dict = {}  # a reused (B, N, D) buffer for gated residuals
+
+    @property
+    def t(self) -> int:
+        """The original timestep of the current step."""
+        return self.timesteps[self.k]
 
     def set_timestep(self, t):
         """Map the (original) timestep the model is called at to the policy's respaced index; start the step."""
@@ -102,6 +109,7 @@ class BranchHook(_Transient):
         self.score = None  # look-ahead: (B,) device compute decisions for the next step
         self.plan = None  # plans-ahead: (B,) host compute decisions of this step
         self.skips = None  # LazyConfig.max_skips: (B,) consecutive skips of each row so far (None: none)
+        self.history = None  # forecast reuse: the per-row history of computed outputs (ForecastHistory)
 
     # -------------------------------------------------------------- shared by both paths
 
@@ -126,6 +134,22 @@ class BranchHook(_Transient):
         self.skips = torch.where(compute, 0, prev + 1)
         return compute
 
+    def remember(self, out, rows=None):
+        """Rows `rows` (index tensor; None: all) of `out` were computed at this step: the forecast history learns
+        them (policies with forecast > 0 only)."""
+        order = self.run.policy.forecast
+        if not order:
+            return
+        if self.history is None:
+            self.history = ForecastHistory(order)
+        self.history.update(out.detach(), self.run.t, rows)
+
+    def forecast(self, dtype):
+        """This step's forecast of every row (LazyConfig.forecast; docs/method-notes.md)."""
+        if self.history is None:
+            raise RuntimeError("forecast reuse before any computed step")
+        return self.history.predict(self.run.t, dtype)
+
     def _count(self, rows: int, computed: int, decision):
         self.run.collector.count(self.run.k, self.layer, self.branch, rows, computed, decision)
 
@@ -140,27 +164,30 @@ class BranchHook(_Transient):
         if mode == "record":
             out = forward(self.module, z, *extra)
             self.cache = out.detach()
+            self.remember(out)
             if run.policy.records_inputs:
                 self.z = z.detach()
             return out
-        if mode == "soft":  # y = p F(z) + (1 - p) cache
+        if mode == "soft":  # y = p F(z) + (1 - p) reuse (the cache, or its forecast)
             if self.cache is None:
                 raise RuntimeError("soft mode needs caches: run the model once in 'record' mode first")
             p = run.policy.compute_prob(self, run.k, z)
             run.probs.append((self.branch, p))
             pb = p.to(z.dtype)[:, None, None]
-            return pb * forward(self.module, z, *extra) + (1 - pb) * self.cache
+            return pb * forward(self.module, z, *extra) + (1 - pb) * run.policy.reuse(self, run.k)
         B = z.shape[0]
         compute = self._decide(B, z)
         n = B if compute is None else int(compute.sum())  # one host sync per branch, as the reference
         if n == B:
             out = forward(self.module, z, *extra)
+            self.remember(out)
         elif n == 0:
             out = run.policy.reuse(self, run.k)  # reuse; the cache stays as it is
         else:
             idx = compute.nonzero().squeeze(1).to(z.device)
             out = run.policy.reuse(self, run.k).clone()
             out[idx] = forward(self.module, z[idx], *extra).to(out.dtype)
+            self.remember(out, idx)
         self.cache = out
         self._count(B, n, compute)
         return out
@@ -182,6 +209,7 @@ class BranchHook(_Transient):
         if rows is None or bool(rows.all()):
             x, out, z = self.fn(x, shift, scale, gate, *extra)
             run.policy.computed(self, run.k, z)
+            self.remember(out)
             n = B
         elif not bool(rows.any()):
             out = run.policy.reuse(self, run.k)
@@ -193,6 +221,7 @@ class BranchHook(_Transient):
             _, part, _ = self.fn(x[idx], shift[idx], scale[idx], gate[idx], *extra)
             out = run.policy.reuse(self, run.k).clone()
             out[idx] = part.to(out.dtype)
+            self.remember(out, idx)
             x = _residual(x, gate, out, run.scratch)
             n = len(idx)
         self.cache = out

@@ -21,7 +21,7 @@ import importlib
 
 import torch
 
-from lazydit.errors import UsageError
+from lazydit.errors import GateMismatchError, UsageError
 from lazydit.lazy.config import LazyConfig
 from lazydit.lazy.gates import LazyGates, logit_of
 
@@ -36,6 +36,7 @@ class Policy:
     def __init__(self, steps: int, config: LazyConfig | None = None):
         self.steps = steps  # T: the policy is defined on the reference respacing of T steps
         self.config = config or LazyConfig()
+        self.forecast = self.config.forecast or 0  # order of the forecast a skipped row receives (0: the cache)
 
     def check_model(self, model):
         """Raise unless this policy fits `model` (gate banks check depth and width)."""
@@ -56,8 +57,9 @@ class Policy:
         return None
 
     def reuse(self, hook, k: int) -> torch.Tensor:
-        """What the skipped rows receive: the branch output cached at the last step."""
-        return hook.cache
+        """What the skipped rows receive: the branch output cached at the last step, or with forecast > 0 its
+        extrapolation from the last computed outputs (`lazydit.lazy.forecast`)."""
+        return hook.forecast(hook.cache.dtype) if self.forecast else hook.cache
 
     def computed(self, hook, k: int, z: torch.Tensor):
         """Every row of the branch computed at step k, from modulated input z (plans-ahead policies)."""
@@ -86,6 +88,12 @@ class ReferenceGates(Policy):
     def __init__(self, gates: LazyGates, config: LazyConfig | None = None):
         super().__init__(gates.steps, config)
         self.gates = gates
+        trained = int(gates.meta.get("forecast", 0))  # the reuse the gates were trained with
+        if self.config.forecast is not None and self.config.forecast != trained:
+            raise GateMismatchError(
+                f"these gates were trained with forecast order {trained}, not {self.config.forecast}: sample with "
+                f"forecast={trained} (--forecast {trained}), or train gates for order {self.config.forecast}")
+        self.forecast = trained
         self.threshold = gates.threshold if self.config.threshold is None else self.config.threshold
         self.logit_threshold = logit_of(self.threshold)
 

@@ -36,29 +36,37 @@ class GateTrainConfig:
     every_step: bool = False  # gates on every step, no parity: any k in 1..T-1 is drawn (beyond the paper)
     data_free: bool = False  # data yields (trajectories (B, T, C, H, W), y) of the frozen model's own sampling
     # (`lazydit.training.trajectories`), not (x0, y): x_k is read off the trajectory instead of noising data
+    forecast: int = 0  # order of the forecast reuse the soft mix trains with (0: the cache, as the paper; 1, 2)
 
 
 # the fields that shape the trained gates: a resumed run must match the checkpoint's (iters may grow)
 RESULT_FIELDS = ("steps", "batch_size", "lr", "weight_decay", "rho_attn", "rho_mlp", "label_drop", "seed", "lookahead",
-                 "bf16", "every_step", "data_free")
+                 "bf16", "every_step", "data_free", "forecast")
 
 
-def gate_loss_step(model, handle, x_k, y, k: int, drop, sched: Schedule, rho_attn: float, rho_mlp: float):
+def gate_loss_step(model, handle, x_k, y, k: int, drop, sched: Schedule, rho_attn: float, rho_mlp: float,
+                   k_start: int | None = None):
     """One 3-pass loss evaluation (record at k, teacher and soft student at k-1).
 
     Args:
         model: the frozen DiT with gates attached through `handle`.
-        x_k: (B, C, H, W) the input at respaced index k (data noised to k, or a sampling trajectory's state at k);
+        x_k: (B, C, H, W) the input at respaced index k_start (data noised to it, or a sampling trajectory's state);
             y: (B,) labels; drop: (B,) 0/1 label-drop mask shared by the passes.
         k: respaced index (odd under the reference parity); the gates of index k-1 are trained.
+        k_start: first recorded index (>= k; default k): forecast reuse of order n records the n steps before k too,
+            so that the soft mix at k-1 extrapolates from as many computed outputs as sampling would.
     Returns:
         (loss, mse, p_attn (B, L), p_mlp (B, L)).
     """
     B, C = x_k.shape[:2]
-    with torch.no_grad():  # pass 1: one full DDIM step at k that fills every cache
+    handle.reset()  # a new batch: no cache or forecast history from the last one
+    with torch.no_grad():  # pass 1: full DDIM steps k_start .. k that fill every cache (and forecast history)
         handle.mode = "record"
-        eps = model(x_k, sched.timesteps(k, B, x_k.device), y, force_drop_ids=drop)[:, :C].float()
-        x_prev = sched.ddim_step(x_k, eps, k)
+        x_prev = x_k
+        for j in range(k if k_start is None else k_start, k - 1, -1):
+            x_j = x_prev
+            eps = model(x_j, sched.timesteps(j, B, x_j.device), y, force_drop_ids=drop)[:, :C].float()
+            x_prev = sched.ddim_step(x_j, eps, j)
         handle.mode = "off"  # pass 2: teacher, the full model at k-1
         t_prev = sched.timesteps(k - 1, B, x_k.device)
         teacher = model(x_prev, t_prev, y, force_drop_ids=drop)
@@ -85,11 +93,11 @@ class GateLoss(torch.nn.Module):
         self.gates = gates
         self._ctx = (model, handle, sched, cfg)  # a plain tuple: not registered as sub-modules
 
-    def forward(self, x_k, y, k: int, drop):
+    def forward(self, x_k, y, k: int, drop, k_start: int | None = None):
         model, handle, sched, cfg = self._ctx
         amp = (torch.autocast(x_k.device.type, dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext())
         with amp:
-            return gate_loss_step(model, handle, x_k, y, k, drop, sched, cfg.rho_attn, cfg.rho_mlp)
+            return gate_loss_step(model, handle, x_k, y, k, drop, sched, cfg.rho_attn, cfg.rho_mlp, k_start)
 
 
 def train_gates(model, data, cfg: GateTrainConfig, threshold: float = 0.5, progress: bool = True,
@@ -129,6 +137,7 @@ def train_gates(model, data, cfg: GateTrainConfig, threshold: float = 0.5, progr
     rank, world, main = dist.rank(), dist.world_size(), dist.is_main()
     model.eval().requires_grad_(False)
     gates = LazyGates.for_model(model, cfg.steps, threshold, lookahead=cfg.lookahead, parity=not cfg.every_step)
+    gates.meta["forecast"] = cfg.forecast  # sampling with these gates uses the same reuse
     opt = torch.optim.AdamW(gates.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     sched = Schedule(cfg.steps)
@@ -202,11 +211,12 @@ def train_gates(model, data, cfg: GateTrainConfig, threshold: float = 0.5, progr
             drop = (torch.rand(world * b, generator=gen)[sl] < cfg.label_drop).long().to(device)
             shape = x0.shape[2:] if cfg.data_free else x0.shape[1:]
             noise = torch.randn((world * b, *shape), generator=gen)[sl].to(device)
-            if cfg.data_free:  # the frozen model's own state at step k
-                x_k = x0[:, cfg.steps - 1 - k].to(device)
+            k_start = min(k + cfg.forecast, cfg.steps - 1)  # forecast: record the steps before k too
+            if cfg.data_free:  # the frozen model's own state at step k_start
+                x_k = x0[:, cfg.steps - 1 - k_start].to(device)
             else:
-                x_k = sched.q_sample(x0.to(device), k, noise)  # (3) data noised to step k
-            loss, mse, pa, pm = loss_fn(x_k, y.to(device), k, drop)
+                x_k = sched.q_sample(x0.to(device), k_start, noise)  # (3) data noised to step k_start
+            loss, mse, pa, pm = loss_fn(x_k, y.to(device), k, drop, k_start)
             opt.zero_grad(set_to_none=True)
             loss.backward()  # DDP: the gate gradient is averaged over ranks here
             opt.step()
