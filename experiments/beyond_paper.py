@@ -1,0 +1,173 @@
+"""Lazy variants past the paper's limits against DDIM at equal TMACs, on the embedded default (issue: beyond the
+paper; a first look on today's model, whose sampler barely matters — see docs/paper_tables_notes.md).
+
+    python experiments/beyond_paper.py                 # train, calibrate, sample, score; resumable per row
+    python experiments/beyond_paper.py --write-only    # the write-up from the finished rows
+
+Variants (gates trained here with the same budget: --iters optimiser steps of --batch-size, rho 1e-2, seed 0):
+  ref        the shipped reference gates of T (the paper's recipe: data, parity, plain reuse)
+  forecast   parity gates trained and sampled with first-order forecast reuse (data recipe)
+  every      gates on every step (no parity), plain reuse (data recipe)
+  every+fc+df  every-step gates, first-order forecast, trained data-free on the model's own trajectories
+Each Lazy row is calibrated to its target lazy ratio on the 40-image class grid (as the paper table), then every
+row samples the same --num-samples labels and initial noise (lazydit.evaluation.driver), CFG --cfg, and is scored
+with the shipped evaluator. Pairings: each Lazy-T@r against the DDIM row of about the same TMACs, with 95%
+paired-bootstrap intervals of the FID difference. Nothing is tuned: one seed, one budget, the same settings for
+every row. Writes <docs>/beyond_paper.md and .json.
+"""
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lazydit.assets import default_gates, default_model
+from lazydit.cpu import tune_allocator
+from lazydit.data.fashion_mnist import InfiniteSampler, load_fashion_mnist
+from lazydit.evaluation.driver import EvalConfig, evaluate_config
+from lazydit.evaluation.features import extract_features
+from lazydit.evaluation.fmnist import default_classifier, default_reference
+from lazydit.evaluation.metrics import load_npz_samples, paired_bootstrap_fid
+from lazydit.files import write_text_atomic
+from lazydit.lazy import LazyConfig, LazyGates
+from lazydit.pipeline import calibrate_threshold, class_grid_labels
+from lazydit.training.gates import GateTrainConfig, train_gates
+from lazydit.training.trajectories import trajectory_data
+
+VARIANTS = {  # name -> GateTrainConfig fields (None: the shipped reference gates)
+    "ref": None,
+    "forecast": dict(forecast=1),
+    "every": dict(every_step=True),
+    "every+fc+df": dict(every_step=True, forecast=1, data_free=True),
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    steps: int
+    variant: str | None = None  # None: plain DDIM
+    target: float | None = None
+
+    @property
+    def name(self) -> str:
+        return f"DDIM-{self.steps}" if self.variant is None else \
+            f"Lazy[{self.variant}]-{self.steps}@{round(100 * self.target)}"
+
+
+ROWS = (Row(10), *(Row(20, v, 0.5) for v in VARIANTS),  # in the order they run: the paper's pairing first
+        Row(6), Row(20, "every", 0.7), Row(20, "every+fc+df", 0.7), Row(20))
+PAIRS = tuple((r, Row(10) if r.target == 0.5 else Row(6)) for r in ROWS if r.variant)
+
+
+def gates_for(row: Row, model, args):
+    """The gate set of a row's variant (trained once per variant and T, resumable)."""
+    fields = VARIANTS[row.variant]
+    if fields is None:
+        return default_gates(row.steps)
+    out = Path(args.run) / f"gates-{row.variant}-T{row.steps}"
+    path = out / "gates.safetensors"
+    if path.exists():
+        return LazyGates.load(path)
+    cfg = GateTrainConfig(steps=row.steps, iters=args.iters, batch_size=args.batch_size, rho_attn=1e-2,
+                          rho_mlp=1e-2, seed=args.seed, out=str(out), ckpt_every=50,
+                          resume=(out / "checkpoint.pt").exists(), **fields)
+    if cfg.data_free:
+        data, source = trajectory_data(model, row.steps, args.batch_size, size=args.pool, cfg_scale=args.cfg,
+                                       seed=args.seed, progress=not args.quiet)
+    else:
+        x, y = load_fashion_mnist("train")
+        data, source = InfiniteSampler(x, y, args.batch_size, seed=args.seed), {}
+    return train_gates(model, data, cfg, progress=not args.quiet, extra_meta=source)
+
+
+def run_row(row: Row, model, extractor, ref, args) -> dict:
+    gates, lazy, extra = None, LazyConfig(), {}
+    if row.variant:
+        gates = gates_for(row, model, args)
+        yc = class_grid_labels(model.config.num_classes, 4)
+        th, reached = calibrate_threshold(model, gates, row.target, yc, cfg_scale=args.cfg, seed=args.seed,
+                                          progress=False)
+        lazy = LazyConfig(threshold=th)
+        extra = dict(variant=row.variant, target=row.target, calibration_ratio=round(reached, 4), threshold=th,
+                     forecast=gates.meta.get("forecast", 0), parity=gates.parity)
+    cfg = EvalConfig(steps=row.steps, cfg_scale=args.cfg, num_samples=args.num_samples, batch_size=250,
+                     seed=args.seed, lazy=lazy, name=row.name, micro_batch=16)
+    res = evaluate_config(model, cfg, extractor, ref, gates=gates, out=Path(args.run) / f"{row.name}.npz",
+                          progress=not args.quiet)
+    return {**res, **extra}
+
+
+def write_up(done: dict, args) -> dict:
+    run, extractor, ref = Path(args.run), default_classifier(), default_reference()
+    feats, pairs = {}, {}
+    for a, b in PAIRS:
+        if a.name not in done or b.name not in done:
+            continue
+        for r in (a, b):
+            if r.name not in feats:
+                feats[r.name] = extract_features(extractor, load_npz_samples(run / f"{r.name}.npz"),
+                                                 progress=False)["pool"]
+        pairs[f"{a.name} vs {b.name}"] = paired_bootstrap_fid(feats[a.name], feats[b.name], ref["mu"], ref["sigma"],
+                                                              reps=args.bootstrap, seed=args.seed)
+    out = dict(num_samples=args.num_samples, cfg=args.cfg, iters=args.iters, batch_size=args.batch_size,
+               pool=args.pool, rows=[done[r.name] for r in ROWS if r.name in done], pairs=pairs)
+    lines = ["# Beyond the paper: lazy variants against DDIM at equal TMACs (first look)", "",
+             f"Generated by `python experiments/beyond_paper.py` on the embedded default: {args.num_samples:,} samples "
+             f"per row, the same labels and noise, CFG {args.cfg}; gates trained with {args.iters} iterations of "
+             f"{args.batch_size} (data-free: a pool of {args.pool} trajectories); each Lazy row calibrated to its "
+             "target ratio on the 40-image class grid. Variants: `ref` the shipped reference gates; `forecast` "
+             "first-order forecast reuse; `every` gates on every step; `fc` forecast, `df` data-free.", "",
+             "| row | lazy ratio | TMACs | FID | sFID | precision | recall |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in out["rows"]:
+        lines.append(f"| {r['sampler']} | {r['lazy_ratio']:.1%} | {r['tmacs']:.5f} | {r['fid']:.3f} | "
+                     f"{r['sfid']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} |")
+    lines += ["", "| pairing (equal TMACs) | ΔFID [95% paired bootstrap] |", "|---|---:|"]
+    for k, b in pairs.items():
+        lines.append(f"| {k} | {b['delta']:+.3f} [{b['lo']:+.3f}, {b['hi']:+.3f}] |")
+    write_text_atomic(Path(args.docs) / "beyond_paper.json", json.dumps(out, indent=1))
+    write_text_atomic(Path(args.docs) / "beyond_paper.md", "\n".join(lines) + "\n")
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--num-samples", type=int, default=5000)
+    ap.add_argument("--cfg", type=float, default=1.5)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--iters", type=int, default=500, help="gate training iterations (every variant)")
+    ap.add_argument("--batch-size", type=int, default=64, help="gate training batch (every variant)")
+    ap.add_argument("--pool", type=int, default=512, help="trajectories of the data-free variant")
+    ap.add_argument("--bootstrap", type=int, default=200)
+    ap.add_argument("--run", default="runs/beyond_paper")
+    ap.add_argument("--docs", default="docs")
+    ap.add_argument("--only", default=None, help="comma-separated row names")
+    ap.add_argument("--write-only", action="store_true")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    tune_allocator()
+    run = Path(args.run)
+    run.mkdir(parents=True, exist_ok=True)
+    rows = [r for r in ROWS if not args.only or r.name in args.only.split(",")]
+    if not args.write_only:
+        model, extractor, ref = default_model(), default_classifier(), default_reference()
+        for row in rows:
+            path = run / f"{row.name}.json"
+            if path.exists():
+                continue
+            t0 = time.time()
+            res = run_row(row, model, extractor, ref, args)
+            write_text_atomic(path, json.dumps(res, indent=1))
+            print(f"{row.name}: FID {res['fid']:.3f}, lazy {res['lazy_ratio']:.1%} ({time.time() - t0:.0f} s)",
+                  flush=True)
+    done = {p.stem: json.loads(p.read_text()) for p in run.glob("*.json")}
+    done = {k: v for k, v in done.items() if v.get("n") == args.num_samples}
+    if done:
+        write_up(done, args)
+        print(f"wrote {args.docs}/beyond_paper.md ({len(done)} rows)")
+
+
+if __name__ == "__main__":
+    main()
