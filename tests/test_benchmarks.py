@@ -224,3 +224,19 @@ def test_time_interleaved_warms_up_then_rotates_the_order(monkeypatch):
     out = bench.time_interleaved(rows, y, cfg_scale=1.0, repeats=3, micro_batch=4)
     assert calls == list("abc") + list("bca") + list("cab") + list("abc")  # warm-up, then rotated rounds
     assert all(o["times"] == [1.0] * 3 for o in out.values())
+
+
+def test_beyond_paper_small_run(tmp_path):
+    """Two rows with tiny settings: gates trained for the variant, calibrated, sampled, paired, written up."""
+    bp = load("beyond_paper", "experiments")
+    run, docs = tmp_path / "run", tmp_path / "docs"
+    bp.main(["--num-samples", "8", "--iters", "2", "--batch-size", "4", "--bootstrap", "3", "--run", str(run),
+             "--docs", str(docs), "--only", "DDIM-10,Lazy[forecast]-20@50", "--quiet"])
+    out = json.loads((docs / "beyond_paper.json").read_text())
+    rows = {r["sampler"]: r for r in out["rows"]}
+    assert set(rows) == {"DDIM-10", "Lazy[forecast]-20@50"}
+    lazy = rows["Lazy[forecast]-20@50"]
+    assert lazy["forecast"] == 1 and lazy["lazy_ratio"] == 0.5 and lazy["skip_runs"] == {"mean": 1.0, "max": 1}
+    assert set(out["pairs"]) == {"Lazy[forecast]-20@50 vs DDIM-10"}
+    assert (run / "gates-forecast-T20" / "gates.safetensors").exists()
+    assert "| Lazy[forecast]-20@50 vs DDIM-10 |" in (docs / "beyond_paper.md").read_text()
