@@ -274,9 +274,8 @@ def _check_parity_cap(target):
 def cmd_train_gates(args):
     from lazydit import distributed
     from lazydit.data.sources import gate_training_data
-    from lazydit.training.gates import GateTrainConfig, train_gates
-
     from lazydit.errors import UsageError
+    from lazydit.training.gates import GateTrainConfig, train_gates
 
     if not args.every_step:
         _check_parity_cap(args.target_ratio)

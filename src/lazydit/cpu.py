@@ -6,8 +6,8 @@ again and takes a page fault on every 4 KiB of them. A DiT step on the CPU alloc
 temporaries, so a process can fall into this mode for a while and run a quarter slower (measured on the embedded
 default: a dense step at batch 16 with CFG took 71-74 ms in some processes and 92 ms in others; with the settings
 below, 68-74 ms in every process; docs/wallclock.md). `tune_allocator` keeps freed blocks of up to 32 MiB in the
-heap for reuse. It is process-wide, so the library never calls it by itself: the `lazydit` command does (for CPU
-work), and so do the benchmarks, for every row alike.
+heap for reuse. It is process-wide, so the library never calls it by itself: the `lazydit` command does, and so
+do the benchmarks, for every row alike.
 """
 
 import ctypes

@@ -95,8 +95,8 @@ def generate(model, cfg: EvalConfig, gates=None, out=None, progress: bool = True
             total = t if total is None else total + t
     images, labels = np.concatenate(images), np.concatenate(labels)
     stats = LazyStats(skipped, total) if skipped is not None else None
-    forecast = (policy_for(gates, cfg.lazy) if gates is not None else policy).forecast if (gates is not None or
-                                                                                         policy is not None) else 0
+    run_policy = policy_for(gates, cfg.lazy) if gates is not None else policy  # what sample() ran
+    forecast = run_policy.forecast if run_policy is not None else 0
     if out:
         save_npz(images, out, labels=labels)
         parts.remove()

@@ -6,7 +6,6 @@ every function takes feature or probability arrays of shape (N, D).
 """
 
 import warnings
-
 from pathlib import Path
 
 import numpy as np
@@ -234,9 +233,7 @@ def load_npz_samples(path):
         if f.read(4) != b"PK\x03\x04":  # every .npz is a zip archive
             raise ValueError(f"{path}: not an .npz file (an ADM sample batch is an .npz with arr_0: N x H x W x C uint8)")
     try:
-        with np.load(path, allow_pickle=False) as f:
-            if not hasattr(f, "files"):  # a bare .npy array
-                raise ValueError("a .npy array, not an .npz batch")
+        with np.load(path, allow_pickle=False) as f:  # a zip archive: an NpzFile
             if "arr_0" not in f.files:
                 raise ValueError(f"no 'arr_0' in it (keys: {f.files})")
             arr = f["arr_0"]

@@ -20,6 +20,11 @@ size of the gate scores (`lazydit.evaluation.cost.forecast_macs`). Memory: n + 1
 import torch
 
 
+def _col(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(b,) per-row values shaped to broadcast over `like` (b, ...)."""
+    return v.view(-1, *([1] * (like.dim() - 1)))
+
+
 class ForecastHistory:
     """The per-row history of one branch: the last computed output y0, the divided differences d1 = f[t0, t1] and
     d2 = f[t0, t1, t2], the timesteps t0, t1, and how many points each row has (all float32 on the output's
@@ -44,12 +49,11 @@ class ForecastHistory:
         sel = slice(None) if rows is None else rows
         y = (out if rows is None else out[rows]).float()
         n, t0, t1 = self.n[sel], self.t0[sel], self.t1[sel]
-        col = lambda v: v.view(-1, *([1] * (y.dim() - 1)))  # noqa: E731  (b,) -> (b, 1, 1)
         has1 = n >= 1
-        d1 = torch.where(col(has1), (y - self.y0[sel]) / col(torch.where(has1, t - t0, 1.0)), 0.0)
+        d1 = torch.where(_col(has1, y), (y - self.y0[sel]) / _col(torch.where(has1, t - t0, 1.0), y), 0.0)
         if self.order > 1:
             has2 = n >= 2
-            d2 = torch.where(col(has2), (d1 - self.d1[sel]) / col(torch.where(has2, t - t1, 1.0)), 0.0)
+            d2 = torch.where(_col(has2, y), (d1 - self.d1[sel]) / _col(torch.where(has2, t - t1, 1.0), y), 0.0)
             self.d2[sel] = d2
         self.t1[sel], self.t0[sel] = t0, torch.full_like(t0, float(t))
         self.y0[sel], self.d1[sel] = y, d1
@@ -57,9 +61,8 @@ class ForecastHistory:
 
     def predict(self, t: float, dtype) -> torch.Tensor:
         """(B, ...) forecast of every row at timestep t (rows with one point: their y0)."""
-        col = lambda v: v.view(-1, *([1] * (self.y0.dim() - 1)))  # noqa: E731
-        dt = col(t - self.t0)
+        dt = _col(t - self.t0, self.y0)
         out = self.y0 + self.d1 * dt
         if self.order > 1:
-            out = out + self.d2 * (dt * col(t - self.t1))
+            out = out + self.d2 * (dt * _col(t - self.t1, self.y0))
         return out.to(dtype)

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from lazydit import distributed as dist
 from lazydit.data.fashion_mnist import InfiniteSampler
-from lazydit.errors import UsageError
+from lazydit.errors import NonFiniteError, UsageError
 from lazydit.sampling.ddim import ddim_sample
 
 
@@ -51,8 +51,6 @@ def trajectory_pool(model, steps: int, size: int, *, cfg_scale: float = 1.5, see
                     callback=keep)
         traj[i : i + len(y)] = torch.stack(states, dim=1)
     if not bool(torch.isfinite(traj).all()):
-        from lazydit.errors import NonFiniteError
-
         raise NonFiniteError("the model's sampling trajectories hold NaN or Inf: check the model file and the "
                              "guidance scale")
     return traj, y_all
