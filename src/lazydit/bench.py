@@ -47,6 +47,7 @@ class TimedRow:
     gates: LazyGates | None = None  # LazyDiT gates (their policy, with `lazy`)
     lazy: LazyConfig | None = None  # LazyConfig of the gates
     policy: Policy | None = None  # any other caching policy
+    sampler: str = "ddim"  # "ddim" or "dpm++2m"
 
 
 def time_interleaved(rows, y, *, cfg_scale: float, repeats: int, vary_seed: bool = False,
@@ -78,7 +79,7 @@ def time_interleaved(rows, y, *, cfg_scale: float, repeats: int, vary_seed: bool
                 torch.cuda.reset_peak_memory_stats()
             _, rep = sample(r.model, y, r.steps, gates=r.gates, lazy=r.lazy, policy=r.policy, cfg_scale=cfg_scale,
                             seed=i - 1 if vary_seed and i else 0, progress=False, name=r.name,
-                            micro_batch=micro_batch)
+                            micro_batch=micro_batch, sampler=r.sampler)
             o = out[r.name]
             if cuda:
                 o["peak_gib"] = max(o["peak_gib"], torch.cuda.max_memory_allocated() / 2**30)

@@ -212,7 +212,8 @@ def assemble_npz(store: SampleParts, out, num_samples: int, batch_size: int, wor
 
 def sample_sharded(model, num_samples: int, steps: int, *, gates=None, policy=None, cfg_scale: float = 1.0, batch_size: int = 32,
                    seed: int = 0, num_classes: int | None = None, out_npz, lazy=None,
-                   keep_parts: bool = False, progress: bool = True, decode=None) -> dict:
+                   keep_parts: bool = False, progress: bool = True, decode=None,
+                   sampler: str = "ddim") -> dict:
     """Sample num_samples images over all ranks (or one process) into one ADM .npz, resumable.
 
     Every rank (call it on all of them) samples `shard_plan(num_samples, batch_size, world)` batches of batch_size
@@ -236,6 +237,7 @@ def sample_sharded(model, num_samples: int, steps: int, *, gates=None, policy=No
         out_npz: the .npz to write.
         lazy: LazyConfig of the gates (threshold, uniform, tie_cfg, branches; default: the reference's).
         keep_parts: keep `<out_npz>.parts/` after assembling.
+        sampler: "ddim" or "dpm++2m" (`lazydit.sampling.SAMPLERS`).
         progress: progress bar (rank 0).
         decode: a callable from the model's samples to images in [-1, 1] (B, 3, H, W), applied to every batch before
             it is written (latent models: the VAE decoder, e.g. `functools.partial(lazydit.vae.decode, vae)`); None
@@ -256,6 +258,7 @@ def sample_sharded(model, num_samples: int, steps: int, *, gates=None, policy=No
     out_npz = Path(out_npz)
     meta = dict(num_samples=num_samples, steps=steps, cfg_scale=cfg_scale, batch_size=batch_size, seed=seed,
                 num_classes=num_classes, world_size=world, lazy=None if lazy is None else asdict(lazy),
+                **({} if sampler == "ddim" else {"sampler": sampler}),  # DDIM parts of earlier versions stay valid
                 **_provenance(model, gates), policy=None if policy is None else policy.describe())
     if decode is not None:
         meta["decode"] = getattr(decode, "fingerprint", True)
@@ -278,7 +281,7 @@ def sample_sharded(model, num_samples: int, steps: int, *, gates=None, policy=No
         else:
             try:
                 x, rep = sample(model, y, steps, gates=gates, policy=policy, lazy=lazy, cfg_scale=cfg_scale, x=z,
-                                progress=False)
+                                progress=False, sampler=sampler)
             except BaseException:  # an error or Ctrl-C before the first part: one process leaves no empty folder
                 if world == 1:
                     store.remove_if_empty()

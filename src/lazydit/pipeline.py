@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lazydit.evaluation.cost import sampling_macs
-from lazydit.sampling.ddim import ddim_sample
+from lazydit.sampling import SAMPLER_LABELS, SAMPLERS
 from lazydit.errors import GateMismatchError, NonFiniteError, UsageError
 from lazydit.lazy import ForcedPlan, LazyConfig, LazyGates, LazyStats, Policy, apply_lazy, policy_for
 
@@ -38,8 +38,9 @@ def class_grid_labels(num_classes: int, per_class: int, device="cpu") -> torch.T
 
 def sample(model, y, steps: int, *, gates: LazyGates | None = None, policy: Policy | None = None,
            lazy: LazyConfig | None = None, cfg_scale: float = 1.0, seed: int = 0, x=None, progress: bool = True,
-           name: str | None = None, micro_batch: int | None = None):
-    """Sample with plain DDIM, or with a caching policy attached for the run, and report the cost.
+           name: str | None = None, micro_batch: int | None = None, sampler: str = "ddim"):
+    """Sample with plain DDIM (or another sampler), or with a caching policy attached for the run, and report the
+    cost.
 
     Args:
         model: a DiT.
@@ -58,6 +59,8 @@ def sample(model, y, steps: int, *, gates: LazyGates | None = None, policy: Poli
             chunks keep activations in cache: on CPU, 16 images with CFG run ~1.4x faster per image than 250.
             Per-row decisions do not change, batch-uniform ones (`uniform`) are then taken per chunk. The policy
             is attached per chunk, so with `compile` leave it None.
+        sampler: "ddim" or "dpm++2m" (`lazydit.sampling.SAMPLERS`); both run the model at the same T timesteps, so
+            any policy defined on T steps attaches to either.
     Returns:
         (samples (B, C, H, W), SampleReport)
     """
@@ -70,17 +73,20 @@ def sample(model, y, steps: int, *, gates: LazyGates | None = None, policy: Poli
         raise ValueError("a LazyConfig needs gates (or a policy built with it)")
     if policy is not None and policy.steps != steps:
         raise GateMismatchError(f"the {type(policy).__name__} policy is defined on T={policy.steps} steps, not {steps}")
+    if sampler not in SAMPLERS:
+        raise UsageError(f"unknown sampler {sampler!r}: choose from {', '.join(SAMPLERS)}")
+    name = name or _default_name(steps, policy, sampler)
     if micro_batch is not None and y.shape[0] > micro_batch:
         return _sample_chunked(model, y, steps, micro_batch, policy=policy, cfg_scale=cfg_scale, seed=seed, x=x,
-                               progress=progress, name=name)
+                               progress=progress, name=name, sampler=sampler)
     handle = apply_lazy(model, policy) if policy is not None else None
     watch = FiniteWatch(steps)
     try:
         sync = torch.cuda.synchronize if y.is_cuda else (lambda: None)
         sync()
         t0 = time.perf_counter()
-        out = ddim_sample(model, y, steps, x=x, cfg_scale=cfg_scale, seed=seed, progress=progress,
-                          desc=name or (f"{policy.label}-{steps}" if policy is not None else None), callback=watch)
+        out = SAMPLERS[sampler](model, y, steps, x=x, cfg_scale=cfg_scale, seed=seed, progress=progress, desc=name,
+                                callback=watch)
         sync()
         seconds = time.perf_counter() - t0
         watch.check()
@@ -122,16 +128,24 @@ class FiniteWatch:
                              "extreme; nothing was written")
 
 
+def _default_name(steps: int, policy, sampler: str = "ddim") -> str:
+    """DDIM-T, DPM++2M-T, or the policy's label (Lazy-T, FORA-T, ...; "+DPM++2M" when not DDIM)."""
+    if policy is None:
+        return f"{SAMPLER_LABELS[sampler]}-{steps}"
+    return f"{policy.label}-{steps}" + ("" if sampler == "ddim" else f"+{SAMPLER_LABELS[sampler]}")
+
+
 def _report(model, steps, policy, stats, seconds, name):
     return SampleReport(
-        name=name or (f"{policy.label}-{steps}" if policy is not None else f"DDIM-{steps}"), steps=steps,
+        name=name, steps=steps,
         lazy_ratio=stats.lazy_ratio if stats else 0.0,
-        tmacs=sampling_macs(model.config, steps, stats, forecast=policy.forecast if policy is not None else 0) / 1e12,
+        tmacs=sampling_macs(model.config, steps, stats,
+                            overhead=policy.overhead_macs(model.config) if policy is not None else None) / 1e12,
         seconds=seconds, stats=stats.as_dict() if stats else {}, lazy=stats,
     )
 
 
-def _sample_chunked(model, y, steps, micro_batch, *, policy, seed, x, progress, name, cfg_scale):
+def _sample_chunked(model, y, steps, micro_batch, *, policy, seed, x, progress, name, cfg_scale, sampler):
     """`sample` over chunks of `micro_batch` images with the noise of the whole batch; one merged report."""
     if isinstance(policy, ForcedPlan) and policy.plan.dim() == 4:
         raise ValueError("micro_batch does not split a per-row skip plan: pass the whole batch or a (T, L, 2) plan")
@@ -143,7 +157,7 @@ def _sample_chunked(model, y, steps, micro_batch, *, policy, seed, x, progress, 
     starts = range(0, y.shape[0], micro_batch)
     for s in tqdm(starts, desc=name or f"sample-{steps}", unit="chunk", disable=not progress, leave=False):
         out, rep = sample(model, y[s : s + micro_batch], steps, policy=policy, x=x[s : s + micro_batch], seed=seed,
-                          cfg_scale=cfg_scale, progress=False, name=name)
+                          cfg_scale=cfg_scale, progress=False, name=name, sampler=sampler)
         outs.append(out)
         reports.append(rep)
     lazy = None

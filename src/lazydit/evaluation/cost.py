@@ -57,8 +57,8 @@ def forecast_macs(cfg: DiTConfig, order: int) -> int:
     return 2 * cfg.depth * cfg.num_tokens * cfg.hidden_size * order
 
 
-def sampling_macs(cfg: DiTConfig, steps: int, stats=None, attention_matmuls: bool = False,
-                  forecast: int = 0) -> float:
+def sampling_macs(cfg: DiTConfig | LargeDiTConfig, steps: int, stats=None, attention_matmuls: bool = False,
+                  forecast: int = 0, overhead: int | None = None) -> float:
     """MACs per image of a whole sampling run (CFG not doubled, as the paper).
 
     Args:
@@ -67,6 +67,8 @@ def sampling_macs(cfg: DiTConfig, steps: int, stats=None, attention_matmuls: boo
         stats: LazyStats of the run (None for plain DDIM): skipped modules are subtracted, gates added.
         attention_matmuls: count attention matmuls too (skipping an attn module skips them as well).
         forecast: order of the forecast reuse (its elementwise work is added, `forecast_macs`).
+        overhead: what the caching policy adds per forward of one image (`Policy.overhead_macs`); None: the gate
+            scores and the forecast (LazyDiT's gates).
     Returns:
         MACs per image (float).
     """
@@ -78,4 +80,6 @@ def sampling_macs(cfg: DiTConfig, steps: int, stats=None, attention_matmuls: boo
     skipped = stats.skipped.sum(dim=(0, 1)).double()  # (2,) per branch
     rows = float(stats.total.sum()) / (2 * cfg.depth * steps)  # rows per forward (both CFG halves)
     saved = (float(skipped[0]) * attn + float(skipped[1]) * m["mlp"]) / rows  # per row = per image
-    return float(total - saved + steps * (gate_macs(cfg) + forecast_macs(cfg, forecast)))
+    if overhead is None:
+        overhead = gate_macs(cfg) + forecast_macs(cfg, forecast)
+    return float(total - saved + steps * overhead)

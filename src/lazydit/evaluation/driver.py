@@ -29,6 +29,7 @@ class EvalConfig:
     lazy: LazyConfig = LazyConfig()  # how the gates decide (threshold, uniform, tie_cfg, branches)
     name: str | None = None  # row label (default: DDIM-T / Lazy-T / Lazy-LA-T)
     micro_batch: int | None = None  # images per sampler call inside a batch (cache-friendly on CPU; same samples)
+    sampler: str = "ddim"  # "ddim" or "dpm++2m" (lazydit.sampling.SAMPLERS), with or without a caching policy
 
 
 def eval_labels(num_samples: int, num_classes: int, seed: int = 0) -> torch.Tensor:
@@ -37,7 +38,8 @@ def eval_labels(num_samples: int, num_classes: int, seed: int = 0) -> torch.Tens
     return y[torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed))]
 
 
-def generate(model, cfg: EvalConfig, gates=None, out=None, progress: bool = True, policy=None) -> dict:
+def generate(model, cfg: EvalConfig, gates=None, out=None, progress: bool = True, policy=None,
+             first: int | None = None) -> dict:
     """Sample cfg.num_samples images with one configuration, batch by batch, resumable.
 
     Args:
@@ -47,16 +49,19 @@ def generate(model, cfg: EvalConfig, gates=None, out=None, progress: bool = True
         policy: any other caching Policy instead of gates.
         out: ADM .npz to write (arr_0 uint8 N x H x W x C, arr_1 labels); parts go to `<out>.parts/` meanwhile.
         progress: progress bar over batches.
+        first: sample only the first `first` images (whole batches) of the run, with the labels and noise they have
+            in the whole run (a fidelity reference for the rows' first images).
     Returns:
         dict(images (N, H, W, C) uint8, labels (N,), name, steps, lazy_ratio, tmacs, seconds, seconds_per_image,
         stats (LazyStats or None)).
     """
     device = next(model.parameters()).device
     y_all = eval_labels(cfg.num_samples, model.config.num_classes, cfg.seed)
-    n_batches = (cfg.num_samples + cfg.batch_size - 1) // cfg.batch_size
+    n_batches = (min(cfg.num_samples, first or cfg.num_samples) + cfg.batch_size - 1) // cfg.batch_size
     parts = None
     if out:
         meta = {**asdict(cfg), "micro_batch": None,  # a compute detail: parts stay valid across it
+                **({} if first is None else {"first": first}),
                 "gates": None if gates is None else dict(steps=gates.steps, lookahead=gates.lookahead,
                                                           threshold=gates.threshold),
                 "policy": None if policy is None else policy.describe()}
@@ -74,7 +79,7 @@ def generate(model, cfg: EvalConfig, gates=None, out=None, progress: bool = True
                 x, rep = sample(model, y.to(device), cfg.steps, gates=gates, policy=policy,
                                 lazy=cfg.lazy if gates is not None else None, cfg_scale=cfg.cfg_scale,
                                 seed=cfg.seed * 1_000_003 + i, progress=False, name=cfg.name,
-                                micro_batch=cfg.micro_batch)
+                                micro_batch=cfg.micro_batch, sampler=cfg.sampler)
             except BaseException:  # an error or Ctrl-C before the first part: no empty parts folder is left
                 if parts is not None:
                     parts.remove_if_empty()
@@ -96,13 +101,13 @@ def generate(model, cfg: EvalConfig, gates=None, out=None, progress: bool = True
     images, labels = np.concatenate(images), np.concatenate(labels)
     stats = LazyStats(skipped, total) if skipped is not None else None
     run_policy = policy_for(gates, cfg.lazy) if gates is not None else policy  # what sample() ran
-    forecast = run_policy.forecast if run_policy is not None else 0
+    overhead = run_policy.overhead_macs(model.config) if run_policy is not None else None
     if out:
         save_npz(images, out, labels=labels)
         parts.remove()
     return dict(images=images, labels=labels, name=name, steps=cfg.steps,
                 lazy_ratio=stats.lazy_ratio if stats else 0.0,
-                tmacs=sampling_macs(model.config, cfg.steps, stats, forecast=forecast) / 1e12, seconds=seconds,
+                tmacs=sampling_macs(model.config, cfg.steps, stats, overhead=overhead) / 1e12, seconds=seconds,
                 seconds_per_image=seconds / len(images), stats=stats)
 
 

@@ -5,6 +5,9 @@
 - `policies`: `Policy` (the interface), `ReferenceGates`, `LookaheadGates`, `ForcedPlan`, the `--method` registry.
 - `hooks`: `apply_lazy()`, the per-branch hooks that own the caches, and `LazyHandle`.
 - `stats`: `LazyStats`, the counts every policy reports.
+- `static`: FORA and TaylorSeer (fixed full steps; reuse or a Taylor forecast between them).
+- `residual`: first-block cache and TeaCache (block-level residual caches deciding per step from a probe).
+- Learning-to-Cache is `policies.Learning2Cache` on a router bank (`LazyGates(router=True)`).
 """
 
 from lazydit.errors import GateMismatchError
@@ -14,6 +17,7 @@ from lazydit.lazy.hooks import LazyHandle, apply_lazy
 from lazydit.lazy.policies import (
     POLICIES,
     ForcedPlan,
+    Learning2Cache,
     LookaheadGates,
     Policy,
     ReferenceGates,
@@ -21,8 +25,11 @@ from lazydit.lazy.policies import (
     policy_for,
     register_policy,
 )
+from lazydit.lazy.residual import FirstBlockCache, TeaCache, fit_teacache
+from lazydit.lazy.static import FORA, TaylorSeer
 from lazydit.lazy.stats import LazyStats
 
-__all__ = ["GATE_FORMAT", "POLICIES", "ForcedPlan", "GateMismatchError", "LazyConfig", "LazyGates", "LazyHandle",
+__all__ = ["FORA", "GATE_FORMAT", "POLICIES", "FirstBlockCache", "ForcedPlan", "GateMismatchError", "Learning2Cache",
+           "TaylorSeer", "TeaCache", "fit_teacache", "LazyConfig", "LazyGates", "LazyHandle",
            "LazyStats", "LookaheadGates", "Policy", "ReferenceGates", "apply_lazy", "make_policy", "policy_for",
            "register_policy"]

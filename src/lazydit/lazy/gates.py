@@ -3,6 +3,9 @@
 One Linear(D, 1, bias=False) per block, branch and respaced step, zero-initialised, stored as one (L, 2, T, D)
 parameter. Conventions (the released code's): a gate gives p = sigmoid(sum_tokens Z . w_k), the probability to
 COMPUTE; a row skips its module when p < threshold (0.5 unless calibrated). See docs/method-notes.md.
+
+A router bank (`router=True`, Learning-to-Cache) is the same file with D = 1: one input-independent logit per block,
+branch and step, p = sigmoid(w_k), the same for every row.
 """
 
 import json
@@ -36,9 +39,10 @@ class LazyGates(nn.Module):
     """
 
     def __init__(self, depth: int, hidden_size: int, steps: int, threshold: float = 0.5, meta: dict | None = None,
-                 parity: bool = True, lookahead: bool = False):
+                 parity: bool = True, lookahead: bool = False, router: bool = False):
         super().__init__()
-        self.weight = nn.Parameter(torch.zeros(depth, 2, steps, hidden_size))
+        self.router = router  # Learning-to-Cache: one logit per (layer, branch, step), the input is not read
+        self.weight = nn.Parameter(torch.zeros(depth, 2, steps, 1 if router else hidden_size))
         self.threshold = threshold
         self.parity = parity  # reference parity: odd respaced indices always compute (their gates are untrained)
         self.lookahead = lookahead  # gate k scores the input recorded at step k+1 (see the module docstring)
@@ -59,17 +63,20 @@ class LazyGates(nn.Module):
         return self.weight.shape[3]
 
     @classmethod
-    def for_model(cls, model, steps: int, threshold: float = 0.5, lookahead: bool = False, parity: bool = True):
+    def for_model(cls, model, steps: int, threshold: float = 0.5, lookahead: bool = False, parity: bool = True,
+                  router: bool = False):
         """Zero gates sized for `model` (a DiT) and T = steps, with the model's config in the metadata (parity
-        False: every step gated, beyond the paper)."""
+        False: every step gated, beyond the paper; router: a Learning-to-Cache router bank)."""
         cfg = model.config
         meta = {"model_name": getattr(model, "name", "") or "", "model_config": dict(cfg.__dict__)}
         gates = cls(len(model_blocks(model)), cfg.hidden_size, steps, threshold, meta, parity=parity,
-                    lookahead=lookahead)
+                    lookahead=lookahead, router=router)
         return gates.to(next(model.parameters()).device)
 
     def logit(self, layer: int, branch: int, k: int, z: torch.Tensor) -> torch.Tensor:
-        """Gate score of every row: sum over tokens of Z . w_k. z (B, N, D) -> (B,)."""
+        """Gate score of every row: sum over tokens of Z . w_k. z (B, N, D) -> (B,) (a router: w_k for every row)."""
+        if self.router:
+            return self.weight[layer, branch, k, 0].to(z.dtype).expand(z.shape[0])
         w = self.weight[layer, branch, k].to(z.dtype)
         return z.sum(dim=1) @ w
 
@@ -77,7 +84,7 @@ class LazyGates(nn.Module):
         """Write the gates as .safetensors with metadata (model config, T, threshold, timestep map, extras)."""
         meta = {**self.meta, **(extra or {})}
         meta.update(format=GATE_FORMAT, steps=self.steps, threshold=self.threshold, parity=self.parity,
-                    lookahead=self.lookahead, timestep_map=respaced_timesteps(self.steps))
+                    lookahead=self.lookahead, router=self.router, timestep_map=respaced_timesteps(self.steps))
         self.meta = {k: v for k, v in meta.items() if k != "format"}
         header = {k: json.dumps(v) for k, v in meta.items()}
         tensor = {"weight": self.weight.detach().float().contiguous().cpu()}
@@ -102,17 +109,18 @@ class LazyGates(nn.Module):
             raise GateMismatchError(f"{path}: the gate bank holds non-finite (NaN or Inf) weights: the file is damaged "
                                     "or training diverged")
         L, two, T, D = weight.shape
-        if two != 2 or T != meta.get("steps"):
+        router = bool(meta.get("router", False))
+        if two != 2 or T != meta.get("steps") or (router and D != 1):
             raise GateMismatchError(f"{path}: gate bank of shape {tuple(weight.shape)} does not match its metadata")
         gates = cls(L, D, T, float(meta.get("threshold", 0.5)), meta, parity=bool(meta.get("parity", True)),
-                    lookahead=bool(meta.get("lookahead", False)))
+                    lookahead=bool(meta.get("lookahead", False)), router=router)
         gates.weight.data.copy_(weight)
         return gates
 
     def check_model(self, model):
         """Raise GateMismatchError unless these gates fit `model` (depth, width, and the stored config)."""
         cfg, depth = model.config, len(model_blocks(model))
-        if depth != self.depth or cfg.hidden_size != self.hidden_size:
+        if depth != self.depth or (cfg.hidden_size != self.hidden_size and not self.router):
             raise GateMismatchError(
                 f"gates are for a model of depth {self.depth} and width {self.hidden_size}, "
                 f"but this model has depth {depth} and width {cfg.hidden_size}"

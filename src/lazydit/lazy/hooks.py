@@ -21,7 +21,6 @@ import torch
 
 from lazydit.errors import GateMismatchError, UsageError
 from lazydit.lazy.config import LazyConfig
-from lazydit.lazy.forecast import ForecastHistory
 from lazydit.lazy.gates import LazyGates
 from lazydit.lazy.policies import Policy, policy_for
 from lazydit.lazy.stats import LazyStats, StatsCollector
@@ -63,6 +62,8 @@ class LazyRun(_Transient):
         self.probs: list = []  # soft mode: (branch, p (B,)) per branch evaluation, for the training penalty
         self.skippable = self.config.skippable
         self.scratch: dict = {}  # a reused (B, N, D) buffer for gated residuals
+        self.blocks: list = []  # the model's blocks (block-level policies)
+        self.block_cache = BlockCache()  # block-level policies: the cached residual and the policy's state
 
     @property
     def t(self) -> int:
@@ -88,6 +89,7 @@ class LazyRun(_Transient):
     def reset(self):
         """Forget every cache (a new batch starts)."""
         self.probs.clear()
+        self.block_cache.reset()
         for h in self.hooks:
             h.reset()
 
@@ -137,18 +139,18 @@ class BranchHook(_Transient):
     def remember(self, out, rows=None):
         """Rows `rows` (index tensor; None: all) of `out` were computed at this step: the forecast history learns
         them (policies with forecast > 0 only)."""
-        order = self.run.policy.forecast
-        if not order:
+        policy = self.run.policy
+        if not policy.forecast:
             return
         if self.history is None:
-            self.history = ForecastHistory(order)
-        self.history.update(out.detach(), self.run.t, rows)
+            self.history = policy.new_history()
+        self.history.update(out.detach(), policy.clock(self.run), rows)
 
     def forecast(self, dtype):
-        """This step's forecast of every row (LazyConfig.forecast; docs/method-notes.md)."""
+        """This step's forecast of every row (LazyConfig.forecast, TaylorSeer; docs/method-notes.md)."""
         if self.history is None:
             raise RuntimeError("forecast reuse before any computed step")
-        return self.history.predict(self.run.t, dtype)
+        return self.history.predict(self.run.policy.clock(self.run), dtype)
 
     def _count(self, rows: int, computed: int, decision):
         self.run.collector.count(self.run.k, self.layer, self.branch, rows, computed, decision)
@@ -278,6 +280,75 @@ def _block_forward(self, x, *args, **kwargs):
     return x
 
 
+class BlockProbe:
+    """What a block-level policy sees at the input of block `first_cached` of one step (`Policy.skip_blocks`).
+
+    Attributes:
+        run: the LazyRun (k, t, depth, policy).
+        x0: (B, N, D) hidden state entering block 0.
+        x: (B, N, D) hidden state entering block first_cached (x0 when that is block 0).
+        block0, args, kwargs: block 0 and its forward arguments after x.
+        cached: whether a residual of this batch's shape is cached (a skip is possible).
+        state: a dict the policy keeps between steps of one batch (emptied by `reset`).
+    """
+
+    def __init__(self, run, x0, x, block0, args, kwargs, cached: bool, state: dict):
+        self.run, self.x0, self.x, self.block0, self.args, self.kwargs = run, x0, x, block0, args, kwargs
+        self.cached, self.state = cached, state
+
+    def modulated(self, branch: int = 0) -> torch.Tensor:
+        """Block 0's modulated input of `branch` at this step: modulate(norm_b(x0), shift_b, scale_b), (B, N, D)."""
+        block = self.block0
+        spec = block_spec(block)
+        c, _ = spec.inputs(block, *self.args, **self.kwargs)
+        mods = getattr(block, spec.modulation)(c).chunk(3 * len(spec.branches), dim=1)
+        return modulate(getattr(block, spec.norms[branch])(self.x0), mods[3 * branch], mods[3 * branch + 1])
+
+
+class BlockCache:
+    """The block-level state of one run: the cached residual, this step's decision, the policy's state dict."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.residual = None  # (B, N, D): output of the last block - input of block first_cached, last computed step
+        self.x_start = None  # input of block first_cached at this (computed) step
+        self.x0 = None  # input of block 0 at this step
+        self.skip = False  # this step reuses the residual
+        self.state: dict = {}
+
+
+def _residual_block_forward(self, x, *args, **kwargs):
+    """Replacement forward of a block under a block-level policy (sample mode; other modes run the block as is)."""
+    run, i = self._lazy_residual
+    bare = type(self).forward
+    if run.mode != "sample":
+        return bare(self, x, *args, **kwargs)
+    cache, first = run.block_cache, run.policy.first_cached
+    if i == 0:
+        cache.x0, cache.skip = x, False
+    if i == first:
+        cached = cache.residual is not None and cache.residual.shape == x.shape
+        probe = BlockProbe(run, cache.x0, x, run.blocks[0], args, kwargs, cached, cache.state)
+        cache.skip = bool(run.policy.skip_blocks(probe)) and cached
+        if cache.skip:
+            x = x + cache.residual.to(x.dtype)
+        else:
+            cache.x_start = x
+    B = x.shape[0]
+    if cache.skip and i >= first:
+        for b in range(run.branches):
+            run.collector.count(run.k, i, b, B, 0, None)
+        return x
+    out = bare(self, x, *args, **kwargs)
+    for b in range(run.branches):
+        run.collector.count(run.k, i, b, B, B, None)
+    if i == run.depth - 1:
+        cache.residual = (out - cache.x_start).detach()
+    return out
+
+
 def _pre_hook(model, args, kwargs):
     t = args[1] if len(args) > 1 else kwargs["t"]
     model._lazy_run.set_timestep(t)
@@ -329,6 +400,7 @@ class LazyHandle:
         for block in model_blocks(self.model):
             block.__dict__.pop("forward", None)
             block.__dict__.pop("_lazy_block", None)
+            block.__dict__.pop("_lazy_residual", None)
             for module in block_spec(block).modules(block):
                 module.__dict__.pop("forward", None)
                 module.__dict__.pop("_lazy_hook", None)
@@ -367,7 +439,12 @@ def apply_lazy(model, policy, config: LazyConfig | None = None, mode: str = "sam
     blocks = model_blocks(model)
     specs = [block_spec(b) for b in blocks]
     run = LazyRun(policy, mode, len(blocks), len(specs[0].branches))
+    run.blocks = blocks
     for i, (block, spec) in enumerate(zip(blocks, specs)):
+        if policy.caches_blocks:  # one residual for the model, no branch hooks
+            block._lazy_residual = (run, i)
+            block.forward = types.MethodType(_residual_block_forward, block)
+            continue
         hooks = []
         for b, (module, norm) in enumerate(zip(spec.modules(block), spec.norms)):
             hook = BranchHook(run, i, b, module, getattr(block, norm))

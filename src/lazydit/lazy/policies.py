@@ -15,6 +15,15 @@ Every question is asked per branch hook (`hook.layer`, `hook.branch`, `hook.cach
 - `reuse(hook, k)`: what the skipped rows receive, (B, N, D); the cached output of the last step by default.
 - `computed(hook, k, z)`: every row of the branch computed at step k from input z (plans-ahead path only).
 - `compute_prob(hook, k, z)`: (B,) probability to compute, for the soft mix of gate training (learned policies).
+
+Block-level policies (`caches_blocks = True`) cache one residual instead of branch outputs and answer one question
+per step, at the input of block `first_cached`:
+- `skip_blocks(probe)`: whether this step reuses the cached residual of blocks first_cached .. L-1 (the whole batch
+  together); `probe` (`lazydit.lazy.hooks.BlockProbe`) holds the step's inputs and a state dict kept until the next
+  batch.
+
+`prepare(model, y, cfg_scale, seed, sampler)` runs before sampling for methods fitted on the model (TeaCache's
+rescaling polynomial); it is a no-op for the others.
 """
 
 import importlib
@@ -30,6 +39,8 @@ class Policy:
     """Base class of every caching policy: computes everything (subclasses decide otherwise)."""
 
     plans_ahead = False  # decisions of a step are known before its branch inputs are built
+    caches_blocks = False  # block-level residual cache (FBCache, TeaCache): see `skip_blocks`; no branch hooks
+    first_cached = 0  # block-level: the residual of blocks first_cached .. L-1 is what a skipped step reuses
     records_inputs = False  # record mode keeps each branch's input Z as well as its output (look-ahead training)
     label = "Cached"  # report rows are named f"{label}-{T}"
 
@@ -41,6 +52,13 @@ class Policy:
     def check_model(self, model):
         """Raise unless this policy fits `model` (gate banks check depth and width)."""
 
+    def overhead_macs(self, cfg) -> int:
+        """What the method adds to one forward of one image, in MACs (`lazydit.evaluation.cost`): the forecast's
+        elementwise work (forecast > 0); subclasses add their scores or probes."""
+        from lazydit.evaluation.cost import forecast_macs
+
+        return forecast_macs(cfg, self.forecast)
+
     def describe(self) -> dict:
         """What shapes this policy's samples, as JSON (resumable outputs record it): class, T, config, and every
         plain option of the instance."""
@@ -49,8 +67,25 @@ class Policy:
         opts = {k: v for k, v in vars(self).items() if isinstance(v, (bool, int, float, str)) and k != "steps"}
         return {"policy": type(self).__name__, "steps": self.steps, "config": asdict(self.config), **opts}
 
+    def prepare(self, model, y, cfg_scale: float = 1.0, seed: int = 0, sampler: str = "ddim"):
+        """Fit what the method fits on the model (labels y, guidance, noise seed, sampler of the run); default none."""
+
     def begin_step(self, run, k: int):
         """Called when the model is called at respaced step k."""
+
+    def skip_blocks(self, probe) -> bool:
+        """Block-level policies: whether this step reuses the cached residual (see the module docstring)."""
+        return False
+
+    def new_history(self):
+        """The per-branch history forecast reuse keeps (forecast > 0): Newton extrapolation in the timestep."""
+        from lazydit.lazy.forecast import ForecastHistory
+
+        return ForecastHistory(self.forecast)
+
+    def clock(self, run) -> float:
+        """Where the history places step run.k: its original timestep (TaylorSeer counts sampling steps)."""
+        return run.t
 
     def compute_rows(self, hook, k: int, z):
         """(B,) bool compute decisions of this branch at step k, or None: every row computes."""
@@ -99,6 +134,11 @@ class ReferenceGates(Policy):
 
     def check_model(self, model):
         self.gates.check_model(model)
+
+    def overhead_macs(self, cfg) -> int:
+        from lazydit.evaluation.cost import gate_macs
+
+        return super().overhead_macs(cfg) + (0 if self.gates.router else gate_macs(cfg))
 
     def gated(self, k: int) -> bool:
         """Whether step k may skip at all (the reference parity: even steps only)."""
@@ -182,8 +222,27 @@ class ForcedPlan(Policy):
         return (~skip).expand(hook.cache.shape[0]) if skip.dim() == 0 else ~skip
 
 
+class Learning2Cache(ReferenceGates):
+    """Learning-to-Cache: a router bank (`LazyGates(router=True)`, trained by `train_gates` with
+    `GateTrainConfig(router=True)`) holds one input-independent score per step, layer and branch; under the parity
+    odd steps compute everything, and on even steps a module computes iff sigmoid(score) >= threshold, for every
+    row alike. The decisions are known before the step, so a skipped module skips its norm and modulation too."""
+
+    plans_ahead = True
+    label = "L2C"
+
+    def compute_rows(self, hook, k, z):
+        if not self.gated(k):
+            return None
+        compute = bool(self.gates.weight[hook.layer, hook.branch, k, 0] >= self.logit_threshold)
+        return torch.full((hook.cache.shape[0],), compute, dtype=torch.bool)
+
+
 def policy_for(gates: LazyGates, config: LazyConfig | None = None) -> Policy:
-    """The policy of a gate bank: LookaheadGates for look-ahead gates, ReferenceGates otherwise."""
+    """The policy of a gate bank: Learning2Cache for a router bank, LookaheadGates for look-ahead gates,
+    ReferenceGates otherwise."""
+    if gates.router:
+        return Learning2Cache(gates, config)
     return (LookaheadGates if gates.lookahead else ReferenceGates)(gates, config)
 
 

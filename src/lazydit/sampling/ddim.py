@@ -19,6 +19,29 @@ def model_eps(model, x, t, y, cfg_scale: float):
     return combine_cfg(model(torch.cat([half, half]), t, y), C, cfg_scale)[:, :C]
 
 
+def initial_noise(model, y, x=None, cfg_scale: float = 1.0, generator=None, seed=None, null_label=None):
+    """The sampler's starting batch: x (B, C, H, W) drawn from `generator` / `seed` on y's device unless given, in
+    the model's dtype; under guidance (5) the batch is [x; x] with labels [y; null].
+
+    Returns:
+        (x, y, guided)
+    """
+    cfg = model.config
+    B, device = y.shape[0], y.device
+    if x is None:
+        if generator is None:
+            generator = torch.Generator(device=device).manual_seed(0 if seed is None else seed)
+        shape = (B, cfg.in_channels, cfg.input_size, cfg.input_size)
+        x = torch.randn(shape, generator=generator, device=device)
+    x = x.to(device=device, dtype=next(model.parameters()).dtype)
+    guided = cfg_scale != 1.0
+    if guided:  # (5) the batch is [x; x] with labels [y; null]
+        null = cfg.num_classes if null_label is None else null_label
+        x = torch.cat([x, x])
+        y = torch.cat([y, torch.full_like(y, null)])
+    return x, y, guided
+
+
 def ddim_sample(
     model,
     y,
@@ -49,19 +72,8 @@ def ddim_sample(
     Returns:
         (B, C, H, W) samples x_0 (conditional half only when guided).
     """
-    cfg = model.config
-    B, device = y.shape[0], y.device
-    if x is None:
-        if generator is None:
-            generator = torch.Generator(device=device).manual_seed(0 if seed is None else seed)
-        shape = (B, cfg.in_channels, cfg.input_size, cfg.input_size)
-        x = torch.randn(shape, generator=generator, device=device)
-    x = x.to(device=device, dtype=next(model.parameters()).dtype)
-    guided = cfg_scale != 1.0
-    if guided:  # (5) the batch is [x; x] with labels [y; null]
-        null = cfg.num_classes if null_label is None else null_label
-        x = torch.cat([x, x])
-        y = torch.cat([y, torch.full_like(y, null)])
+    x, y, guided = initial_noise(model, y, x, cfg_scale, generator, seed, null_label)
+    device = y.device
     sched = Schedule(steps)
     bar = tqdm(range(steps - 1, -1, -1), desc=desc or f"DDIM-{steps}", disable=not progress, leave=False)
     with torch.no_grad():
