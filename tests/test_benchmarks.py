@@ -240,3 +240,35 @@ def test_beyond_paper_small_run(tmp_path):
     assert set(out["pairs"]) == {"Lazy[forecast]-20@50 vs DDIM-10"}
     assert (run / "gates-forecast-T20" / "gates.safetensors").exists()
     assert "| Lazy[forecast]-20@50 vs DDIM-10 |" in (docs / "beyond_paper.md").read_text()
+
+
+def test_bench_methods_tiny(tmp_path, capsys):
+    out = load("bench_methods").main(["--preset", "tiny", "--rows", str(tmp_path / "none"),
+                                      "--json-out", str(tmp_path / "m.json")])
+    rows = {r["config"]: r for r in out["rows"]}
+    assert out["dense"] == "ddim-8" and rows["ddim-8"]["time_ratio"] == 1.0 and rows["ddim-8"]["gap"] == 0.0
+    assert rows["ddim-4"]["tmacs_ratio"] == 0.5
+    assert rows["ddim-8+fora:interval=2"]["lazy_ratio"] == 0.375  # k = 7, 6, 4, 2, 0 compute
+    assert json.loads((tmp_path / "m.json").read_text())["rows"] == out["rows"]
+    assert "TMACs/dense" in capsys.readouterr().out
+
+
+def test_compare_methods_small_run(tmp_path):
+    """Three configurations with tiny settings: the learned methods trained, the rows sampled, the report written."""
+    cm = load("compare_methods", "experiments")
+    run, docs = tmp_path / "run", tmp_path / "docs"
+    specs = cm.specs(run)
+    picks = [specs.index("ddim-5"), specs.index("ddim-20+fora:interval=3"),
+             next(i for i, s in enumerate(specs) if s.startswith("ddim-20+l2c") and s.endswith("0.5"))]
+    cm.main(["--num-samples", "8", "--iters", "2", "--batch-size", "4", "--ref-samples", "4", "--run", str(run),
+             "--docs", str(docs), "--only", ",".join(map(str, picks)), "--quiet"])
+    out = json.loads((docs / "compare_methods.json").read_text())
+    rows = {r["sampler"]: r for r in out["rows"]}
+    assert set(rows) == {"ddim-5", "ddim-20+fora:interval=3", "ddim-20+l2c:router=router-T20/gates.safetensors,target=0.5"}
+    assert rows["ddim-20+fora:interval=3"]["lazy_ratio"] == pytest.approx(12 / 20)  # k = 19 and k % 3 == 0 compute
+    l2c = rows["ddim-20+l2c:router=router-T20/gates.safetensors,target=0.5"]
+    assert abs(l2c["lazy_ratio"] - 0.5) < 0.05 and l2c["family"] == "L2C"
+    assert (run / "router-T20" / "gates.safetensors").exists() and (run / "forecast-T20" / "gates.safetensors").exists()
+    md = (docs / "compare_methods.md").read_text()
+    assert str(run) not in md and "| ddim-5 |" in md
+    assert (docs / "compare_methods_tmacs.png").exists()

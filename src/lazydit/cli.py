@@ -210,6 +210,41 @@ def _policy(args):
     return resolve_gates(args.gates, args.steps, args.device), None
 
 
+def _prepare(policy, model, args):
+    """Fit what a method fits on the model before sampling (TeaCache's polynomial), on the class grid (4 per class)."""
+    if policy is None:
+        return
+    from lazydit.pipeline import class_grid_labels
+
+    y = class_grid_labels(min(model.config.num_classes, 10), 4, next(model.parameters()).device)
+    policy.prepare(model, y, args.cfg, args.seed, args.sampler)
+
+
+def cmd_compare(args):
+    from pathlib import Path
+
+    from lazydit.evaluation.compare import CompareConfig, compare, parse_spec, write_report
+
+    _device(args)
+    for s in args.configs:
+        parse_spec(s)  # every configuration is checked before the model loads
+    parse_spec(args.reference)
+    _check_out(args.out, folder=True)
+    extractor, ref = _extractor_and_ref(args)
+    model = _model(args)
+    cfg = CompareConfig(num_samples=args.num_samples, cfg_scale=args.cfg, seed=args.seed, batch_size=args.batch_size,
+                        micro_batch=args.micro_batch, reference=args.reference, ref_samples=args.ref_samples)
+    rows = compare(model, args.configs, cfg, extractor, ref, Path(args.out) / "rows", progress=not args.json,
+                   log=(lambda m: None) if args.json else (lambda m: print(m, flush=True)))
+    write_report(rows, cfg, Path(args.out) / "compare", command="lazydit compare " + " ".join(args.configs))
+    for r in rows:
+        r["config"] = r["sampler"]
+    _emit(args, rows, ["config", "lazy_ratio", "tmacs", "fid", "sfid", "precision", "recall", "psnr_vs_ref",
+                       "seconds_per_image"])
+    if not args.json:
+        print(f"wrote {args.out}/compare.md, .csv, .json, compare_tmacs.png, compare_seconds.png")
+
+
 def _labels(args, num_classes):
     """(labels, classes per grid row): --labels, else every class of small label sets (<= 10), DiT's sample.py
     classes for ImageNet-1k, else the first 10; each repeated --per-class times, one class per column."""
@@ -348,12 +383,13 @@ def cmd_sample_ddp(args):
         dec = partial(decode, vae, batch_size=DECODE_BATCH)
         dec.fingerprint = weights_fingerprint(vae)  # joins the resume check of the parts
     gates, policy = _policy(args)
+    _prepare(policy, model, args)
     res = distributed.sample_sharded(model, args.num_samples, args.steps, gates=gates, policy=policy,
                                      cfg_scale=args.cfg, batch_size=args.batch_size, seed=args.seed,
                                      num_classes=args.num_classes, out_npz=args.out,
                                      lazy=_lazy_config(args) if gates is not None else None,
                                      keep_parts=args.keep_parts, progress=distributed.is_main() and not args.json,
-                                     decode=dec)
+                                     decode=dec, sampler=args.sampler)
     distributed.cleanup()
     if distributed.is_main():
         _emit_dict(args, res)
@@ -411,10 +447,11 @@ def cmd_sample(args):
     model = _model(args)
     vae = decoder_for(model, args.vae, args.device)
     gates, policy = _policy(args)
+    _prepare(policy, model, args)
     y, nrow = _labels(args, model.config.num_classes)
     x, rep = sample(model, y, args.steps, gates=gates, policy=policy,
                     lazy=_lazy_config(args) if gates is not None else None, cfg_scale=args.cfg, seed=args.seed,
-                    progress=not args.json)
+                    progress=not args.json, sampler=args.sampler)
     if vae is not None:
         x = decode(vae, x, batch_size=DECODE_BATCH)
     if args.out.endswith(".npz"):
@@ -474,9 +511,10 @@ def cmd_eval(args):
             raise LazyditError("eval samples pixel models only; for a latent model write the images with "
                                "`lazydit sample-ddp --vae VAE_FOLDER --out s.npz`, then `lazydit eval --samples s.npz`")
         gates, policy = _policy(args)
+        _prepare(policy, model, args)
         cfg = EvalConfig(steps=args.steps, cfg_scale=args.cfg, num_samples=args.num_samples,
                          batch_size=args.batch_size, seed=args.seed, lazy=_lazy_config(args), name=args.name,
-                         micro_batch=args.micro_batch)
+                         micro_batch=args.micro_batch, sampler=args.sampler)
         row = evaluate_config(model, cfg, extractor, ref, gates=gates, out=args.out, progress=not args.json,
                               policy=policy)
         row["out"] = args.out
@@ -528,6 +566,8 @@ def _sampling(sp, steps=50, gates=True, compile_flag=False):
     """The options every sampling command shares."""
     sp.add_argument("--steps", type=_steps, default=steps, help="T, sampling steps")
     sp.add_argument("--cfg", type=_finite, default=DEFAULT_CFG, help="classifier-free guidance scale (1: none)")
+    sp.add_argument("--sampler", choices=["ddim", "dpm++2m"], default="ddim",
+                    help="DDIM, or DPM-Solver++(2M) at the same timesteps (gates and methods attach to either)")
     if not gates:
         return
     sp.add_argument("--gates", default=None, help="gate file, or 'default' / 'default-lookahead' for the shipped "
@@ -545,6 +585,13 @@ def _sampling(sp, steps=50, gates=True, compile_flag=False):
                          "with; 0: a copy)")
     if compile_flag:
         sp.add_argument("--compile", action="store_true", help="torch.compile the branches (look-ahead gates only)")
+
+
+def _evaluator(sp):
+    sp.add_argument("--extractor", choices=["fmnist", "inception"], default="fmnist",
+                    help="fmnist: the shipped classifier and test-split statistics; inception: InceptionV3 (FID)")
+    sp.add_argument("--inception-weights", default=None, help="pt_inception-2015-12-05-6726825d.pth (local file)")
+    sp.add_argument("--ref", default=None, help="reference statistics (.npz from lazydit) or an ADM reference batch")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -683,10 +730,23 @@ def build_parser():
     sp.add_argument("--name", default=None, help="row label")
     sp.add_argument("--out", default=None, help="also keep the samples as an ADM .npz (resumable parts meanwhile)")
     sp.add_argument("--samples", default=None, help="score this ADM .npz instead of sampling")
-    sp.add_argument("--extractor", choices=["fmnist", "inception"], default="fmnist",
-                    help="fmnist: the shipped classifier and test-split statistics; inception: InceptionV3 (FID)")
-    sp.add_argument("--inception-weights", default=None, help="pt_inception-2015-12-05-6726825d.pth (local file)")
-    sp.add_argument("--ref", default=None, help="reference statistics (.npz from lazydit) or an ADM reference batch")
+    _evaluator(sp)
+
+    sp = add("compare", cmd_compare, "every configuration on the same labels, noise and evaluator: quality, PSNR to a "
+                                     "fine reference, TMACs and seconds; markdown, CSV, JSON and frontier plots")
+    _common(sp)
+    sp.add_argument("configs", nargs="+", metavar="CONFIG",
+                    help="SAMPLER-T[+METHOD[:key=value,...]], e.g. ddim-10, dpm++2m-10, ddim-20+fora:interval=2, "
+                         "ddim-20+teacache:target=0.5, ddim-20+lazy:gates=default,target=0.5, "
+                         "ddim-20+l2c:router=FILE,target=0.5 (target: threshold calibrated to that lazy ratio)")
+    sp.add_argument("--cfg", type=_finite, default=DEFAULT_CFG, help="classifier-free guidance scale (1: none)")
+    sp.add_argument("--num-samples", type=_positive, default=5000, help="images per configuration")
+    sp.add_argument("--batch-size", type=_positive, default=250, help="images per sampling batch (resumable part)")
+    sp.add_argument("--micro-batch", type=_positive, default=16, help="images per sampler call inside a batch")
+    sp.add_argument("--reference", default="ddim-50", help="fine sampler the PSNR is measured against")
+    sp.add_argument("--ref-samples", type=_positive, default=1000, help="images of the reference")
+    sp.add_argument("--out", default="runs/compare-cli", help="folder: rows/ (resumable) and the report")
+    _evaluator(sp)
 
     sp = add("cost", cmd_cost, "TMACs per image the paper's way (Linear+Conv, CFG not doubled)")
     sp.add_argument("--model", default="DiT-XL/2", help="zoo name, or 'default' (the shipped DiT-FMNIST)")
