@@ -322,11 +322,13 @@ def cmd_train_gates(args):
     if args.tf32:
         distributed.set_tf32(True)
     model = _model(args)
+    timesteps, schedule = _scheduler_schedule(args)
     if args.data_free:
         from lazydit.training.trajectories import trajectory_data
 
         data, source = trajectory_data(model, args.steps, args.batch_size, size=args.pool, cfg_scale=args.cfg,
-                                       seed=args.seed, progress=distributed.is_main() and not args.json)
+                                       seed=args.seed, progress=distributed.is_main() and not args.json,
+                                       timesteps=timesteps)
     else:
         data, source = gate_training_data(model, args.batch_size, data=args.data, latents=args.latents,
                                           vae=args.vae, workers=args.workers, seed=args.seed)
@@ -335,7 +337,7 @@ def cmd_train_gates(args):
                           rho_mlp=args.rho if args.rho_mlp is None else args.rho_mlp, seed=args.seed,
                           ckpt_every=args.ckpt_every, out=args.out, resume=args.resume, lookahead=args.lookahead,
                           bf16=args.bf16, every_step=args.every_step, data_free=args.data_free,
-                          forecast=args.forecast)
+                          forecast=args.forecast, timesteps=timesteps, schedule=schedule)
     gates = train_gates(model, data, cfg, progress=not args.json,
                         extra_meta={"model_path": str(args.model or "default"), **source})
     distributed.cleanup()
@@ -347,6 +349,36 @@ def cmd_train_gates(args):
         th, ratio = _calibrate_and_save(model, gates, args, out)
         result.update(threshold=th, calibrated_lazy_ratio=ratio)
     _emit_dict(args, result)
+
+
+def _scheduler_schedule(args):
+    """(timesteps, schedule name) of --scheduler for --steps, or (None, None): lazydit's respacing."""
+    if not args.scheduler:
+        return None, None
+    from pathlib import Path
+
+    from lazydit.errors import LazyditError
+
+    try:
+        import diffusers
+
+        from lazydit.diffusers import schedule_name, scheduler_timesteps
+    except ImportError as e:
+        raise LazyditError("--scheduler reads a diffusers scheduler: pip install diffusers") from e
+    folder = Path(args.scheduler)
+    folder = folder / "scheduler" if (folder / "scheduler" / "scheduler_config.json").is_file() else folder
+    cfg_file = folder / "scheduler_config.json"
+    if not cfg_file.is_file():
+        raise LazyditError(f"--scheduler {args.scheduler}: no scheduler_config.json (a pipeline folder or its "
+                           "scheduler/ folder)")
+    import json
+
+    name = json.loads(cfg_file.read_text()).get("_class_name", "")
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        raise LazyditError(f"--scheduler {args.scheduler}: unknown diffusers scheduler {name!r}")
+    scheduler = cls.from_pretrained(str(folder), local_files_only=True)
+    return tuple(scheduler_timesteps(scheduler, args.steps)), schedule_name(scheduler, args.steps)
 
 
 def cmd_extract_latents(args):
@@ -682,6 +714,9 @@ def build_parser():
                          "(0: a copy, as the paper; beyond the paper)")
     sp.add_argument("--lookahead", action="store_true",
                     help="look-ahead gates: plan step k from the inputs of step k+1 (faster; beyond the paper)")
+    sp.add_argument("--scheduler", default=None,
+                    help="a diffusers pipeline or scheduler folder: train for the timesteps its scheduler runs at "
+                         "--steps (default: lazydit's respacing = diffusers' DDIM with 'linspace' spacing)")
     sp.add_argument("--bf16", action="store_true", help="bf16 autocast of the model passes (gates stay fp32)")
     sp.add_argument("--tf32", action="store_true", help="allow TF32 matmuls/convolutions on CUDA")
 

@@ -86,7 +86,7 @@ def sample(model, y, steps: int, *, gates: LazyGates | None = None, policy: Poli
         sync()
         t0 = time.perf_counter()
         out = SAMPLERS[sampler](model, y, steps, x=x, cfg_scale=cfg_scale, seed=seed, progress=progress, desc=name,
-                                callback=watch)
+                                callback=watch, timesteps=None if policy is None else policy.timesteps)
         sync()
         seconds = time.perf_counter() - t0
         watch.check()

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from lazydit.models.registry import BRANCH_NAMES
+from lazydit.models.registry import BRANCH_KINDS, BRANCH_NAMES
 
 
 @dataclass(frozen=True)
@@ -16,7 +16,8 @@ class LazyConfig:
     threshold: float | None = None  # compute iff p >= threshold; None: the gate file's own (0.5 unless calibrated)
     uniform: bool = False  # one decision per module for the whole batch: compute iff at least half the rows would
     tie_cfg: bool = False  # cond row b and uncond row b + B/2 of a CFG batch decide together (compute if either would)
-    branches: tuple = BRANCH_NAMES  # branches allowed to skip: ("attn",) / ("mlp",) for the individual-laziness ablation
+    branches: tuple = BRANCH_NAMES  # kinds allowed to skip: ("attn",) / ("mlp",) for the individual-laziness ablation;
+    # a model with cross-attention (PixArt) lets it skip when "attn" is listed too (or name "cross" alone)
     compile: bool = False  # run each branch's fused work (norm, modulate, module, gated residual) as a torch.compile region
     compile_mode: str | None = None  # torch.compile mode of those regions ("reduce-overhead": CUDA graphs on a GPU)
     record_decisions: bool = False  # keep every row's decision: handle.decisions, (T, L, 2, B) bool, True = computed
@@ -31,11 +32,11 @@ class LazyConfig:
         if self.max_skips is not None and self.max_skips < 0:
             raise ValueError(f"max_skips must be >= 0 (or None), got {self.max_skips}")
         object.__setattr__(self, "branches", tuple(self.branches))
-        unknown = [b for b in self.branches if b not in BRANCH_NAMES]
+        unknown = [b for b in self.branches if b not in BRANCH_KINDS]
         if unknown:
-            raise ValueError(f"unknown branches {unknown}: choose from {BRANCH_NAMES}")
+            raise ValueError(f"unknown branches {unknown}: choose from {BRANCH_KINDS}")
 
-    @property
-    def skippable(self) -> tuple:
-        """Indices of the branches allowed to skip (0 attn, 1 mlp)."""
-        return tuple(BRANCH_NAMES.index(b) for b in self.branches)
+    def skippable(self, kinds: tuple = BRANCH_NAMES) -> tuple:
+        """Indices of the branches allowed to skip, for a block whose branches are of `kinds` (DiT: attn, mlp)."""
+        allowed = set(self.branches) | ({"cross"} if "attn" in self.branches else set())
+        return tuple(i for i, kind in enumerate(kinds) if kind in allowed)

@@ -6,6 +6,11 @@ COMPUTE; a row skips its module when p < threshold (0.5 unless calibrated). See 
 
 A router bank (`router=True`, Learning-to-Cache) is the same file with D = 1: one input-independent logit per block,
 branch and step, p = sigmoid(w_k), the same for every row.
+
+The bank is (L, nb, T, D) for blocks of nb branches (DiT: attn, mlp; PixArt: attn, cross, mlp). Gates are keyed by
+the timesteps they were trained on (`timestep_map`, ascending: index k runs the model at timestep_map[k]; lazydit's
+respacing of T steps unless trained on another sampler's schedule, e.g. a diffusers scheduler's), and the file
+records that schedule in words (`schedule`) so that a mismatch error can name it.
 """
 
 import json
@@ -20,9 +25,16 @@ from safetensors.torch import save_file
 from lazydit.errors import GateMismatchError
 from lazydit.files import atomic_write
 from lazydit.models.registry import model_blocks
-from lazydit.sampling.schedule import respaced_timesteps
+from lazydit.sampling.schedule import respaced_timesteps, respacing_name
 
 GATE_FORMAT = "lazydit-gates-v1"
+GATE_FILE = "gates.safetensors"  # the weights file of a gate folder (save_pretrained)
+
+
+def _config_dict(cfg) -> dict:
+    """A model config as a plain dict (lazydit dataclass configs, diffusers FrozenDicts), JSON values only."""
+    items = dict(cfg) if isinstance(cfg, dict) else dict(cfg.__dict__)
+    return json.loads(json.dumps(items, default=lambda v: v if not isinstance(v, tuple) else list(v)))
 
 
 def logit_of(p: float) -> float:
@@ -39,10 +51,14 @@ class LazyGates(nn.Module):
     """
 
     def __init__(self, depth: int, hidden_size: int, steps: int, threshold: float = 0.5, meta: dict | None = None,
-                 parity: bool = True, lookahead: bool = False, router: bool = False):
+                 parity: bool = True, lookahead: bool = False, router: bool = False, branches: int = 2,
+                 timestep_map: list | None = None):
         super().__init__()
         self.router = router  # Learning-to-Cache: one logit per (layer, branch, step), the input is not read
-        self.weight = nn.Parameter(torch.zeros(depth, 2, steps, 1 if router else hidden_size))
+        self.weight = nn.Parameter(torch.zeros(depth, branches, steps, 1 if router else hidden_size))
+        self.timestep_map = list(respaced_timesteps(steps) if timestep_map is None else timestep_map)
+        if len(self.timestep_map) != steps or sorted(set(self.timestep_map)) != self.timestep_map:
+            raise ValueError(f"timestep_map must hold {steps} distinct ascending timesteps, got {self.timestep_map}")
         self.threshold = threshold
         self.parity = parity  # reference parity: odd respaced indices always compute (their gates are untrained)
         self.lookahead = lookahead  # gate k scores the input recorded at step k+1 (see the module docstring)
@@ -62,15 +78,34 @@ class LazyGates(nn.Module):
     def hidden_size(self):
         return self.weight.shape[3]
 
+    @property
+    def branches(self):
+        return self.weight.shape[1]
+
+    @property
+    def timesteps(self) -> list:
+        """The original timestep of every index k (ascending): what the gates were trained on."""
+        return self.timestep_map
+
+    def schedule_name(self) -> str:
+        """The schedule the gates were trained on, in words."""
+        return self.meta.get("schedule") or respacing_name(self.steps)
+
     @classmethod
     def for_model(cls, model, steps: int, threshold: float = 0.5, lookahead: bool = False, parity: bool = True,
-                  router: bool = False):
-        """Zero gates sized for `model` (a DiT) and T = steps, with the model's config in the metadata (parity
-        False: every step gated, beyond the paper; router: a Learning-to-Cache router bank)."""
-        cfg = model.config
-        meta = {"model_name": getattr(model, "name", "") or "", "model_config": dict(cfg.__dict__)}
-        gates = cls(len(model_blocks(model)), cfg.hidden_size, steps, threshold, meta, parity=parity,
-                    lookahead=lookahead, router=router)
+                  router: bool = False, timestep_map: list | None = None, schedule: str | None = None):
+        """Zero gates sized for `model` (a DiT, or a diffusers transformer) and T = steps, with the model's config in
+        the metadata (parity False: every step gated, beyond the paper; router: a Learning-to-Cache router bank;
+        timestep_map / schedule: another sampler's timesteps, ascending, and their name)."""
+        from lazydit.models.registry import block_spec, model_width
+
+        blocks = model_blocks(model)
+        meta = {"model_name": getattr(model, "name", "") or "", "model_config": _config_dict(model.config),
+                "branch_kinds": list(block_spec(blocks[0]).kinds)}
+        if schedule:
+            meta["schedule"] = schedule
+        gates = cls(len(blocks), model_width(model), steps, threshold, meta, parity=parity, lookahead=lookahead,
+                    router=router, branches=len(meta["branch_kinds"]), timestep_map=timestep_map)
         return gates.to(next(model.parameters()).device)
 
     def logit(self, layer: int, branch: int, k: int, z: torch.Tensor) -> torch.Tensor:
@@ -84,16 +119,47 @@ class LazyGates(nn.Module):
         """Write the gates as .safetensors with metadata (model config, T, threshold, timestep map, extras)."""
         meta = {**self.meta, **(extra or {})}
         meta.update(format=GATE_FORMAT, steps=self.steps, threshold=self.threshold, parity=self.parity,
-                    lookahead=self.lookahead, router=self.router, timestep_map=respaced_timesteps(self.steps))
+                    lookahead=self.lookahead, router=self.router, timestep_map=self.timestep_map)
         self.meta = {k: v for k, v in meta.items() if k != "format"}
         header = {k: json.dumps(v) for k, v in meta.items()}
         tensor = {"weight": self.weight.detach().float().contiguous().cpu()}
         atomic_write(path, lambda tmp: save_file(tensor, tmp, metadata=header))
 
+    def save_pretrained(self, folder, extra: dict | None = None):
+        """Write a diffusers-style gate folder: `gates.safetensors` (the file of `save`) and `config.json` (its
+        metadata, readable without torch). `LazyGates.load` and `--gates` take the folder."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.save(folder / GATE_FILE, extra)
+        config = {"_class_name": "LazyGates", "format": GATE_FORMAT, "shape": list(self.weight.shape), **self.meta}
+        atomic_write(folder / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=1)))
+
+    @classmethod
+    def from_pretrained(cls, folder, map_location="cpu"):
+        """Read a gate folder written by `save_pretrained` (its config.json must agree with the gate file)."""
+        folder = Path(folder)
+        if not (folder / GATE_FILE).is_file():
+            raise FileNotFoundError(f"{folder}: no {GATE_FILE} (a gate folder holds {GATE_FILE} and config.json)")
+        gates = cls.load(folder / GATE_FILE, map_location)
+        cfg_file = folder / "config.json"
+        if cfg_file.is_file():
+            try:
+                cfg = json.loads(cfg_file.read_text())
+            except ValueError as e:
+                raise GateMismatchError(f"{cfg_file}: not JSON ({e})") from e
+            diff = [k for k in ("steps", "threshold", "timestep_map", "branch_kinds", "parity", "lookahead", "router")
+                    if k in cfg and cfg[k] != gates.meta.get(k)]
+            if diff:
+                raise GateMismatchError(f"{folder}: config.json and {GATE_FILE} disagree on {', '.join(diff)}: "
+                                        f"rewrite the folder with save_pretrained")
+        return gates
+
     @classmethod
     def load(cls, path, map_location="cpu"):
-        """Read gates written by `save`."""
+        """Read gates written by `save` (a .safetensors file) or `save_pretrained` (a folder)."""
         path = Path(path)
+        if path.is_dir():
+            return cls.from_pretrained(path, map_location)
         if not path.is_file():
             raise FileNotFoundError(f"gate file not found: {path}")
         try:
@@ -108,28 +174,36 @@ class LazyGates(nn.Module):
         if not bool(torch.isfinite(weight).all()):
             raise GateMismatchError(f"{path}: the gate bank holds non-finite (NaN or Inf) weights: the file is damaged "
                                     "or training diverged")
-        L, two, T, D = weight.shape
+        L, nb, T, D = weight.shape
         router = bool(meta.get("router", False))
-        if two != 2 or T != meta.get("steps") or (router and D != 1):
+        kinds = meta.get("branch_kinds", ["attn", "mlp"])
+        tmap = meta.get("timestep_map") or respaced_timesteps(T)
+        if nb != len(kinds) or T != meta.get("steps") or (router and D != 1) or len(tmap) != T:
             raise GateMismatchError(f"{path}: gate bank of shape {tuple(weight.shape)} does not match its metadata")
         gates = cls(L, D, T, float(meta.get("threshold", 0.5)), meta, parity=bool(meta.get("parity", True)),
-                    lookahead=bool(meta.get("lookahead", False)), router=router)
+                    lookahead=bool(meta.get("lookahead", False)), router=router, branches=nb, timestep_map=tmap)
         gates.weight.data.copy_(weight)
         return gates
 
     def check_model(self, model):
         """Raise GateMismatchError unless these gates fit `model` (depth, width, and the stored config)."""
-        cfg, depth = model.config, len(model_blocks(model))
-        if depth != self.depth or (cfg.hidden_size != self.hidden_size and not self.router):
+        from lazydit.models.registry import block_spec, model_width
+
+        blocks = model_blocks(model)
+        depth, width, kinds = len(blocks), model_width(model), list(block_spec(blocks[0]).kinds)
+        if depth != self.depth or (width != self.hidden_size and not self.router):
             raise GateMismatchError(
                 f"gates are for a model of depth {self.depth} and width {self.hidden_size}, "
-                f"but this model has depth {depth} and width {cfg.hidden_size}"
+                f"but this model has depth {depth} and width {width}"
                 f" (gates trained for {self.meta.get('model_name') or 'another model'})"
             )
-        stored = self.meta.get("model_config")
+        if kinds != self.meta.get("branch_kinds", ["attn", "mlp"]):
+            raise GateMismatchError(f"gates are for blocks with branches {self.meta.get('branch_kinds')}, this "
+                                    f"model's blocks have {kinds}")
+        stored, cfg = self.meta.get("model_config"), _config_dict(model.config)
         if stored:
-            diff = [f"{k}: gates {stored[k]!r} vs model {getattr(cfg, k)!r}"
-                    for k in stored if hasattr(cfg, k) and stored[k] != getattr(cfg, k)]
+            diff = [f"{k}: gates {stored[k]!r} vs model {cfg[k]!r}"
+                    for k in stored if not k.startswith("_") and k in cfg and stored[k] != cfg[k]]
             if diff:
                 raise GateMismatchError("gates were trained for another model config: " + "; ".join(diff))
 

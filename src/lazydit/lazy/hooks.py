@@ -26,7 +26,6 @@ from lazydit.lazy.policies import Policy, policy_for
 from lazydit.lazy.stats import LazyStats, StatsCollector
 from lazydit.models.dit import modulate
 from lazydit.models.registry import block_spec, model_blocks
-from lazydit.sampling.schedule import respaced_timesteps
 
 MODES = ("off", "record", "soft", "sample")
 
@@ -51,16 +50,17 @@ class LazyRun(_Transient):
 
     _transient = ("scratch",)
 
-    def __init__(self, policy: Policy, mode: str, depth: int, branches: int):
+    def __init__(self, policy: Policy, mode: str, depth: int, kinds: tuple):
         self.policy, self.config, self.mode = policy, policy.config, mode
-        self.depth, self.branches = depth, branches
+        self.depth, self.branches, self.kinds = depth, len(kinds), kinds
         self.hooks: list = []  # BranchHook per (layer, branch), layer-major
         self.k = 0  # current respaced step index
-        self.timesteps = respaced_timesteps(policy.steps)  # k -> original timestep
+        self.timesteps = policy.timesteps  # k -> original timestep
         self.timestep_index = {t: k for k, t in enumerate(self.timesteps)}
-        self.collector = StatsCollector(policy.steps, depth, branches, self.config.record_decisions)
+        self.collector = StatsCollector(policy.steps, depth, len(kinds), self.config.record_decisions)
         self.probs: list = []  # soft mode: (branch, p (B,)) per branch evaluation, for the training penalty
-        self.skippable = self.config.skippable
+        self.skippable = self.config.skippable(kinds)
+        self.caller = None  # a function naming the sampler that calls the model, for the mismatch error (diffusers)
         self.scratch: dict = {}  # a reused (B, N, D) buffer for gated residuals
         self.blocks: list = []  # the model's blocks (block-level policies)
         self.block_cache = BlockCache()  # block-level policies: the cached residual and the policy's state
@@ -75,10 +75,11 @@ class LazyRun(_Transient):
         t0 = int(t.reshape(-1)[0]) if torch.is_tensor(t) else int(t)
         if t0 not in self.timestep_index:
             T = self.policy.steps
+            where = f" by {self.caller()}" if self.caller else ""
             raise GateMismatchError(
-                f"the model was called at timestep {t0}, which is not on the {T}-step schedule the "
-                f"{type(self.policy).__name__} policy is defined on: sample with steps={T} (the reference "
-                f"respacing), or train gates for your step count")
+                f"the model was called{where} at timestep {t0}, which is not on the schedule the "
+                f"{type(self.policy).__name__} policy is defined on ({self.policy.schedule_name()}, timesteps "
+                f"{_short(self.timesteps[::-1])}): sample with that schedule, or train gates for yours")
         k = self.timestep_index[t0]
         if self.mode == "sample" and k == self.policy.steps - 1:
             self.reset()  # the first sampling step starts a new batch
@@ -157,14 +158,15 @@ class BranchHook(_Transient):
 
     # -------------------------------------------------------------- module-level path (policies that read Z_k)
 
-    def __call__(self, z, *extra):
+    def __call__(self, z, *extra, **kwargs):
         """The lazy forward of the branch module on its modulated input z (B, N, D)."""
-        run, forward = self.run, self.forward
+        run, module = self.run, self.module
+        forward = self.forward if not kwargs else (lambda m, *a: self.forward(m, *a, **kwargs))
         mode = run.mode
         if mode == "off":
-            return forward(self.module, z, *extra)
+            return forward(module, z, *extra)
         if mode == "record":
-            out = forward(self.module, z, *extra)
+            out = forward(module, z, *extra)
             self.cache = out.detach()
             self.remember(out)
             if run.policy.records_inputs:
@@ -176,19 +178,21 @@ class BranchHook(_Transient):
             p = run.policy.compute_prob(self, run.k, z)
             run.probs.append((self.branch, p))
             pb = p.to(z.dtype)[:, None, None]
-            return pb * forward(self.module, z, *extra) + (1 - pb) * run.policy.reuse(self, run.k)
+            return pb * forward(module, z, *extra) + (1 - pb) * run.policy.reuse(self, run.k)
         B = z.shape[0]
-        compute = self._decide(B, z)
+        compute = self._decide(B, None if run.policy.plans_ahead else z)
         n = B if compute is None else int(compute.sum())  # one host sync per branch, as the reference
         if n == B:
-            out = forward(self.module, z, *extra)
+            out = forward(module, z, *extra)
+            if run.policy.plans_ahead:  # a block that is not fused runs plans-ahead policies here
+                run.policy.computed(self, run.k, z)
             self.remember(out)
         elif n == 0:
             out = run.policy.reuse(self, run.k)  # reuse; the cache stays as it is
         else:
             idx = compute.nonzero().squeeze(1).to(z.device)
             out = run.policy.reuse(self, run.k).clone()
-            out[idx] = forward(self.module, z[idx], *extra).to(out.dtype)
+            out[idx] = forward(module, z[idx], *_rows(extra, idx, B)).to(out.dtype)
             self.remember(out, idx)
         self.cache = out
         self._count(B, n, compute)
@@ -263,9 +267,19 @@ def _branch_fn(norm, module, compiled: bool = False, scratch: dict | None = None
     return branch
 
 
-def _hooked_forward(self, z, *extra):
+def _short(ts: list) -> str:
+    """A timestep list for a message: the first 4 and the last 2."""
+    return str(ts) if len(ts) <= 6 else f"[{', '.join(map(str, ts[:4]))}, ..., {', '.join(map(str, ts[-2:]))}]"
+
+
+def _rows(extra: tuple, idx, B: int) -> tuple:
+    """The rows idx of every per-row tensor argument (batch-first, B rows) of a branch module."""
+    return tuple(a[idx] if torch.is_tensor(a) and a.dim() > 0 and a.shape[0] == B else a for a in extra)
+
+
+def _hooked_forward(self, z, *extra, **kwargs):
     """Replacement forward of an attached branch module."""
-    return self._lazy_hook(z, *extra)
+    return self._lazy_hook(z, *extra, **kwargs)
 
 
 def _block_forward(self, x, *args, **kwargs):
@@ -300,6 +314,10 @@ class BlockProbe:
         """Block 0's modulated input of `branch` at this step: modulate(norm_b(x0), shift_b, scale_b), (B, N, D)."""
         block = self.block0
         spec = block_spec(block)
+        if spec.modulated is not None:
+            if branch != 0:
+                raise ValueError("this block type describes the modulated input of branch 0 only")
+            return spec.modulated(block, self.x0, *self.args, **self.kwargs)
         c, _ = spec.inputs(block, *self.args, **self.kwargs)
         mods = getattr(block, spec.modulation)(c).chunk(3 * len(spec.branches), dim=1)
         return modulate(getattr(block, spec.norms[branch])(self.x0), mods[3 * branch], mods[3 * branch + 1])
@@ -350,7 +368,7 @@ def _residual_block_forward(self, x, *args, **kwargs):
 
 
 def _pre_hook(model, args, kwargs):
-    t = args[1] if len(args) > 1 else kwargs["t"]
+    t = args[1] if len(args) > 1 else kwargs["t"] if "t" in kwargs else kwargs["timestep"]  # lazydit / diffusers
     model._lazy_run.set_timestep(t)
 
 
@@ -438,21 +456,25 @@ def apply_lazy(model, policy, config: LazyConfig | None = None, mode: str = "sam
                            f"{type(policy).__name__}: the reference path branches on every module")
     blocks = model_blocks(model)
     specs = [block_spec(b) for b in blocks]
-    run = LazyRun(policy, mode, len(blocks), len(specs[0].branches))
+    run = LazyRun(policy, mode, len(blocks), specs[0].kinds)
     run.blocks = blocks
     for i, (block, spec) in enumerate(zip(blocks, specs)):
+        if spec.kinds != specs[0].kinds:
+            raise UsageError(f"block {i} has branches {spec.kinds}, block 0 {specs[0].kinds}: one kind of block only")
         if policy.caches_blocks:  # one residual for the model, no branch hooks
             block._lazy_residual = (run, i)
             block.forward = types.MethodType(_residual_block_forward, block)
             continue
         hooks = []
-        for b, (module, norm) in enumerate(zip(spec.modules(block), spec.norms)):
-            hook = BranchHook(run, i, b, module, getattr(block, norm))
+        modules = spec.modules(block)
+        norms = [getattr(block, n) for n in spec.norms] if spec.fused else [None] * len(modules)
+        for b, (module, norm) in enumerate(zip(modules, norms)):
+            hook = BranchHook(run, i, b, module, norm)
             module._lazy_hook = hook
             module.forward = types.MethodType(_hooked_forward, module)
             hooks.append(hook)
         run.hooks.extend(hooks)
-        if policy.plans_ahead:
+        if policy.plans_ahead and spec.fused:
             block._lazy_block = (run, hooks, spec)  # the registry is read once, not per step
             block.forward = types.MethodType(_block_forward, block)
     model._lazy_run = run

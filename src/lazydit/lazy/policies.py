@@ -49,6 +49,19 @@ class Policy:
         self.config = config or LazyConfig()
         self.forecast = self.config.forecast or 0  # order of the forecast a skipped row receives (0: the cache)
 
+    @property
+    def timesteps(self) -> list:
+        """The original timestep of every respaced index k (ascending): the reference respacing of T steps."""
+        from lazydit.sampling.schedule import respaced_timesteps
+
+        return respaced_timesteps(self.steps)
+
+    def schedule_name(self) -> str:
+        """The schedule the policy is defined on, in words (for mismatch errors)."""
+        from lazydit.sampling.schedule import respacing_name
+
+        return respacing_name(self.steps)
+
     def check_model(self, model):
         """Raise unless this policy fits `model` (gate banks check depth and width)."""
 
@@ -135,6 +148,13 @@ class ReferenceGates(Policy):
     def check_model(self, model):
         self.gates.check_model(model)
 
+    @property
+    def timesteps(self) -> list:
+        return self.gates.timesteps
+
+    def schedule_name(self) -> str:
+        return self.gates.schedule_name()
+
     def overhead_macs(self, cfg) -> int:
         from lazydit.evaluation.cost import gate_macs
 
@@ -208,11 +228,12 @@ class ForcedPlan(Policy):
                 "shape": list(self.plan.shape)}
 
     def check_model(self, model):
-        from lazydit.models.registry import model_blocks
+        from lazydit.models.registry import block_spec, model_blocks
 
-        depth = len(model_blocks(model))
-        if self.plan.dim() not in (3, 4) or self.plan.shape[1:3] != (depth, 2):
-            raise UsageError(f"a forced plan is (T, {depth}, 2) or (T, {depth}, 2, B) for this model, "
+        blocks = model_blocks(model)
+        depth, nb = len(blocks), len(block_spec(blocks[0]).branches)
+        if self.plan.dim() not in (3, 4) or self.plan.shape[1:3] != (depth, nb):
+            raise UsageError(f"a forced plan is (T, {depth}, {nb}) or (T, {depth}, {nb}, B) for this model, "
                                f"not {tuple(self.plan.shape)}")
 
     def compute_rows(self, hook, k, z):

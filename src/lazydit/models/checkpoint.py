@@ -122,7 +122,9 @@ def read_model_metadata(path) -> dict:
 
 
 MODEL_KINDS = ("'default' (the shipped Fashion-MNIST DiT), a DiT file (.pt / .pth released or training checkpoint, "
-               "lazydit .safetensors) or a Large-DiT checkpoint folder (consolidated_ema.00-of-01.pth + model_args.pth)")
+               "lazydit .safetensors), a Large-DiT checkpoint folder (consolidated_ema.00-of-01.pth + model_args.pth) "
+               "or a diffusers DiT (a DiTPipeline folder, its transformer/ folder, or a .safetensors beside its "
+               "config.json)")
 
 
 def load_model(spec, *, name: str | None = None, image_size: int | None = None, overrides: dict | None = None,
@@ -154,6 +156,9 @@ def load_model(spec, *, name: str | None = None, image_size: int | None = None, 
 
         return default_model(device)
     path = Path(spec)
+    diffusers_folder = _diffusers_folder(path)
+    if diffusers_folder is not None:
+        return _load_diffusers(diffusers_folder, device)
     if path.is_dir() or path.name in (ARGS_FILE, EMA_FILE, MODEL_FILE) or (
             path.suffix == ".pth" and (path.parent / ARGS_FILE).is_file()):
         return _load_large(path.parent if path.name == ARGS_FILE else path, name, image_size, overrides, device)
@@ -169,6 +174,41 @@ def load_model(spec, *, name: str | None = None, image_size: int | None = None, 
         raise CheckpointError(f"{path} carries no model config: pass --model-name (e.g. DiT-XL/2) and --image-size "
                               "(256 or 512)")
     return load_dit(path, name, **overrides).to(device)
+
+
+def _diffusers_folder(path: Path):
+    """The diffusers transformer folder `path` names (a pipeline folder, its transformer/, or a weights file beside
+    a diffusers config.json), or None."""
+    for folder in (path / "transformer", path, path.parent if path.is_file() else None):
+        if folder is None or not (folder / "config.json").is_file():
+            continue
+        try:
+            cfg = json.loads((folder / "config.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if str(cfg.get("_class_name", "")).endswith("Transformer2DModel"):
+            return folder
+    return None
+
+
+def _load_diffusers(folder: Path, device):
+    """A diffusers DiT transformer folder, behind lazydit's model interface (`lazydit.diffusers.DiffusersDiT`)."""
+    cls = json.loads((folder / "config.json").read_text())["_class_name"]
+    if cls != "DiTTransformer2DModel":
+        raise CheckpointError(f"{folder}: a {cls}; lazydit trains and samples class-conditional diffusers DiTs "
+                              "(DiTTransformer2DModel); attach gates to other pipelines with lazydit.diffusers."
+                              "enable_lazy")
+    try:
+        from diffusers import DiTTransformer2DModel
+
+        from lazydit.diffusers import DiffusersDiT
+    except ImportError as e:
+        raise CheckpointError(f"{folder} is a diffusers model: pip install diffusers") from e
+    try:
+        tr = DiTTransformer2DModel.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{folder}: not a loadable diffusers DiT ({type(e).__name__}: {e})") from e
+    return DiffusersDiT(tr.to(device).eval())
 
 
 def _load_large(path: Path, name, image_size, overrides, device):

@@ -55,6 +55,7 @@ def ddim_sample(
     progress: bool = True,
     desc: str | None = None,
     callback=None,
+    timesteps: list | None = None,
 ):
     """DDIM (eta = 0) over the reference respacing of T steps, with optional classifier-free guidance.
 
@@ -69,12 +70,13 @@ def ddim_sample(
         progress: show a progress bar.
         desc: its label (default "DDIM-T").
         callback: called as callback(dict(k=k, i=i, x=x_k, x_prev=x_{k-1}, eps=eps)) after every step.
+        timesteps: T ascending original timesteps instead of the reference respacing (`Schedule`).
     Returns:
         (B, C, H, W) samples x_0 (conditional half only when guided).
     """
     x, y, guided = initial_noise(model, y, x, cfg_scale, generator, seed, null_label)
     device = y.device
-    sched = Schedule(steps)
+    sched = Schedule(steps, timesteps)
     bar = tqdm(range(steps - 1, -1, -1), desc=desc or f"DDIM-{steps}", disable=not progress, leave=False)
     with torch.no_grad():
         for i, k in enumerate(bar):

@@ -27,15 +27,16 @@ from lazydit.sampling.ddim import initial_noise, model_eps
 from lazydit.sampling.schedule import Schedule
 
 
-def dpm_solver_coefficients(steps: int) -> list:
+def dpm_solver_coefficients(steps: int, timesteps: list | None = None) -> list:
     """Per step (sampling order, k = T-1 .. 0): (k, a, b, c) with x_t = a x_s + b x0_s + c x0_prev, float64.
 
     Args:
         steps: T.
+        timesteps: T ascending original timesteps (default: the reference respacing).
     Returns:
         list of T tuples; c = 0 on first-order steps.
     """
-    sched = Schedule(steps)
+    sched = Schedule(steps, timesteps)
     out, h_prev = [], None
     for i, k in enumerate(range(steps - 1, -1, -1)):
         a_s, a_t = float(sched.abar[k]), float(sched.abar_prev[k])
@@ -68,16 +69,17 @@ def dpm_solver_sample(
     progress: bool = True,
     desc: str | None = None,
     callback=None,
+    timesteps: list | None = None,
 ):
     """DPM-Solver++(2M) over the reference respacing of T steps, with optional classifier-free guidance.
 
-    Args: as `lazydit.sampling.ddim.ddim_sample` (the same noise for the same seed).
+    Args: as `lazydit.sampling.ddim.ddim_sample` (the same noise for the same seed; `timesteps` likewise).
     Returns:
         (B, C, H, W) samples x_0 (conditional half only when guided).
     """
     x, y, guided = initial_noise(model, y, x, cfg_scale, generator, seed, null_label)
-    sched = Schedule(steps)
-    coefs = dpm_solver_coefficients(steps)
+    sched = Schedule(steps, timesteps)
+    coefs = dpm_solver_coefficients(steps, timesteps)
     device = y.device
     abar = np.asarray(sched.abar)
     x0_prev = None

@@ -41,12 +41,27 @@ def respaced_timesteps(steps: int, num_timesteps=NUM_TRAIN_TIMESTEPS) -> list:
     return out
 
 
-class Schedule:
-    """The respaced schedule of T steps: abar and abar_prev per respaced index k (float64 numpy)."""
+def respacing_name(steps: int) -> str:
+    """The reference respacing of T steps in words (the same timesteps as diffusers' DDIM with linspace spacing)."""
+    return f"lazydit's respacing of T={steps} steps, i.e. diffusers' DDIMScheduler with timestep_spacing='linspace'"
 
-    def __init__(self, steps: int):
+
+class Schedule:
+    """The respaced schedule of T steps: abar and abar_prev per respaced index k (float64 numpy).
+
+    Args:
+        steps: T.
+        timestep_map: T ascending original timesteps to run instead of the reference respacing (another sampler's
+            schedule, e.g. a diffusers scheduler's "leading" spacing); abar_prev of k = 0 is 1 either way.
+    """
+
+    def __init__(self, steps: int, timestep_map: list | None = None):
         self.steps = steps
-        self.timestep_map = respaced_timesteps(steps)
+        self.timestep_map = respaced_timesteps(steps) if timestep_map is None else [int(t) for t in timestep_map]
+        if len(self.timestep_map) != steps or sorted(set(self.timestep_map)) != self.timestep_map or \
+                not 0 <= self.timestep_map[0] <= self.timestep_map[-1] < NUM_TRAIN_TIMESTEPS:
+            raise ValueError(f"a schedule of {steps} steps needs {steps} distinct ascending timesteps in "
+                             f"[0, {NUM_TRAIN_TIMESTEPS}), got {timestep_map}")
         abar = alphas_cumprod()
         self.abar = abar[self.timestep_map]  # (T,)
         self.abar_prev = np.append(1.0, self.abar[:-1])  # abar_prev of k=0 is 1

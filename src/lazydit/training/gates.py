@@ -37,13 +37,17 @@ class GateTrainConfig:
     data_free: bool = False  # data yields (trajectories (B, T, C, H, W), y) of the frozen model's own sampling
     # (`lazydit.training.trajectories`), not (x0, y): x_k is read off the trajectory instead of noising data
     forecast: int = 0  # order of the forecast reuse the soft mix trains with (0: the cache, as the paper; 1, 2)
+    timesteps: tuple | None = None  # T ascending original timesteps to train on instead of lazydit's respacing (another
+    # sampler's schedule: `lazydit.diffusers.scheduler_timesteps`); the gates are keyed by them
+    schedule: str | None = None  # that schedule in words, for mismatch errors (e.g. "DDIMScheduler, leading spacing")
     router: bool = False  # train a Learning-to-Cache router (one input-independent score per step, layer, branch;
     # initialised N(0, 1) and clamped to [-5, 5] after every update, as L2C) instead of LazyDiT gates
 
 
 # the fields that shape the trained gates: a resumed run must match the checkpoint's (iters may grow)
 RESULT_FIELDS = ("steps", "batch_size", "lr", "weight_decay", "rho_attn", "rho_mlp", "label_drop", "seed", "lookahead",
-                 "bf16", "every_step", "data_free", "forecast", "router")
+                 "bf16", "every_step", "data_free", "forecast", "router",
+                 "timesteps")
 
 
 def gate_loss_step(model, handle, x_k, y, k: int, drop, sched: Schedule, rho_attn: float, rho_mlp: float,
@@ -141,13 +145,13 @@ def train_gates(model, data, cfg: GateTrainConfig, threshold: float = 0.5, progr
     if cfg.router and cfg.lookahead:
         raise UsageError("a Learning-to-Cache router reads no input: it has no look-ahead form")
     gates = LazyGates.for_model(model, cfg.steps, threshold, lookahead=cfg.lookahead, parity=not cfg.every_step,
-                                router=cfg.router)
+                                router=cfg.router, timestep_map=cfg.timesteps, schedule=cfg.schedule)
     gates.meta["forecast"] = cfg.forecast  # sampling with these gates uses the same reuse
     gen = torch.Generator().manual_seed(cfg.seed)
     if cfg.router:  # L2C: the router's scores start N(0, 1)
         gates.weight.data.copy_(torch.randn(gates.weight.shape, generator=gen))
     opt = torch.optim.AdamW(gates.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = Schedule(cfg.steps)
+    sched = Schedule(cfg.steps, cfg.timesteps)
     # record at k, train gates k-1: the even indices under the reference parity, every index but the first step's
     # (T-1, which has nothing to reuse) with every_step
     odd = torch.arange(1, cfg.steps) if cfg.every_step else torch.arange(1, cfg.steps, 2)

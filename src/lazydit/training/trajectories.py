@@ -17,7 +17,7 @@ from lazydit.sampling.ddim import ddim_sample
 
 
 def trajectory_pool(model, steps: int, size: int, *, cfg_scale: float = 1.5, seed: int = 0, batch_size: int = 64,
-                    progress: bool = True):
+                    progress: bool = True, timesteps: list | None = None):
     """Sample `size` dense DDIM trajectories of T = steps and keep every state.
 
     Args:
@@ -28,6 +28,7 @@ def trajectory_pool(model, steps: int, size: int, *, cfg_scale: float = 1.5, see
         seed: labels and initial noise (batch i from seed * 1_000_003 + i).
         batch_size: trajectories sampled at a time.
         progress: progress bar.
+        timesteps: T ascending original timesteps (the schedule the gates are trained for; default: the respacing).
     Returns:
         (traj (size, T, C, H, W) float32 on the CPU, traj[:, i] the input of sampling step i, i.e. of respaced index
         k = T - 1 - i; labels (size,) long).
@@ -48,7 +49,7 @@ def trajectory_pool(model, steps: int, size: int, *, cfg_scale: float = 1.5, see
             states.append(info["x"][: len(y)].float().cpu())
 
         ddim_sample(model, y, steps, cfg_scale=cfg_scale, seed=seed * 1_000_003 + i // batch_size, progress=False,
-                    callback=keep)
+                    callback=keep, timesteps=timesteps)
         traj[i : i + len(y)] = torch.stack(states, dim=1)
     if not bool(torch.isfinite(traj).all()):
         raise NonFiniteError("the model's sampling trajectories hold NaN or Inf: check the model file and the "
@@ -57,12 +58,12 @@ def trajectory_pool(model, steps: int, size: int, *, cfg_scale: float = 1.5, see
 
 
 def trajectory_data(model, steps: int, batch_size: int, *, size: int = 512, cfg_scale: float = 1.5, seed: int = 0,
-                    progress: bool = True):
+                    progress: bool = True, timesteps: list | None = None):
     """The batch iterator of data-free gate training: shuffled (trajectories, labels) from one pool, this
     process's share of every global batch (every rank samples the same pool from the same seed).
 
     Args:
-        model, steps, size, cfg_scale, seed, progress: as `trajectory_pool`.
+        model, steps, size, cfg_scale, seed, progress, timesteps: as `trajectory_pool`.
         batch_size: the GLOBAL batch.
     Returns:
         (iterator of (traj (b, T, C, H, W), y (b,)), dict describing the source for the gate file's metadata)
@@ -70,6 +71,7 @@ def trajectory_data(model, steps: int, batch_size: int, *, size: int = 512, cfg_
     W = dist.world_size()
     if batch_size % W:
         raise UsageError(f"--batch-size {batch_size} (global) is not divisible by {W} processes")
-    traj, y = trajectory_pool(model, steps, size, cfg_scale=cfg_scale, seed=seed, progress=progress)
+    traj, y = trajectory_pool(model, steps, size, cfg_scale=cfg_scale, seed=seed, progress=progress,
+                              timesteps=timesteps)
     source = {"data_free": {"pool": size, "cfg_scale": cfg_scale, "seed": seed}}
     return dist.RankSlice(InfiniteSampler(traj, y, batch_size, seed=seed)), source

@@ -1,0 +1,257 @@
+"""lazydit on Hugging Face diffusers: DiT and PixArt transformers and their pipelines.
+
+- diffusers' `BasicTransformerBlock` (the blocks of `DiTTransformer2DModel` and `PixArtTransformer2DModel`) is in the
+  block registry: branches `attn1` (self-attention), `attn2` (cross-attention, PixArt) and `ff`, hooked where the
+  block calls them. Every caching policy attaches; policies that plan ahead (look-ahead gates, FORA, ...) decide
+  before the step as usual, but a skipped branch still pays for its norm and modulation (the block's own forward
+  builds them), and the block-level residual caches (FBCache, TeaCache) work as on lazydit's models.
+- `DiffusersDiT` puts a `DiTTransformer2DModel` behind lazydit's model interface (`forward(x, t, y)`, a `DiTConfig`,
+  `blocks`), so every lazydit tool runs on it: the samplers, `train_gates` (data or data-free), calibration, `eval`,
+  `compare`. Its blocks are the transformer's own: gates trained through it attach to the pipeline's transformer.
+- `enable_lazy(pipe, gates)` / `disable_lazy(pipe)` attach to a pipeline's transformer (`DiTPipeline`, the PixArt
+  pipelines). Gates are keyed by the timesteps they were trained on: lazydit's respacing is diffusers' DDIM with
+  `timestep_spacing="linspace"`; for another scheduler or spacing train on `scheduler_timesteps(scheduler, T)`
+  (`GateTrainConfig(timesteps=...)`). A call at another timestep raises, naming both schedules.
+- `to_diffusers(dit)` / `from_diffusers(transformer)`: converters between lazydit's DiT and `DiTTransformer2DModel`
+  (diffusers' own key mapping). The two do not compute the same function: diffusers embeds the timestep with
+  `downscale_freq_shift=1` (frequencies exp(-ln(10^4) i / (128 - 1)), the reference divides by 128) and normalises
+  the FFN input with eps 1e-5 (the reference: 1e-6); the outputs differ by ~1% relative. `to_diffusers(dit,
+  reference_exact=True)` builds the transformer with `norm_eps=1e-6` and sets every block's
+  `time_proj.downscale_freq_shift = 0`: then it computes the reference function (the second patch is an attribute,
+  not in the config: reapply it with `make_reference_exact(transformer)` after `from_pretrained`).
+"""
+
+import copy
+
+import torch
+
+from lazydit.errors import UsageError
+from lazydit.lazy import apply_lazy
+from lazydit.models.dit import DiT, DiTConfig
+from lazydit.models.registry import BlockSpec, register_block
+
+try:
+    from diffusers import DiTTransformer2DModel
+    from diffusers.models.attention import BasicTransformerBlock
+except ImportError as e:  # pragma: no cover - diffusers is an optional dependency
+    raise ImportError("lazydit.diffusers needs the diffusers package: pip install diffusers") from e
+
+
+# ---------------------------------------------------------------- the block registry
+
+
+def _modulated(block, x, *args, timestep=None, class_labels=None, **kwargs):
+    """Block 0's modulated self-attention input (TeaCache's probe), as the block computes it."""
+    if block.norm_type == "ada_norm_zero":
+        return block.norm1(x, timestep, class_labels, hidden_dtype=x.dtype)[0]
+    if block.norm_type == "ada_norm_single":
+        shift, scale = (block.scale_shift_table[None] + timestep.reshape(x.shape[0], 6, -1)).chunk(6, dim=1)[:2]
+        return block.norm1(x) * (1 + scale) + shift
+    raise UsageError(f"TeaCache's probe does not know diffusers' norm_type {block.norm_type!r}")
+
+
+def _basic_block_spec(block) -> BlockSpec:
+    cross = block.attn2 is not None
+    return BlockSpec(branches=("attn1", "attn2", "ff") if cross else ("attn1", "ff"), norms=(),
+                     kinds=("attn", "cross", "mlp") if cross else ("attn", "mlp"), fused=False, modulated=_modulated)
+
+
+register_block(BasicTransformerBlock, _basic_block_spec)
+
+
+# ---------------------------------------------------------------- a diffusers DiT behind lazydit's interface
+
+
+def dit_config_of(transformer) -> DiTConfig:
+    """The lazydit DiTConfig that describes a DiTTransformer2DModel (shapes, classes, learned sigma)."""
+    c = transformer.config
+    D = c.num_attention_heads * c.attention_head_dim
+    ff = transformer.transformer_blocks[0].ff.net[0].proj.out_features
+    out = c.out_channels or c.in_channels
+    return DiTConfig(input_size=c.sample_size, patch_size=c.patch_size, in_channels=c.in_channels, hidden_size=D,
+                     depth=c.num_layers, num_heads=c.num_attention_heads, mlp_ratio=ff / D, class_dropout_prob=0.1,
+                     num_classes=c.num_embeds_ada_norm, learn_sigma=out == 2 * c.in_channels)
+
+
+class DiffusersDiT(torch.nn.Module):
+    """A `DiTTransformer2DModel` with lazydit's model interface: forward(x, t, y, force_drop_ids=None) -> (B, C_out,
+    H, W), `config` (a DiTConfig), `blocks` (the transformer's own blocks)."""
+
+    def __init__(self, transformer):
+        super().__init__()
+        if not isinstance(transformer, DiTTransformer2DModel):
+            raise UsageError(f"DiffusersDiT wraps a DiTTransformer2DModel, not {type(transformer).__name__}")
+        self.transformer = transformer
+        self.config = dit_config_of(transformer)
+        self.name = "diffusers:DiTTransformer2DModel"
+
+    @property
+    def blocks(self):
+        return self.transformer.transformer_blocks
+
+    def forward(self, x, t, y, force_drop_ids=None):
+        if force_drop_ids is not None:  # label drop by the null label, as DiT's LabelEmbedder.token_drop
+            y = torch.where(force_drop_ids == 1, self.config.num_classes, y)
+        return self.transformer(x, timestep=t, class_labels=y).sample
+
+
+def wrap(model):
+    """lazydit's interface for a diffusers DiT (a pipeline, its transformer), or the model itself if it has it."""
+    model = getattr(model, "transformer", model)
+    return DiffusersDiT(model) if isinstance(model, DiTTransformer2DModel) else model
+
+
+# ---------------------------------------------------------------- pipelines
+
+
+def scheduler_timesteps(scheduler, steps: int) -> list:
+    """The T ascending timesteps a diffusers scheduler runs the model at for `steps` inference steps (train gates
+    for them with `GateTrainConfig(timesteps=..., schedule=schedule_name(scheduler))`)."""
+    s = copy.deepcopy(scheduler)
+    s.set_timesteps(steps)
+    ts = sorted({int(t) for t in s.timesteps})
+    if len(ts) != steps:
+        raise UsageError(f"{type(scheduler).__name__} runs {len(s.timesteps)} model calls at {len(ts)} distinct "
+                         f"timesteps for {steps} steps: gates need one call per timestep")
+    return ts
+
+
+def schedule_name(scheduler, steps: int | None = None) -> str:
+    """A scheduler and its spacing in words, e.g. "DDIMScheduler, timestep_spacing='leading', 10 steps"."""
+    spacing = scheduler.config.get("timestep_spacing")
+    n = steps if steps is not None else (len(scheduler.timesteps) if scheduler.timesteps is not None else None)
+    return (f"{type(scheduler).__name__}" + (f", timestep_spacing={spacing!r}" if spacing else "")
+            + (f", {n} steps" if n else ""))
+
+
+def enable_lazy(pipe, gates, config=None):
+    """Attach LazyDiT gates (or any caching policy) to a diffusers pipeline's transformer.
+
+    Args:
+        pipe: a `DiTPipeline` or PixArt pipeline (anything with `.transformer` and `.scheduler`).
+        gates: LazyGates (trained for the pipeline's scheduler timesteps) or a Policy.
+        config: LazyConfig of the gates.
+    Returns:
+        the LazyHandle (`.stats()`, `.decisions`); state resets at every pipeline call's first step.
+    Raises:
+        UsageError: a policy is already enabled on this pipeline.
+    """
+    if getattr(pipe, "_lazy_handle", None) is not None:
+        raise UsageError("lazy sampling is already enabled on this pipeline: disable_lazy(pipe) first")
+    handle = apply_lazy(pipe.transformer, gates, config)
+    handle.run.caller = lambda: f"the pipeline's {schedule_name(pipe.scheduler)}"
+    pipe._lazy_handle = handle
+    return handle
+
+
+def disable_lazy(pipe):
+    """Detach what `enable_lazy` attached: the pipeline's transformer is the bare model again."""
+    handle = pipe.__dict__.pop("_lazy_handle", None)
+    if handle is not None:
+        handle.remove()
+
+
+# ---------------------------------------------------------------- converters
+
+
+def _block_keys(i: int) -> dict:
+    """lazydit DiT key -> diffusers DiTTransformer2DModel key(s) of block i (qkv splits in three)."""
+    b, d = f"blocks.{i}.", f"transformer_blocks.{i}."
+    keys = {b + "adaLN_modulation.1." + p: d + "norm1.linear." + p for p in ("weight", "bias")}
+    keys.update({b + "attn.proj." + p: d + "attn1.to_out.0." + p for p in ("weight", "bias")})
+    keys.update({b + "mlp.fc1." + p: d + "ff.net.0.proj." + p for p in ("weight", "bias")})
+    keys.update({b + "mlp.fc2." + p: d + "ff.net.2." + p for p in ("weight", "bias")})
+    return keys
+
+
+_SHARED = {"t_embedder.mlp.0.": "norm1.emb.timestep_embedder.linear_1.",
+           "t_embedder.mlp.2.": "norm1.emb.timestep_embedder.linear_2.",
+           "y_embedder.embedding_table.": "norm1.emb.class_embedder.embedding_table."}
+_TOP = {"x_embedder.proj.": "pos_embed.proj.", "final_layer.adaLN_modulation.1.": "proj_out_1.",
+        "final_layer.linear.": "proj_out_2."}
+
+
+def make_reference_exact(transformer):
+    """Set every block's timestep projection to the reference's frequencies (downscale_freq_shift 0); with
+    `norm_eps=1e-6` in its config the transformer then computes lazydit's (the reference) DiT function."""
+    for block in transformer.transformer_blocks:
+        block.norm1.emb.time_proj.downscale_freq_shift = 0
+    return transformer
+
+
+def to_diffusers(dit: DiT, reference_exact: bool = False):
+    """A `DiTTransformer2DModel` with the weights of a lazydit DiT (diffusers' convert_dit_to_diffusers mapping).
+
+    Args:
+        dit: a lazydit DiT (class_dropout_prob > 0: diffusers' label table has the null row).
+        reference_exact: build with norm_eps 1e-6 and the reference timestep frequencies (see the module docstring);
+            False: diffusers' stock DiT (as the released diffusers checkpoints).
+    Returns:
+        the transformer, in eval mode, on the DiT's device and dtype.
+    """
+    c = dit.config
+    if c.class_dropout_prob <= 0:
+        raise UsageError("diffusers' DiT always has the null label row: convert a DiT with class_dropout_prob > 0")
+    if c.hidden_size % c.num_heads or int(c.hidden_size * c.mlp_ratio) != 4 * c.hidden_size:
+        raise UsageError("diffusers' DiT block has an FFN of 4 D: this DiT's mlp_ratio differs")
+    p = next(dit.parameters())
+    with torch.device(p.device):
+        tr = DiTTransformer2DModel(num_attention_heads=c.num_heads, attention_head_dim=c.hidden_size // c.num_heads,
+                                   in_channels=c.in_channels, out_channels=c.out_channels, num_layers=c.depth,
+                                   sample_size=c.input_size, patch_size=c.patch_size, num_embeds_ada_norm=c.num_classes,
+                                   norm_eps=1e-6 if reference_exact else 1e-5)
+    src, dst = dit.state_dict(), {}
+    for k, v in src.items():
+        for a, b in _TOP.items():
+            if k.startswith(a):
+                dst[b + k[len(a):]] = v
+    for i in range(c.depth):
+        for a, b in _block_keys(i).items():
+            dst[b] = src[a]
+        for part, q in zip(src[f"blocks.{i}.attn.qkv.weight"].chunk(3), ("q", "k", "v")):
+            dst[f"transformer_blocks.{i}.attn1.to_{q}.weight"] = part
+        for part, q in zip(src[f"blocks.{i}.attn.qkv.bias"].chunk(3), ("q", "k", "v")):
+            dst[f"transformer_blocks.{i}.attn1.to_{q}.bias"] = part
+        for a, b in _SHARED.items():
+            for suffix in ("weight", "bias"):
+                if a + suffix in src:
+                    dst[f"transformer_blocks.{i}.{b}{suffix}"] = src[a + suffix]
+    missing, unexpected = tr.load_state_dict(dst, strict=False)
+    missing = [k for k in missing if not k.endswith("pos_embed.pos_embed")]  # a fixed buffer, built alike
+    if missing or unexpected:
+        raise UsageError(f"conversion to diffusers left keys out: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    tr = tr.to(p.dtype).eval()
+    return make_reference_exact(tr) if reference_exact else tr
+
+
+def from_diffusers(transformer) -> DiT:
+    """A lazydit DiT with the weights of a `DiTTransformer2DModel` (the inverse mapping; block 0's copy of the
+    timestep and label embedders is used, and every block's copy must be the same)."""
+    c = dit_config_of(transformer)
+    src = transformer.state_dict()
+    p = next(transformer.parameters())
+    with torch.device(p.device):
+        dit = DiT(c)
+    dst = {}
+    for k, v in src.items():
+        for a, b in _TOP.items():
+            if k.startswith(b):
+                dst[a + k[len(b):]] = v
+    for i in range(c.depth):
+        for a, b in _block_keys(i).items():
+            dst[a] = src[b]
+        for kind in ("weight", "bias"):
+            dst[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat(
+                [src[f"transformer_blocks.{i}.attn1.to_{q}.{kind}"] for q in "qkv"])
+        for a, b in _SHARED.items():
+            for suffix in ("weight", "bias"):
+                key = f"transformer_blocks.{i}.{b}{suffix}"
+                if key not in src:
+                    continue
+                if i == 0:
+                    dst[a + suffix] = src[key]
+                elif not torch.equal(src[key], dst[a + suffix]):
+                    raise UsageError(f"block {i} has its own {b}{suffix}: lazydit's DiT shares one embedder")
+    dst["pos_embed"] = dit.pos_embed.detach().clone()  # fixed sin-cos, built alike
+    dit.load_state_dict(dst, strict=True)
+    return dit.to(p.dtype).eval()
