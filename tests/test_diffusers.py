@@ -346,3 +346,25 @@ def test_readme_diffusers_quick_start_runs_as_written(pipe_folder, tmp_path, mon
     exec(compile(block, "README.md", "exec"), ns)
     assert ns["lazy"].stats().lazy_ratio > 0 and len(ns["images"]) == 2
     assert LazyGates.load(tmp_path / "dit-gates").timesteps == scheduler_timesteps(ns["pipe"].scheduler, 6)
+
+
+def test_diffusers_hooks_experiment_small(tmp_path, monkeypatch):
+    """The docs' comparison script, on a 2-block pipeline and 6 steps: rows run or say why; lazydit's first-block
+    cache equals cache-dit's (when installed) at the same threshold."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "diffusers_hooks.py"
+    spec = importlib.util.spec_from_file_location("diffusers_hooks", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    small = mod.tiny_pipeline
+    monkeypatch.setattr(mod, "tiny_pipeline", lambda layers=2: small(2))
+    monkeypatch.setattr(mod, "STEPS", 6)
+    rows = {r["row"]: r for r in mod.main(["--docs", str(tmp_path)])}
+    assert rows["bare pipeline"]["skipped"] == 0.0
+    assert rows["lazydit fora:interval=2"]["skipped"] == pytest.approx(2 / 6)  # k = 5, 4, 2, 0 compute
+    assert (tmp_path / "diffusers_hooks.md").exists()
+    cd = [r for name, r in rows.items() if name.startswith("cache-dit FBCache")]
+    if cd and "error" not in cd[0]:
+        assert all(r["max_diff_to_lazydit"] == 0.0 for r in cd)
