@@ -368,3 +368,64 @@ def test_diffusers_hooks_experiment_small(tmp_path, monkeypatch):
     cd = [r for name, r in rows.items() if name.startswith("cache-dit FBCache")]
     if cd and "error" not in cd[0]:
         assert all(r["max_diff_to_lazydit"] == 0.0 for r in cd)
+
+
+def test_pixart_gates_train_on_captions_and_attach_to_the_pipeline(tmp_path):
+    """Text-conditional: caption embeddings as labels (the negative prompt as the null label), data-free training;
+    the gates fit the pipeline's transformer, and a larger penalty skips more."""
+    pytest.importorskip("transformers")
+    from diffusers import PixArtAlphaPipeline, PixArtTransformer2DModel
+
+    from lazydit.diffusers import CaptionBank, DiffusersPixArt
+    from lazydit.training import GateTrainConfig, train_gates
+    from lazydit.training.trajectories import trajectory_data
+
+    torch.manual_seed(0)
+    tr = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
+                                  num_layers=2, sample_size=8, patch_size=2, cross_attention_dim=32,
+                                  caption_channels=24, num_embeds_ada_norm=1000).eval()
+    with torch.no_grad():
+        for p in tr.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    captions = CaptionBank(torch.randn(4, 5, 24), negative=torch.zeros(5, 24))
+    model = DiffusersPixArt(tr, captions)
+    assert model.config.num_classes == 4 and model.guided_channels == 4
+    y = torch.arange(4)
+    ratios = []
+    for rho in (0.0, 1e-2):
+        data, _ = trajectory_data(model, STEPS, 8, size=16, cfg_scale=3.0, progress=False)
+        cfg = GateTrainConfig(steps=STEPS, iters=20, batch_size=8, lr=1e-2, rho_attn=rho, rho_mlp=rho,
+                              data_free=True)
+        gates = train_gates(model, data, cfg, progress=False)
+        _, rep = sample(model, y, STEPS, gates=gates, cfg_scale=3.0, progress=False)
+        ratios.append(rep.lazy_ratio)
+    assert gates.meta["branch_kinds"] == ["attn", "cross", "mlp"] and ratios[0] < ratios[1], ratios
+    pipe = PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=tiny_vae(), transformer=tr, scheduler=ddim())
+    pipe.set_progress_bar_config(disable=True)
+    handle = enable_lazy(pipe, gates)
+    try:
+        out = pipe(prompt=None, negative_prompt=None, prompt_embeds=captions.embeds[:2],
+                   prompt_attention_mask=captions.mask[:2], negative_prompt_embeds=captions.embeds[-1:].expand(2, -1, -1),
+                   negative_prompt_attention_mask=captions.mask[-1:].expand(2, -1), num_inference_steps=STEPS,
+                   guidance_scale=3.0, height=16, width=16, use_resolution_binning=False, output_type="np").images
+        assert np.isfinite(out).all() and handle.stats().lazy_ratio > 0
+    finally:
+        disable_lazy(pipe)
+
+
+def test_lookahead_gates_and_heat_maps_on_diffusers_blocks(tmp_path):
+    """Look-ahead gates plan before the step on diffusers' blocks too (without the norm/modulation saving); the heat
+    map draws one panel per branch (three for PixArt's blocks)."""
+    from lazydit.plots import laziness_heatmap
+
+    model = DiffusersDiT(tiny_transformer(num_classes=10))
+    y = torch.arange(4)
+    ref, _ = sample(model, y, STEPS, cfg_scale=2.0, progress=False)
+    gates = LazyGates.for_model(model, STEPS, lookahead=True)
+    out, rep = sample(model, y, STEPS, gates=gates, lazy=LazyConfig(threshold=0.0), cfg_scale=2.0, progress=False)
+    assert torch.equal(out, ref) and rep.lazy_ratio == 0.0
+    _, rep = sample(model, y, STEPS, gates=gates, lazy=LazyConfig(threshold=1.0), cfg_scale=2.0, progress=False)
+    assert rep.lazy_ratio == 0.5
+    laziness_heatmap(rep.stats["per_step_layer_branch"], tmp_path / "h2.png")
+    laziness_heatmap(np.random.rand(STEPS, 2, 3), tmp_path / "h3.png", kinds=("attn", "cross", "mlp"))
+    assert (tmp_path / "h2.png").stat().st_size > 5000 and (tmp_path / "h3.png").stat().st_size > 5000

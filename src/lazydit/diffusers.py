@@ -8,6 +8,9 @@
 - `DiffusersDiT` puts a `DiTTransformer2DModel` behind lazydit's model interface (`forward(x, t, y)`, a `DiTConfig`,
   `blocks`), so every lazydit tool runs on it: the samplers, `train_gates` (data or data-free), calibration, `eval`,
   `compare`. Its blocks are the transformer's own: gates trained through it attach to the pipeline's transformer.
+- `DiffusersPixArt` does the same for a `PixArtTransformer2DModel`, text conditioning as caption labels: a
+  `CaptionBank` of caption embeddings (precomputed with the pipeline's text encoder, or given as tensors) and the
+  negative prompt as the null label. Gates train data-free on the model's own trajectories for those captions.
 - `enable_lazy(pipe, gates)` / `disable_lazy(pipe)` attach to a pipeline's transformer (`DiTPipeline`, the PixArt
   pipelines). Gates are keyed by the timesteps they were trained on: lazydit's respacing is diffusers' DDIM with
   `timestep_spacing="linspace"`; for another scheduler or spacing train on `scheduler_timesteps(scheduler, T)`
@@ -83,6 +86,7 @@ class DiffusersDiT(torch.nn.Module):
             raise UsageError(f"DiffusersDiT wraps a DiTTransformer2DModel, not {type(transformer).__name__}")
         self.transformer = transformer
         self.config = dit_config_of(transformer)
+        self.guided_channels = self.config.in_channels  # DiTPipeline guides every latent channel
         self.name = "diffusers:DiTTransformer2DModel"
 
     @property
@@ -93,6 +97,61 @@ class DiffusersDiT(torch.nn.Module):
         if force_drop_ids is not None:  # label drop by the null label, as DiT's LabelEmbedder.token_drop
             y = torch.where(force_drop_ids == 1, self.config.num_classes, y)
         return self.transformer(x, timestep=t, class_labels=y).sample
+
+
+class CaptionBank(torch.nn.Module):
+    """Text conditioning as labels: caption embeddings precomputed once with the pipeline's text encoder (or given
+    as tensors), indexed by y, with the negative (unconditional) embedding as the null label N."""
+
+    def __init__(self, embeds, mask=None, negative=None, negative_mask=None):
+        super().__init__()
+        if embeds.dim() != 3:
+            raise UsageError(f"caption embeddings are (N, S, D_text), got {tuple(embeds.shape)}")
+        N, S = embeds.shape[:2]
+        mask = torch.ones(N, S, dtype=torch.long, device=embeds.device) if mask is None else mask
+        negative = torch.zeros_like(embeds[0]) if negative is None else negative.reshape(S, -1)
+        negative_mask = torch.ones_like(mask[0]) if negative_mask is None else negative_mask.reshape(S)
+        self.register_buffer("embeds", torch.cat([embeds, negative[None]]))
+        self.register_buffer("mask", torch.cat([mask, negative_mask[None]]))
+
+    def __len__(self):
+        return self.embeds.shape[0] - 1
+
+
+class DiffusersPixArt(torch.nn.Module):
+    """A `PixArtTransformer2DModel` with lazydit's model interface, text conditioning as caption labels: y indexes
+    a `CaptionBank` (y = N: the negative prompt), so lazydit's samplers (with guidance), `train_gates` (data-free:
+    the model's own trajectories for the bank's captions), calibration and `compare` run on it unchanged. The
+    gates it trains attach to the PixArt pipeline's transformer (`enable_lazy`)."""
+
+    def __init__(self, transformer, captions: CaptionBank):
+        super().__init__()
+        from diffusers import PixArtTransformer2DModel
+
+        if not isinstance(transformer, PixArtTransformer2DModel):
+            raise UsageError(f"DiffusersPixArt wraps a PixArtTransformer2DModel, not {type(transformer).__name__}")
+        self.transformer, self.captions = transformer, captions
+        c = transformer.config
+        D = c.num_attention_heads * c.attention_head_dim
+        ff = transformer.transformer_blocks[0].ff.net[0].proj.out_features
+        out = c.out_channels or c.in_channels
+        self.config = DiTConfig(input_size=c.sample_size, patch_size=c.patch_size, in_channels=c.in_channels,
+                                hidden_size=D, depth=c.num_layers, num_heads=c.num_attention_heads, mlp_ratio=ff / D,
+                                class_dropout_prob=0.1, num_classes=len(captions),
+                                learn_sigma=out == 2 * c.in_channels)
+        self.guided_channels = c.in_channels  # the PixArt pipelines guide every latent channel
+        self.name = "diffusers:PixArtTransformer2DModel"
+
+    @property
+    def blocks(self):
+        return self.transformer.transformer_blocks
+
+    def forward(self, x, t, y, force_drop_ids=None):
+        if force_drop_ids is not None:  # the negative prompt, as label drop
+            y = torch.where(force_drop_ids == 1, len(self.captions), y)
+        cond = {"resolution": None, "aspect_ratio": None}
+        return self.transformer(x, encoder_hidden_states=self.captions.embeds[y].to(x.dtype), timestep=t,
+                                encoder_attention_mask=self.captions.mask[y], added_cond_kwargs=cond).sample
 
 
 def wrap(model):

@@ -1,17 +1,23 @@
-"""Plots: the layer x step laziness heat map (the paper's Figure 4), MHSA and FFN side by side."""
+"""Plots: the layer x step laziness heat map (the paper's Figure 4), one panel per branch (MHSA and FFN side by side
+for DiT)."""
 
 import numpy as np
 
 from lazydit.files import savefig_atomic
 
 
-def laziness_heatmap(per_step_layer_branch, path, title: str = ""):
-    """Write a PNG heat map of the lazy ratio per layer (rows) and sampling step (columns, first step left).
+BRANCH_TITLES = {"attn": "MHSA", "cross": "cross-attention", "mlp": "FFN"}
+
+
+def laziness_heatmap(per_step_layer_branch, path, title: str = "", kinds=("attn", "mlp")):
+    """Write a PNG heat map of the lazy ratio per layer (rows) and sampling step (columns, first step left), one panel
+    per branch.
 
     Args:
-        per_step_layer_branch: (T, L, 2) nested list or array of lazy ratios (LazyStats.ratio((0, 1, 2))).
+        per_step_layer_branch: (T, L, nb) nested list or array of lazy ratios (LazyStats.ratio((0, 1, 2))).
         path: output PNG.
         title: figure title.
+        kinds: the branch kinds, in order (DiT: attn, mlp; PixArt: attn, cross, mlp).
     """
     import matplotlib
 
@@ -19,14 +25,15 @@ def laziness_heatmap(per_step_layer_branch, path, title: str = ""):
     import matplotlib.pyplot as plt
 
     r = np.asarray(per_step_layer_branch, dtype=float)[::-1]  # sampling order: k = T-1 first
-    T, L, _ = r.shape
-    fig, axes = plt.subplots(1, 2, figsize=(2 + 0.12 * T * 2, 1.2 + 0.25 * L), dpi=130, sharey=True)
-    for ax, b, name in zip(axes, (0, 1), ("MHSA", "FFN")):
+    T, L, nb = r.shape
+    fig, axes = plt.subplots(1, nb, figsize=(2 + 0.12 * T * nb, 1.2 + 0.25 * L), dpi=130, sharey=True)
+    names = [BRANCH_TITLES.get(k, k) for k in kinds] if len(kinds) == nb else [f"branch {b}" for b in range(nb)]
+    for ax, b, name in zip(np.atleast_1d(axes), range(nb), names):
         im = ax.imshow(r[:, :, b].T, aspect="auto", cmap="viridis", vmin=0, vmax=1, origin="lower",
                        extent=(0.5, T + 0.5, -0.5, L - 0.5))
         ax.set_title(f"{name}: {r[:, :, b].mean():.0%} lazy", fontsize=9)
         ax.set_xlabel("sampling step")
-    axes[0].set_ylabel("layer")
+    np.atleast_1d(axes)[0].set_ylabel("layer")
     fig.colorbar(im, ax=axes, fraction=0.03, label="lazy ratio")
     if title:
         fig.suptitle(title, fontsize=10)

@@ -265,9 +265,10 @@ def guided_channels(in_channels):
     return 3 if in_channels == 4 else in_channels
 
 
-def combine_cfg(out, in_channels, cfg_scale):
-    """out (2B, C_out, H, W) of [cond; uncond] rows -> eps_u + w (eps_c - eps_u) on the guided channels, both halves."""
-    g = guided_channels(in_channels)
+def combine_cfg(out, in_channels, cfg_scale, guided: int | None = None):
+    """out (2B, C_out, H, W) of [cond; uncond] rows -> eps_u + w (eps_c - eps_u) on the guided channels, both halves
+    (`guided`: how many; default the reference's `guided_channels`)."""
+    g = guided_channels(in_channels) if guided is None else guided
     eps, rest = out[:, :g], out[:, g:]
     cond, uncond = eps.chunk(2)
     half_eps = uncond + cfg_scale * (cond - uncond)

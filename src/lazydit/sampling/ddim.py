@@ -11,12 +11,14 @@ from lazydit.sampling.schedule import Schedule
 
 
 def model_eps(model, x, t, y, cfg_scale: float):
-    """eps prediction (B, C, H, W): one forward, with the reference CFG when cfg_scale != 1 (x, y are [x; x], [y; null])."""
+    """eps prediction (B, C, H, W): one forward, with the reference CFG when cfg_scale != 1 (x, y are [x; x], [y; null]);
+    a model with a `guided_channels` attribute is guided on that many channels (the reference: 3 of 4 latent ones)."""
     C = x.shape[1]
     if cfg_scale == 1.0:
         return model(x, t, y)[:, :C]
     half = x[: len(x) // 2]  # as forward_with_cfg: both halves run on the conditional half's x
-    return combine_cfg(model(torch.cat([half, half]), t, y), C, cfg_scale)[:, :C]
+    guided = getattr(model, "guided_channels", None)  # diffusers' pipelines guide every latent channel
+    return combine_cfg(model(torch.cat([half, half]), t, y), C, cfg_scale, guided)[:, :C]
 
 
 def initial_noise(model, y, x=None, cfg_scale: float = 1.0, generator=None, seed=None, null_label=None):
