@@ -429,3 +429,27 @@ def test_lookahead_gates_and_heat_maps_on_diffusers_blocks(tmp_path):
     laziness_heatmap(rep.stats["per_step_layer_branch"], tmp_path / "h2.png")
     laziness_heatmap(np.random.rand(STEPS, 2, 3), tmp_path / "h3.png", kinds=("attn", "cross", "mlp"))
     assert (tmp_path / "h2.png").stat().st_size > 5000 and (tmp_path / "h3.png").stat().st_size > 5000
+
+
+def test_cli_train_gates_on_a_pixart_folder_with_captions(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    from diffusers import PixArtTransformer2DModel
+    from safetensors.torch import save_file
+
+    from lazydit.cli import main
+
+    torch.manual_seed(0)
+    tr = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
+                                  num_layers=2, sample_size=8, patch_size=2, cross_attention_dim=32,
+                                  caption_channels=24, num_embeds_ada_norm=1000)
+    tr.save_pretrained(tmp_path / "pixart" / "transformer")
+    save_file({"embeds": torch.randn(3, 5, 24), "negative": torch.zeros(5, 24)}, tmp_path / "caps.safetensors")
+    main(["train-gates", "--model", str(tmp_path / "pixart"), "--captions", str(tmp_path / "caps.safetensors"),
+          "--steps", "6", "--data-free", "--pool", "6", "--iters", "2", "--batch-size", "3", "--out",
+          str(tmp_path / "g"), "--json"])
+    gates = LazyGates.load(json.loads(capsys.readouterr().out)["gates"])
+    assert gates.weight.shape == (2, 3, 6, 32)
+    with pytest.raises(SystemExit) as e:  # a text-conditional model without its captions: one line
+        main(["train-gates", "--model", str(tmp_path / "pixart"), "--steps", "6", "--data-free", "--out",
+              str(tmp_path / "h")])
+    assert "pass --captions FILE" in str(e.value.code) and not (tmp_path / "h").exists()

@@ -183,7 +183,7 @@ def _model(args):
     from lazydit.models.checkpoint import load_model
 
     return load_model(args.model, name=args.model_name, image_size=args.image_size, overrides=_overrides(args),
-                      device=_device(args))
+                      device=_device(args), captions=getattr(args, "captions", None))
 
 
 def _lazy_config(args):
@@ -714,6 +714,9 @@ def build_parser():
                          "(0: a copy, as the paper; beyond the paper)")
     sp.add_argument("--lookahead", action="store_true",
                     help="look-ahead gates: plan step k from the inputs of step k+1 (faster; beyond the paper)")
+    sp.add_argument("--captions", default=None,
+                    help="a text-conditional diffusers model (PixArt): caption embeddings (.safetensors: embeds "
+                         "(N, S, D_text), optional mask, negative, negative_mask), its labels (use --data-free)")
     sp.add_argument("--scheduler", default=None,
                     help="a diffusers pipeline or scheduler folder: train for the timesteps its scheduler runs at "
                          "--steps (default: lazydit's respacing = diffusers' DDIM with 'linspace' spacing)")

@@ -118,6 +118,30 @@ class CaptionBank(torch.nn.Module):
         return self.embeds.shape[0] - 1
 
 
+def load_captions(path, device="cpu") -> dict:
+    """Caption embeddings from a .safetensors (or torch) file: `embeds` (N, S, D_text), optional `mask` (N, S),
+    `negative` (S, D_text) and `negative_mask` (S,); the keyword arguments of `CaptionBank`."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"caption file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(path), device=str(device))
+        else:
+            tensors = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is one message
+        raise UsageError(f"{path}: not a caption file ({type(e).__name__}: {e})") from e
+    if not isinstance(tensors, dict) or "embeds" not in tensors:
+        raise UsageError(f"{path}: a caption file holds 'embeds' (N, S, D_text) and optionally 'mask', 'negative', "
+                         "'negative_mask'")
+    keys = ("embeds", "mask", "negative", "negative_mask")
+    return {k: tensors[k] for k in keys if k in tensors}
+
+
 class DiffusersPixArt(torch.nn.Module):
     """A `PixArtTransformer2DModel` with lazydit's model interface, text conditioning as caption labels: y indexes
     a `CaptionBank` (y = N: the negative prompt), so lazydit's samplers (with guidance), `train_gates` (data-free:

@@ -128,7 +128,7 @@ MODEL_KINDS = ("'default' (the shipped Fashion-MNIST DiT), a DiT file (.pt / .pt
 
 
 def load_model(spec, *, name: str | None = None, image_size: int | None = None, overrides: dict | None = None,
-               device="cpu"):
+               device="cpu", captions=None):
     """Any model lazydit runs, by kind: the shipped default, a DiT file or a Large-DiT folder.
 
     Args:
@@ -139,6 +139,8 @@ def load_model(spec, *, name: str | None = None, image_size: int | None = None, 
         image_size: image size of a latent model (latent = size / 8), for files without a config.
         overrides: more config fields for files without a config.
         device: where the model goes.
+        captions: a text-conditional diffusers transformer (PixArt) only: a file of caption embeddings (see
+            `lazydit.diffusers.load_captions`), which become its labels.
     Returns:
         The model in eval mode.
     Raises:
@@ -158,7 +160,7 @@ def load_model(spec, *, name: str | None = None, image_size: int | None = None, 
     path = Path(spec)
     diffusers_folder = _diffusers_folder(path)
     if diffusers_folder is not None:
-        return _load_diffusers(diffusers_folder, device)
+        return _load_diffusers(diffusers_folder, device, captions)
     if path.is_dir() or path.name in (ARGS_FILE, EMA_FILE, MODEL_FILE) or (
             path.suffix == ".pth" and (path.parent / ARGS_FILE).is_file()):
         return _load_large(path.parent if path.name == ARGS_FILE else path, name, image_size, overrides, device)
@@ -191,24 +193,29 @@ def _diffusers_folder(path: Path):
     return None
 
 
-def _load_diffusers(folder: Path, device):
-    """A diffusers DiT transformer folder, behind lazydit's model interface (`lazydit.diffusers.DiffusersDiT`)."""
+def _load_diffusers(folder: Path, device, captions=None):
+    """A diffusers transformer folder behind lazydit's model interface: `DiffusersDiT`, or `DiffusersPixArt` with
+    the caption labels of `captions`."""
     cls = json.loads((folder / "config.json").read_text())["_class_name"]
-    if cls != "DiTTransformer2DModel":
-        raise CheckpointError(f"{folder}: a {cls}; lazydit trains and samples class-conditional diffusers DiTs "
-                              "(DiTTransformer2DModel); attach gates to other pipelines with lazydit.diffusers."
-                              "enable_lazy")
+    if cls not in ("DiTTransformer2DModel", "PixArtTransformer2DModel"):
+        raise CheckpointError(f"{folder}: a {cls}; lazydit runs diffusers' DiTTransformer2DModel and "
+                              "PixArtTransformer2DModel")
+    if (cls == "PixArtTransformer2DModel") != (captions is not None):
+        raise CheckpointError(f"{folder}: a {cls}: " + ("text-conditional, pass --captions FILE (caption embeddings)"
+                                                        if captions is None else "class-conditional, drop --captions"))
     try:
-        from diffusers import DiTTransformer2DModel
+        import diffusers
 
-        from lazydit.diffusers import DiffusersDiT
+        from lazydit.diffusers import CaptionBank, DiffusersDiT, DiffusersPixArt, load_captions
     except ImportError as e:
         raise CheckpointError(f"{folder} is a diffusers model: pip install diffusers") from e
     try:
-        tr = DiTTransformer2DModel.from_pretrained(str(folder), local_files_only=True)
+        tr = getattr(diffusers, cls).from_pretrained(str(folder), local_files_only=True).to(device).eval()
     except (OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{folder}: not a loadable diffusers DiT ({type(e).__name__}: {e})") from e
-    return DiffusersDiT(tr.to(device).eval())
+        raise CheckpointError(f"{folder}: not a loadable diffusers {cls} ({type(e).__name__}: {e})") from e
+    if captions is None:
+        return DiffusersDiT(tr)
+    return DiffusersPixArt(tr, CaptionBank(**load_captions(captions, device)))
 
 
 def _load_large(path: Path, name, image_size, overrides, device):
