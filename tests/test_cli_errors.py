@@ -128,6 +128,20 @@ CASES = {
                                        "NaN or Inf"),
     "overflowing model (eval)": (["eval", "--model", "{tmp}/huge.safetensors", "--steps", "3", "--num-samples", "8",
                                   "--out", "{tmp}/e.npz"], "NaN or Inf"),
+    # the comparison harness, samplers, methods and diffusers inputs
+    "compare bad config": (["compare", "ddim-4", "euler-4", "--out", "{tmp}/c"], "expected SAMPLER-T"),
+    "compare bad option": (["compare", "ddim-4+fora:interval=0", "--out", "{tmp}/c"], "interval must be"),
+    "compare gates for another T": (["compare", "ddim-4+lazy:gates=default,target=0.5", "--out", "{tmp}/c"],
+                                   "not 4"),
+    "compare out is a file": (["compare", "ddim-4", "--out", "{tmp}/file.txt"], "is a file"),
+    "sampler unknown": (["sample", "--sampler", "euler", "--out", "{tmp}/s.png"], "invalid choice"),
+    "method option bad": (["sample", "--method", "taylorseer:order=-1", "--out", "{tmp}/s.png"], "order must be"),
+    "teacache bad coefficients": (["sample", "--method", "teacache:coefficients=a/b", "--out", "{tmp}/s.png"],
+                                  "coefficients must be numbers"),
+    "scheduler folder without config": (["train-gates", "--steps", "4", "--data-free", "--scheduler", "{tmp}",
+                                         "--out", "{tmp}/run"], "no scheduler_config.json"),
+    "captions for a DiT": (["train-gates", "--steps", "4", "--data-free", "--captions", "{tmp}/file.txt",
+                            "--out", "{tmp}/run"], "captions"),
 }
 if not torch.cuda.is_available():
     CASES["device cuda without a GPU"] = (["sample", "--device", "cuda", "--out", "{tmp}/s.png"], "sees no CUDA GPU")

@@ -154,6 +154,9 @@ def load_model(spec, *, name: str | None = None, image_size: int | None = None, 
             raise CheckpointError(f"image size {image_size} is not a multiple of 8 (the VAE's factor)")
         overrides["input_size"] = image_size // 8
     if spec in (None, "default"):
+        if captions is not None:
+            raise CheckpointError("--captions is for a text-conditional diffusers model (a PixArt pipeline or "
+                                  "transformer folder), not the shipped class-conditional model")
         from lazydit.assets import default_model
 
         return default_model(device)
@@ -161,6 +164,9 @@ def load_model(spec, *, name: str | None = None, image_size: int | None = None, 
     diffusers_folder = _diffusers_folder(path)
     if diffusers_folder is not None:
         return _load_diffusers(diffusers_folder, device, captions)
+    if captions is not None:
+        raise CheckpointError("--captions is for a text-conditional diffusers model (a PixArt pipeline or "
+                              f"transformer folder), not {spec}")
     if path.is_dir() or path.name in (ARGS_FILE, EMA_FILE, MODEL_FILE) or (
             path.suffix == ".pth" and (path.parent / ARGS_FILE).is_file()):
         return _load_large(path.parent if path.name == ARGS_FILE else path, name, image_size, overrides, device)
