@@ -71,6 +71,9 @@ def main(argv=None):
     ap.add_argument("--docs", default="docs")
     ap.add_argument("--only", default=None, help="run only these configurations (comma-separated indices)")
     ap.add_argument("--write-only", action="store_true")
+    ap.add_argument("--timing", default=None,
+                    help="benchmarks/bench_methods.py JSON: its seconds per image (a quiet CPU, one interleaved run) "
+                         "replace the ones measured while the rows sampled")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     tune_allocator()
@@ -89,10 +92,24 @@ def main(argv=None):
             train(name, model, args)
     rows = compare(model, todo, cfg, default_classifier(), default_reference(), run, progress=not args.quiet,
                    log=lambda m: print(m, flush=True))
+    notes = ""
+    if args.timing:
+        import json
+
+        bench = json.loads(Path(args.timing).read_text())
+        per_image = {b["config"]: b["median_s"] / bench["batch"] for b in bench["rows"]}
+        for r in rows:
+            r["seconds_per_image_sampling_run"] = r["seconds_per_image"]
+            r["seconds_per_image"] = per_image.get(r["sampler"], float("nan"))
+        notes = (f"Seconds per image: `python benchmarks/bench_methods.py` ({bench['device_name']}, "
+                 f"{bench['threads']} threads, batch {bench['batch']} with CFG in micro-batches of "
+                 f"{bench['micro_batch']}, median of {bench['repeats']} interleaved rounds), not the sampling run's "
+                 "own clock (other work shared the CPU then; those figures stay in the JSON).")
     for r in rows:  # paths of this machine's run folder do not belong in the write-up
         r["sampler"] = r["sampler"].replace(str(run) + "/", "")
     write_report(rows, cfg, Path(args.docs) / "compare_methods", title="Every method in one harness",
-                 command="python experiments/compare_methods.py")
+                 command="python experiments/compare_methods.py" + (f" --timing {args.timing}" if args.timing
+                                                                    else ""), notes=notes)
     print(f"wrote {args.docs}/compare_methods.md ({len(rows)} rows)")
 
 

@@ -71,8 +71,8 @@ class MethodSpec:
         opts = dict(self.options)
         if self.method == "lazy" and opts.get("gates") not in (None, "default"):
             name += f" [{Path(str(opts['gates'])).parent.name or opts['gates']}]"
-        if self.method in ("fora", "taylorseer"):
-            name += "" if self.method == "fora" else f" O={opts.get('order', 4)}"
+        if self.method == "taylorseer":  # one curve per order: the interval sweeps along it
+            name += f" O={opts.get('order', 4)}"
         return name + ("" if self.sampler == "ddim" else f" +{label}")
 
     @property
