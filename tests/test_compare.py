@@ -126,3 +126,16 @@ def test_cli_sample_with_dpm_and_a_method(tmp_path, capsys):
           "--out", str(tmp_path / "s.png"), "--json"])
     row = json.loads(capsys.readouterr().out)[0]
     assert row["sampler"] == "TeaCache-4+DPM++2M" and (tmp_path / "s.png").exists()
+
+
+def test_report_compares_each_row_with_ddim_at_equal_tmacs(tmp_path):
+    def row(name, tmacs, fid, method="none", sampler="ddim"):
+        return dict(sampler=name, family=name, method=method, sampler_name=sampler, lazy_ratio=0.0, tmacs=tmacs,
+                    fid=fid, sfid=1.0, inception_score=1.0, precision=0.5, recall=0.5, kid=0.0, psnr_vs_ref=20.0,
+                    seconds_per_image=0.01)
+
+    rows = [row("ddim-5", 1.0, 8.0), row("ddim-10", 2.0, 6.0), row("x", 1.5, 6.5, "fora"),
+            row("far", 3.0, 5.0, "fora"), row("dpm++2m-5", 1.0, 9.0, sampler="dpm++2m")]
+    write_report(rows, CompareConfig(), tmp_path / "r")
+    assert [r["fid_vs_ddim"] for r in rows] == [0.0, 0.0, -0.5, None, 1.0]
+    assert "| x | 0.0% | 1.50000 | 0.750 | 6.500 | -0.500 |" in (tmp_path / "r.md").read_text()
