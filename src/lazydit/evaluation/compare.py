@@ -307,7 +307,8 @@ def write_report(rows: list, cfg: CompareConfig, out, title: str = "Comparison",
               "FID − DDIM at equal TMACs: against the DDIM rows' FID interpolated linearly in TMACs (blank outside "
               "their range; negative: better than DDIM with fewer steps); "
               f"PSNR against {cfg.reference} on the first {cfg.ref_samples:,} images of the same noise; seconds per "
-              f"image of sampling as measured in this run (micro-batches of {cfg.micro_batch}).", ""]
+              f"image of sampling in micro-batches of {cfg.micro_batch}, measured while the rows sampled unless a "
+              "note below says otherwise.", ""]
     curve = sorted((r["tmacs"], r["fid"]) for r in rows if r["method"] == "none" and r["sampler_name"] == "ddim")
     for r in rows:  # FID of DDIM at the same TMACs, linear between the DDIM rows (None outside their range)
         inside = len(curve) > 1 and curve[0][0] <= r["tmacs"] <= curve[-1][0]
@@ -351,6 +352,9 @@ def frontier_figure(rows: list, x_key: str, x_label: str, title: str):
         bare = rs[0]["method"] == "none"
         ax.plot([r[x_key] for r in rs], [r["fid"] for r in rs], "--" if bare else "-", marker="o" if bare else "s",
                 label=fam, lw=1.2 if bare else 1.6)
+    fids = [r["fid"] for r in rows]
+    if max(fids) > 3 * min(fids):  # an outlier would flatten the frontier: log scale
+        ax.set_yscale("log")
     ax.set_xlabel(x_label)
     ax.set_ylabel("FID (lower is better)")
     ax.set_title(title, fontsize=9)
