@@ -39,6 +39,22 @@ def tiny_vae():
                          latent_channels=4, norm_num_groups=4, sample_size=16).eval()
 
 
+def tiny_pixart(perturb=True):
+    """A tiny random PixArt transformer (cross-attention to 24-wide captions); perturbed: no zero-initialised layer."""
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(0)
+    tr = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
+                                  num_layers=2, sample_size=8, patch_size=2, cross_attention_dim=32,
+                                  caption_channels=24, num_embeds_ada_norm=1000)
+    if perturb:
+        tr.eval()
+        with torch.no_grad():
+            for p in tr.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+    return tr
+
+
 def ddim(spacing="linspace"):
     return DDIMScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, clip_sample=False,
                          timestep_spacing=spacing)
@@ -241,15 +257,9 @@ def test_gates_for_other_blocks_are_refused(pipe):
 
 def test_pixart_pipeline():
     pytest.importorskip("transformers")
-    from diffusers import PixArtAlphaPipeline, PixArtTransformer2DModel
+    from diffusers import PixArtAlphaPipeline
 
-    torch.manual_seed(0)
-    tr = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
-                                  num_layers=2, sample_size=8, patch_size=2, cross_attention_dim=32,
-                                  caption_channels=24, num_embeds_ada_norm=1000).eval()
-    with torch.no_grad():
-        for p in tr.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    tr = tiny_pixart()
     pipe = PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=tiny_vae(), transformer=tr, scheduler=ddim())
     pipe.set_progress_bar_config(disable=True)
     emb, mask = torch.randn(2, 5, 24), torch.ones(2, 5, dtype=torch.long)
@@ -374,19 +384,13 @@ def test_pixart_gates_train_on_captions_and_attach_to_the_pipeline(tmp_path):
     """Text-conditional: caption embeddings as labels (the negative prompt as the null label), data-free training;
     the gates fit the pipeline's transformer, and a larger penalty skips more."""
     pytest.importorskip("transformers")
-    from diffusers import PixArtAlphaPipeline, PixArtTransformer2DModel
+    from diffusers import PixArtAlphaPipeline
 
     from lazydit.diffusers import CaptionBank, DiffusersPixArt
     from lazydit.training import GateTrainConfig, train_gates
     from lazydit.training.trajectories import trajectory_data
 
-    torch.manual_seed(0)
-    tr = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
-                                  num_layers=2, sample_size=8, patch_size=2, cross_attention_dim=32,
-                                  caption_channels=24, num_embeds_ada_norm=1000).eval()
-    with torch.no_grad():
-        for p in tr.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    tr = tiny_pixart()
     captions = CaptionBank(torch.randn(4, 5, 24), negative=torch.zeros(5, 24))
     model = DiffusersPixArt(tr, captions)
     assert model.config.num_classes == 4 and model.guided_channels == 4
@@ -433,15 +437,11 @@ def test_lookahead_gates_and_heat_maps_on_diffusers_blocks(tmp_path):
 
 def test_cli_train_gates_on_a_pixart_folder_with_captions(tmp_path, capsys):
     pytest.importorskip("transformers")
-    from diffusers import PixArtTransformer2DModel
     from safetensors.torch import save_file
 
     from lazydit.cli import main
 
-    torch.manual_seed(0)
-    tr = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
-                                  num_layers=2, sample_size=8, patch_size=2, cross_attention_dim=32,
-                                  caption_channels=24, num_embeds_ada_norm=1000)
+    tr = tiny_pixart(perturb=False)
     tr.save_pretrained(tmp_path / "pixart" / "transformer")
     save_file({"embeds": torch.randn(3, 5, 24), "negative": torch.zeros(5, 24)}, tmp_path / "caps.safetensors")
     main(["train-gates", "--model", str(tmp_path / "pixart"), "--captions", str(tmp_path / "caps.safetensors"),

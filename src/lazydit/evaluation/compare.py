@@ -29,7 +29,7 @@ import numpy as np
 from lazydit.errors import UsageError
 from lazydit.files import write_text_atomic
 from lazydit.lazy import LazyConfig, make_policy, policy_for
-from lazydit.lazy.policies import POLICIES
+from lazydit.lazy.policies import POLICIES, _value
 from lazydit.sampling import SAMPLER_LABELS, SAMPLERS
 
 GATE_METHODS = ("lazy", "l2c")  # methods whose policy is a gate bank read from a file
@@ -78,15 +78,6 @@ class MethodSpec:
     @property
     def filename(self) -> str:
         return re.sub(r"[^A-Za-z0-9.+=,@-]+", "_", self.text)
-
-
-def _value(text: str):
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
 
 
 def parse_spec(text: str) -> MethodSpec:
