@@ -1,4 +1,5 @@
-"""The embedded default shipped inside the package: a Fashion-MNIST DiT and its gate sets (docs/embedded.md)."""
+"""The embedded default shipped inside the package: a Fashion-MNIST DiT and its gate sets (docs/embedded.md), and
+the Fashion-MNIST autoencoder of its latent successor (`default_autoencoder`)."""
 
 from pathlib import Path
 
@@ -8,6 +9,7 @@ from lazydit.lazy import LazyGates
 
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_MODEL = ASSETS / "fmnist_dit.safetensors"
+DEFAULT_AUTOENCODER = ASSETS / "fmnist_autoencoder.safetensors"  # 28x28x1 <-> 4x14x14 latents
 SHIPPED_STEPS = (10, 20, 40, 50)  # reference gates
 SHIPPED_LOOKAHEAD_STEPS = (50,)  # look-ahead gates
 
@@ -27,7 +29,20 @@ def default_model(device="cpu"):
     """The shipped EMA Fashion-MNIST DiT (eval mode) on `device`."""
     if not DEFAULT_MODEL.is_file():
         raise _missing(DEFAULT_MODEL)
-    return load_dit(DEFAULT_MODEL).to(device)
+    model = load_dit(DEFAULT_MODEL)
+    if getattr(model, "autoencoder_file", None) and not model.autoencoder_file.is_file():
+        raise _missing(model.autoencoder_file)  # a latent default decodes with the autoencoder it names
+    return model.to(device)
+
+
+def default_autoencoder(device="cpu"):
+    """The shipped Fashion-MNIST autoencoder (`lazydit.models.autoencoder.TinyAutoencoder`, eval mode, frozen):
+    images (B, 1, 28, 28) in [-1, 1] <-> unit-std latents (B, 4, 14, 14), for the latent DiT (DiT-FMNIST-Latent)."""
+    from lazydit.models.autoencoder import load_autoencoder
+
+    if not DEFAULT_AUTOENCODER.is_file():
+        raise _missing(DEFAULT_AUTOENCODER)
+    return load_autoencoder(DEFAULT_AUTOENCODER, device)
 
 
 def load_default(device="cpu"):
@@ -37,7 +52,7 @@ def load_default(device="cpu"):
 
 
 def default_gates(steps: int, device="cpu", lookahead: bool = False) -> LazyGates:
-    """The shipped gate set for T = steps (reference gates: 10, 20 or 50; look-ahead gates: 50)."""
+    """The shipped gate set for T = steps (reference gates: 10, 20, 40 or 50; look-ahead gates: 50)."""
     shipped = SHIPPED_LOOKAHEAD_STEPS if lookahead else SHIPPED_STEPS
     if steps not in shipped:
         kind = "look-ahead gates" if lookahead else "gates"

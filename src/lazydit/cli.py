@@ -291,9 +291,20 @@ def cmd_pretrain(args):
     cfg = PretrainConfig(model=args.model_name, data=args.data, out=args.out, iters=args.iters,
                          batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay, seed=args.seed,
                          ckpt_every=args.ckpt_every, max_minutes=args.max_minutes, bf16=args.bf16,
-                         resume=args.resume, flip=args.flip)
+                         resume=args.resume, flip=args.flip, autoencoder=args.autoencoder, warmup=args.warmup)
     path = pretrain(cfg, device=_device(args))
     print(json.dumps({"model": str(path)}) if args.json else f"EMA model written to {path}")
+
+
+def cmd_train_autoencoder(args):
+    from lazydit.training.autoencoder import AutoencoderTrainConfig, train_autoencoder
+
+    cfg = AutoencoderTrainConfig(data=args.data, out=args.out, latent_channels=args.latent_channels,
+                                 width=args.width, downsample=args.downsample, iters=args.iters, batch_size=args.batch_size, lr=args.lr,
+                                 kl_weight=args.kl_weight, seed=args.seed, ckpt_every=args.ckpt_every,
+                                 max_minutes=args.max_minutes, resume=args.resume)
+    path = train_autoencoder(cfg, device=_device(args), progress=not args.json)
+    print(json.dumps({"autoencoder": str(path)}) if args.json else f"autoencoder written to {path}")
 
 
 def _check_parity_cap(target):
@@ -539,8 +550,9 @@ def cmd_eval(args):
         row = dict(sampler=args.samples, n=len(images), **score(extractor, images, ref, progress=not args.json))
     else:
         model = _model(args)
-        if model.config.in_channels not in (1, 3):
-            raise LazyditError("eval samples pixel models only; for a latent model write the images with "
+        if model.config.in_channels not in (1, 3) and not getattr(model, "autoencoder_file", None):
+            raise LazyditError("eval samples pixel models and models that name their autoencoder (the embedded "
+                               "default); for another latent model write the images with "
                                "`lazydit sample-ddp --vae VAE_FOLDER --out s.npz`, then `lazydit eval --samples s.npz`")
         gates, policy = _policy(args)
         _prepare(policy, model, args)
@@ -556,18 +568,18 @@ def cmd_eval(args):
 
 def cmd_cost(args):
     from lazydit.evaluation.cost import forward_macs
-    from lazydit.models.dit import model_config
+    from lazydit.models.dit import IMAGE_PER_LATENT, model_config
 
     name = "DiT-FMNIST" if args.model == "default" else args.model  # 'default': the shipped model, as everywhere
-    cfg = model_config(name, **({"input_size": args.image_size // 8} if args.image_size else {}))
-    latent = cfg.in_channels == 4  # latent DiTs: image = 8 x latent; pixel models: the input itself
+    factor = IMAGE_PER_LATENT.get(name, 8) if model_config(name).in_channels == 4 else 1  # image / input size
+    cfg = model_config(name, **({"input_size": args.image_size // factor} if args.image_size else {}))
 
     def tmacs(macs):  # 3 decimals, as the paper; small models keep 4 significant digits
         return round(macs / 1e12, 3) if macs >= 1e11 else float(f"{macs / 1e12:.4g}")
 
     rows = []
     for s in args.steps:
-        rows.append(dict(model=name, image_size=args.image_size or cfg.input_size * (8 if latent else 1), steps=s,
+        rows.append(dict(model=name, image_size=args.image_size or cfg.input_size * factor, steps=s,
                          tmacs=tmacs(s * forward_macs(cfg)), tmacs_with_attention=tmacs(s * forward_macs(cfg, True))))
     _emit(args, rows, ["model", "image_size", "steps", "tmacs", "tmacs_with_attention"])
 
@@ -665,6 +677,26 @@ def build_parser():
     sp.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
     sp.add_argument("--flip", action="store_true", help="random horizontal flips")
     sp.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    sp.add_argument("--warmup", type=_positive, default=200, help="linear lr warm-up, in optimiser steps")
+    sp.add_argument("--autoencoder", default=None,
+                    help="train a latent model on this autoencoder's latents (train-autoencoder's file; "
+                         "e.g. --model-name DiT-FMNIST-Latent); the model then decodes with it")
+
+    sp = add("train-autoencoder", cmd_train_autoencoder,
+             "train the small Fashion-MNIST autoencoder a latent DiT (DiT-FMNIST-Latent) models")
+    _common(sp, model=False)
+    sp.add_argument("--data", default=None, help="folder with the Fashion-MNIST IDX files (default: Debian's)")
+    sp.add_argument("--out", default="runs/autoencoder", help="run folder (checkpoint, autoencoder.safetensors)")
+    sp.add_argument("--latent-channels", type=_positive, default=4, help="latent channels C")
+    sp.add_argument("--width", type=_positive, default=64, help="channels of the inner stages")
+    sp.add_argument("--downsample", type=_positive, default=1, help="stride-2 stages (latents 28 / 2^N wide)")
+    sp.add_argument("--iters", type=_positive, default=6000, help="optimiser steps")
+    sp.add_argument("--batch-size", type=_positive, default=128, help="images per optimiser step")
+    sp.add_argument("--lr", type=_rate, default=2e-3, help="Adam learning rate (cosine decay)")
+    sp.add_argument("--kl-weight", type=_rate, default=1e-4, help="weight of the KL term")
+    sp.add_argument("--ckpt-every", type=_positive, default=500, help="optimiser steps between checkpoints")
+    sp.add_argument("--max-minutes", type=_rate, default=None, help="wall-clock budget: stop and save then")
+    sp.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
 
     sp = add("extract-latents", cmd_extract_latents, "encode an image folder (ImageNet train/) once into VAE latents "
                                                      "for train-gates --latents; resumable")
@@ -683,7 +715,7 @@ def build_parser():
 
     sp = add("train-gates", cmd_train_gates, "train LazyDiT gates on a frozen model (3-pass recipe)")
     _common(sp)
-    sp.add_argument("--data", default=None, help="Fashion-MNIST IDX folder (the pixel model), or with --vae an "
+    sp.add_argument("--data", default=None, help="Fashion-MNIST IDX folder (Fashion-MNIST models), or with --vae an "
                                                  "image folder with class sub-folders (latent models)")
     sp.add_argument("--latents", default=None, help="latent folder from `lazydit extract-latents` (latent models)")
     sp.add_argument("--vae", default=None, help="AutoencoderKL folder: encode --data images on the fly")
@@ -732,7 +764,8 @@ def build_parser():
     sp.add_argument("--num-classes", type=_positive, default=None, help="labels uniform over these (default: the model's)")
     sp.add_argument("--keep-parts", action="store_true", help="keep <out>.parts/ after writing the .npz")
     sp.add_argument("--tf32", action="store_true", help="allow TF32 matmuls/convolutions on CUDA")
-    sp.add_argument("--vae", default=None, help="AutoencoderKL folder decoding the latents (latent models)")
+    sp.add_argument("--vae", default=None, help="AutoencoderKL folder (or a train-autoencoder file) decoding the "
+                    "latents of a latent model (default: the autoencoder its file names, as the embedded default's)")
     sp.add_argument("--out", default="samples.npz", help="the ADM .npz to write")
 
     sp = add("calibrate", cmd_calibrate, "set a gate file's threshold so sampling reaches a target lazy ratio")
@@ -752,7 +785,8 @@ def build_parser():
                                                    "DiT's sample.py classes for 1000, else the first 10)")
     sp.add_argument("--per-class", type=_positive, default=4, help="images per class of the default labels")
     sp.add_argument("--scale", type=_positive, default=None, help="PNG upscaling (default: 3 below 64 px, else 1)")
-    sp.add_argument("--vae", default=None, help="AutoencoderKL folder decoding the latents (latent models)")
+    sp.add_argument("--vae", default=None, help="AutoencoderKL folder (or a train-autoencoder file) decoding the "
+                    "latents of a latent model (default: the autoencoder its file names, as the embedded default's)")
     sp.add_argument("--report", action="store_true", help="add per-step/layer/branch lazy ratios (with --json)")
     sp.add_argument("--heatmap", default=None, help="also write the layer x step laziness heat map (PNG)")
     sp.add_argument("--out", default="samples.png", help="a .png grid or an ADM .npz")

@@ -5,6 +5,7 @@ from pathlib import Path
 import torch
 
 from lazydit.assets import default_gates, default_model
+from lazydit.data.vae import own_decoder
 from lazydit.files import savefig_atomic
 from lazydit.images import make_grid, save_grid, to_uint8
 from lazydit.pipeline import class_grid_labels, sample
@@ -27,6 +28,7 @@ def run_demo(out="lazydit-demo", per_class: int = 4, cfg_scale: float = 2.0, see
     out = Path(out)
     model = default_model(device)
     gates = default_gates(50, device)
+    decode = own_decoder(model) or (lambda x: x)  # the latent default's autoencoder
     y = class_grid_labels(model.config.num_classes, per_class, device)
     noise = torch.randn(len(y), model.config.in_channels, model.config.input_size, model.config.input_size,
                         generator=torch.Generator().manual_seed(seed)).to(device)
@@ -35,6 +37,7 @@ def run_demo(out="lazydit-demo", per_class: int = 4, cfg_scale: float = 2.0, see
     rows, grids = [], []
     for name, steps, g in runs:
         x, rep = sample(model, y, steps, gates=g, cfg_scale=cfg_scale, x=noise, progress=progress, name=name)
+        x = decode(x)
         png = out / f"{name.lower().replace('-', '')}.png"
         save_grid(x, png, nrow=model.config.num_classes, scale=3)
         grids.append((rep, to_uint8(x)))

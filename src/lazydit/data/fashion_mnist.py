@@ -104,3 +104,53 @@ class InfiniteSampler:
 
     def __iter__(self):
         return self
+
+
+@torch.no_grad()
+def encode_posterior(ae, x, batch_size: int = 1000) -> torch.Tensor:
+    """Images -> their scaled posterior moments under a lazydit autoencoder, for latent training.
+
+    Args:
+        ae: a TinyAutoencoder (lazydit.models.autoencoder), on the device that should encode.
+        x: (N, 1, 28, 28) images in [-1, 1] (any device).
+        batch_size: images per encoder call.
+    Returns:
+        (N, 2C, h, w) float32 on the CPU: scale * posterior mean, then scale * posterior std, along channels.
+    """
+    device = next(ae.parameters()).device
+    parts = []
+    for i in range(0, len(x), batch_size):
+        mean, logvar = ae.posterior(x[i : i + batch_size].to(device))
+        parts.append(torch.cat([mean, (0.5 * logvar).exp()], dim=1).float().cpu() * ae.scale)
+    return torch.cat(parts)
+
+
+class PosteriorSampler:
+    """Endless shuffled batches of latents (z, y), z = mean + std * noise drawn afresh for every batch (DiT trains
+    on posterior samples of SD-VAE the same way), from the moments of `encode_posterior`; deterministic for a seed.
+
+    Args:
+        moments: (N, 2C, h, w) scaled posterior means and stds.
+        y: (N,) labels.
+        batch_size: rows per batch.
+        seed: data order and posterior noise.
+    """
+
+    def __init__(self, moments, y, batch_size: int, seed: int = 0):
+        self.order = InfiniteSampler(moments, y, batch_size, seed=seed)
+        self.generator = torch.Generator().manual_seed(seed + 2)
+
+    def state_dict(self):
+        return {"order": self.order.state_dict(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.order.load_state_dict(state["order"])
+        self.generator.set_state(state["generator"])
+
+    def __next__(self):
+        moments, y = next(self.order)
+        mean, std = moments.chunk(2, dim=1)
+        return mean + std * torch.randn(mean.shape, generator=self.generator), y
+
+    def __iter__(self):
+        return self

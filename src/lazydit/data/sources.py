@@ -1,5 +1,5 @@
-"""Where gate training reads its data: Fashion-MNIST for the pixel default, pre-extracted latents (fast) or an image
-folder encoded on the fly for latent DiTs. Each source yields this process's share of every global batch."""
+"""Where gate training reads its data: Fashion-MNIST for Fashion-MNIST models (encoded by the autoencoder the model
+names, for the latent default), pre-extracted latents (fast) or an image folder encoded on the fly for latent DiTs. Each source yields this process's share of every global batch."""
 
 from lazydit import distributed as dist
 from lazydit.errors import UsageError
@@ -57,6 +57,17 @@ def gate_training_data(model, batch_size: int, *, data=None, latents=None, vae=N
         it = EncodedLoader(ImageFolderLoader(ds, local, rank=R, world_size=W, seed=seed, flip=True,
                                              num_workers=workers), enc, seed=seed)
         return it, {"data": str(data), "vae": str(vae)}
+    if getattr(model, "autoencoder_file", None):  # a latent model with its own autoencoder (the embedded default):
+        # Fashion-MNIST encoded once, posterior sampled per batch; every rank slices the same global batches
+        from lazydit.data.fashion_mnist import PosteriorSampler, encode_posterior, load_fashion_mnist
+        from lazydit.data.vae import decoder_for
+
+        ae = decoder_for(model)
+        x, y = load_fashion_mnist("train", data)
+        if ae.factor * cfg.input_size != x.shape[-1]:
+            raise UsageError(f"{model.autoencoder_file} does not make the model's {shape} latents of Fashion-MNIST")
+        it = PosteriorSampler(encode_posterior(ae, x), y, batch_size, seed=seed)
+        return dist.RankSlice(it), {"autoencoder": str(model.autoencoder_file)}
     if (cfg.in_channels, cfg.input_size) == (1, 28):  # Fashion-MNIST: every rank slices the same global batches
         from lazydit.data.fashion_mnist import InfiniteSampler, load_fashion_mnist
 

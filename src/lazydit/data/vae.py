@@ -1,7 +1,8 @@
-"""The SD VAE (diffusers AutoencoderKL, e.g. stabilityai/sd-vae-ft-ema) between images and DiT latents.
+"""The autoencoder between images and DiT latents: SD's VAE (diffusers AutoencoderKL, e.g.
+stabilityai/sd-vae-ft-ema) or lazydit's own small one (`lazydit.models.autoencoder`, the embedded default's).
 
 Latents as DiT: `z = 0.18215 * vae.encode(x).latent_dist.sample()`, images `vae.decode(z / 0.18215)`, x in [-1, 1].
-diffusers is an optional dependency: `pip install 'lazydit[imagenet]'`.
+diffusers is an optional dependency: `pip install 'lazydit[imagenet]'`. `decode` and `decoder_for` take either kind.
 """
 
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import torch
 
 from lazydit.errors import CheckpointError
+from lazydit.models.autoencoder import TinyAutoencoder, load_autoencoder
 
 SCALE = 0.18215  # DiT's latent scale (the sd-vae-ft-* config's scaling_factor)
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -133,18 +135,21 @@ def decode(vae, latents, batch_size: int | None = None, progress: bool = False, 
     """DiT latents -> images: vae.decode(latents / SCALE).
 
     Args:
-        vae: an AutoencoderKL.
+        vae: an AutoencoderKL, or a TinyAutoencoder (which takes scaled latents itself).
         latents: (B, 4, h, w), any device and float dtype.
         batch_size: decode this many at a time (None: all at once).
         progress: show a progress bar.
         clamp: clamp to [-1, 1] (the decoder can overshoot slightly).
     Returns:
-        (B, 3, 8h, 8w) float32 images on the VAE's device.
+        (B, 3, 8h, 8w) float32 images on the VAE's device ((B, 1, 4h, 4w) for the Fashion-MNIST autoencoder).
     """
     p = _vae_param(vae)
     out = []
     for sl in _batches(latents.shape[0], batch_size, progress, "decode"):
-        x = vae.decode((latents[sl].float() / SCALE).to(p.device, p.dtype)).sample.float()
+        if isinstance(vae, TinyAutoencoder):
+            x = vae.decode(latents[sl].to(p.device), clamp=False)
+        else:
+            x = vae.decode((latents[sl].float() / SCALE).to(p.device, p.dtype)).sample.float()
         out.append(x.clamp(-1, 1) if clamp else x)
     return torch.cat(out) if out else latents.new_zeros(0)
 
@@ -153,13 +158,24 @@ __all__ = ["SCALE", "load_vae", "encode", "decode", "posterior"]
 
 
 def decoder_for(model, folder=None, device="cpu"):
-    """The VAE that turns `model`'s samples into images: None for a pixel model (1 or 3 channels), the AutoencoderKL
-    of `folder` for a latent one.
+    """The autoencoder that turns `model`'s samples into images: None for a pixel model (1 or 3 channels); for a
+    latent one the AutoencoderKL of `folder`, a lazydit autoencoder file given as `folder`, or (no `folder`) the
+    autoencoder the model file names (the embedded default's).
 
     Raises:
-        CheckpointError: a latent model without a VAE folder, or a VAE of another latent width.
+        CheckpointError: a latent model without a decoder, or one of another latent width.
     """
     C = model.config.in_channels
+    if not folder and getattr(model, "autoencoder_file", None):
+        folder = model.autoencoder_file
+        if not Path(folder).is_file():
+            raise CheckpointError(f"the model names its autoencoder {Path(folder).name}, which is missing from "
+                                  f"{Path(folder).parent}: copy it beside the model file (or pass --vae FILE)")
+    if folder and Path(folder).is_file():
+        ae = load_autoencoder(folder, device)
+        if ae.config.latent_channels != C:
+            raise CheckpointError(f"{folder} has {ae.config.latent_channels} latent channels, the model {C}")
+        return ae
     if not folder:
         if C not in (1, 3):
             raise CheckpointError(f"the model samples {C}-channel latents: pass --vae VAE_FOLDER (e.g. a local copy of "
@@ -169,3 +185,13 @@ def decoder_for(model, folder=None, device="cpu"):
     if vae.config.latent_channels != C:
         raise CheckpointError(f"--vae {folder} has {vae.config.latent_channels} latent channels, the model {C}")
     return vae
+
+
+def own_decoder(model):
+    """A function latents -> images for a model whose file names its autoencoder (the embedded default), on the
+    model's device; None for every other model (pixel models, and latent models decoded with an explicit VAE)."""
+    path = getattr(model, "autoencoder_file", None)
+    if not path:
+        return None
+    ae = decoder_for(model, path, next(model.parameters()).device)
+    return lambda z: decode(ae, z)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from lazydit.data.vae import own_decoder
 from lazydit.sampling.parts import SampleParts
 from lazydit.evaluation.cost import sampling_macs
 from lazydit.images import save_npz, to_uint8
@@ -39,7 +40,7 @@ def eval_labels(num_samples: int, num_classes: int, seed: int = 0) -> torch.Tens
 
 
 def generate(model, cfg: EvalConfig, gates=None, out=None, progress: bool = True, policy=None,
-             first: int | None = None) -> dict:
+             first: int | None = None, decode=None) -> dict:
     """Sample cfg.num_samples images with one configuration, batch by batch, resumable.
 
     Args:
@@ -51,11 +52,13 @@ def generate(model, cfg: EvalConfig, gates=None, out=None, progress: bool = True
         progress: progress bar over batches.
         first: sample only the first `first` images (whole batches) of the run, with the labels and noise they have
             in the whole run (a fidelity reference for the rows' first images).
+        decode: latents -> images for a latent model (default: the autoencoder its file names, if any).
     Returns:
         dict(images (N, H, W, C) uint8, labels (N,), name, steps, lazy_ratio, tmacs, seconds, seconds_per_image,
         stats (LazyStats or None)).
     """
     device = next(model.parameters()).device
+    decode = decode or own_decoder(model)
     y_all = eval_labels(cfg.num_samples, model.config.num_classes, cfg.seed)
     n_batches = (min(cfg.num_samples, first or cfg.num_samples) + cfg.batch_size - 1) // cfg.batch_size
     parts = None
@@ -84,7 +87,7 @@ def generate(model, cfg: EvalConfig, gates=None, out=None, progress: bool = True
                 if parts is not None:
                     parts.remove_if_empty()
                 raise
-            img, lab = to_uint8(x), y.numpy()
+            img, lab = to_uint8(x if decode is None else decode(x)), y.numpy()
             info = dict(name=rep.name, seconds=rep.seconds)
             if rep.lazy is not None:
                 info.update(skipped=rep.lazy.skipped.tolist(), total=rep.lazy.total.tolist())

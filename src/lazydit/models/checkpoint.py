@@ -90,6 +90,8 @@ def load_dit(path, name: str | None = None, **overrides) -> DiT:
     else:
         model = create_model(name, **overrides)
     load_state_dict_strict(model, read_state_dict(path), source=str(path))
+    if meta.get("autoencoder"):  # a latent model names the autoencoder file beside it that decodes its samples
+        model.autoencoder_file = path.parent / meta["autoencoder"]
     return model.eval()
 
 

@@ -48,6 +48,15 @@ DIT_MODELS["DiT-FMNIST"] = dict(
     depth=6, hidden_size=192, num_heads=3, patch_size=4, input_size=28, in_channels=1, num_classes=10,
     learn_sigma=False,
 )
+# Its latent successor (in training, docs/embedded.md): the same transformer on the 4x14x14 latents of a small
+# Fashion-MNIST autoencoder (lazydit.models.autoencoder), patch 2 as DiT-XL/2 (49 tokens), guidance on 3 of 4
+# channels as the reference.
+DIT_MODELS["DiT-FMNIST-Latent"] = dict(
+    depth=6, hidden_size=192, num_heads=3, patch_size=2, input_size=14, in_channels=4, num_classes=10,
+    learn_sigma=False,
+)
+# Image size / latent size of the latent models' autoencoders (`lazydit cost --image-size`): SD-VAE's 8 otherwise.
+IMAGE_PER_LATENT = {"DiT-FMNIST-Latent": 2}
 
 
 def modulate(x, shift, scale):

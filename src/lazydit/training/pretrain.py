@@ -3,6 +3,7 @@
 import copy
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -13,11 +14,22 @@ from tqdm.auto import tqdm
 from lazydit.errors import NonFiniteError, UsageError
 from lazydit.models.checkpoint import save_model
 from lazydit.files import torch_save_atomic, write_text_atomic
-from lazydit.data.fashion_mnist import InfiniteSampler, load_fashion_mnist
+from lazydit.data.fashion_mnist import InfiniteSampler, PosteriorSampler, encode_posterior, load_fashion_mnist
 from lazydit.sampling.schedule import NUM_TRAIN_TIMESTEPS, TrainingLoss
 from lazydit.sampling.ddim import ddim_sample
 from lazydit.images import save_grid
 from lazydit.models.dit import create_model
+from lazydit.models.autoencoder import load_autoencoder
+
+
+def _latent_data(path, x, y, model, cfg, device):
+    """(autoencoder, PosteriorSampler over its latents of the images x) for a latent model."""
+    ae = load_autoencoder(path, device)
+    C, size = model.config.in_channels, model.config.input_size
+    if ae.config.latent_channels != C or x.shape[-1] // ae.factor != size:
+        raise UsageError(f"--autoencoder {path} makes {ae.config.latent_channels}x{x.shape[-1] // ae.factor}^2 "
+                         f"latents, the model takes {C}x{size}^2")
+    return ae, PosteriorSampler(encode_posterior(ae, x), y, cfg.batch_size, seed=cfg.seed)
 
 
 @dataclass
@@ -38,10 +50,13 @@ class PretrainConfig:
     bf16: bool = False  # bf16 autocast (CUDA)
     resume: bool = False  # continue from out/checkpoint.pt when there (same result-shaping settings), else start
     preview: bool = True  # write a DDIM-25 sample grid with every checkpoint
+    autoencoder: str | None = None  # latent model: train on this autoencoder's latents (posterior sampled per
+    # step, as DiT on SD-VAE) and name it in the saved model, which then decodes with it; None: pixels
 
 
 # the fields that shape the trained model: a resumed run must match the checkpoint's (iters and the budget may grow)
-RESULT_FIELDS = ("model", "batch_size", "lr", "warmup", "weight_decay", "ema_decay", "flip", "seed", "bf16")
+RESULT_FIELDS = ("model", "batch_size", "lr", "warmup", "weight_decay", "ema_decay", "flip", "seed", "bf16",
+                 "autoencoder")
 
 
 class _OutOfTime(Exception):
@@ -70,9 +85,16 @@ def pretrain(cfg: PretrainConfig, device="cpu", progress=True) -> Path:
     x, y = load_fashion_mnist("train", cfg.data)
     out.mkdir(parents=True, exist_ok=True)
     model = create_model(cfg.model).to(device)
+    ae = None
+    if cfg.autoencoder:  # latents: the posterior (mean, std) of every image, sampled afresh in each step
+        ae, sampler = _latent_data(cfg.autoencoder, x, y, model, cfg, device)
+    elif model.config.in_channels != x.shape[1]:
+        raise UsageError(f"{cfg.model} takes {model.config.in_channels}-channel inputs: pass the autoencoder whose "
+                         "latents it models (--autoencoder FILE)")
+    else:
+        sampler = InfiniteSampler(x, y, cfg.batch_size, seed=cfg.seed, flip=cfg.flip)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sampler = InfiniteSampler(x, y, cfg.batch_size, seed=cfg.seed, flip=cfg.flip)
     loss_fn = TrainingLoss()
     step, log = 0, []
     ckpt = out / "checkpoint.pt"
@@ -98,7 +120,13 @@ def pretrain(cfg: PretrainConfig, device="cpu", progress=True) -> Path:
         torch_save_atomic(dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
                                sampler=sampler.state_dict(), rng=torch.get_rng_state(), gen=gen.get_state(), step=step,
                                args=asdict(cfg), log=log), ckpt)
-        save_model(ema, out / "model.safetensors", extra={"pretrain": asdict(cfg), "step": step})
+        extra = {"pretrain": asdict(cfg), "step": step}
+        if ae is not None:  # the model names its decoder, a copy beside it under the same file name
+            name = Path(cfg.autoencoder).name
+            if not (out / name).is_file():
+                shutil.copyfile(cfg.autoencoder, out / name)
+            extra["autoencoder"] = name
+        save_model(ema, out / "model.safetensors", extra=extra)
         write_text_atomic(out / "log.json", json.dumps(log))
         if not cfg.preview:
             return
@@ -112,6 +140,8 @@ def pretrain(cfg: PretrainConfig, device="cpu", progress=True) -> Path:
             samples = ddim_sample(ema, labels, 25, cfg_scale=2.0, seed=0, progress=False, callback=stop_at_deadline)
         except _OutOfTime:  # the budget ends inside the preview: no grid this time
             return
+        if ae is not None:
+            samples = ae.decode(samples)
         save_grid(samples.reshape(10, 4, *samples.shape[1:]).transpose(0, 1).reshape(samples.shape),
                   out / f"preview_{step:06d}.png", nrow=10, scale=2)
 
