@@ -19,9 +19,11 @@ finished row samples the same --timing-images images (micro-batches of --micro-b
 <run>/timing.json and replace the batched wall-clock of the long runs, which other jobs on the machine disturb.
 `--bootstrap N` adds, per pairing, a 95% paired-bootstrap interval of FID(Lazy) - FID(DDIM) (lazydit.evaluation.
 metrics.paired_bootstrap_fid; rows share labels and noise, so the same rows are resampled in both).
-Beyond the paper, once the --fidelity-ref row (DDIM-50) is sampled, every row also gets its fidelity to it: the PSNR
-of its images against that row's images of the same labels and noise (lazydit.evaluation.metrics.paired_psnr), which
-tells the error of reusing module outputs apart from the error of taking fewer steps, whatever FID makes of either.
+Beyond the paper, every row also gets its fidelity to a fine reference sampler (--fine-ref DDIM-250, sampled after
+the rows on the first --fine-ref-samples 1,000 labels and noises of the rows): the PSNR of its images against the
+reference's images of the same labels and noise (lazydit.evaluation.metrics.paired_psnr), which tells the error of
+reusing module outputs apart from the error of taking fewer steps, whatever FID makes of either. The bootstrap also
+compares every DDIM row with the next step count (STEP_PAIRS: does each step count beat the one below it?).
 Writes <docs>/paper_tables.md, <docs>/paper_tables.csv and <docs>/images/quality_vs_tmacs.png from the rows that
 are done.
 """
@@ -99,10 +101,13 @@ PAIRS = ((Row(50, 0.5), Row(25)), (Row(40, 0.5), Row(20)), (Row(20, 0.5), Row(10
          (Row(50, 0.5, lookahead=True), Row(25)), (Row(50, 0.4, lookahead=True), Row(30)))  # equal TMACs
 EXTRA_PAIRS = ((Row(50, 0.4, lookahead=True), Row(50, 0.4)), (Row(50, 0.4), Row(50, 0.5)), (Row(25), Row(20)),
                (Row(30), Row(20)))  # paired differences that explain the pairings
+# DDIM against DDIM with the next step count: does every step count beat the one below it? (> 0: it does)
+STEP_PAIRS = tuple((a, b) for a, b in zip(sorted(DDIM_ROWS, key=lambda r: r.steps),
+                                          sorted(DDIM_ROWS, key=lambda r: r.steps)[1:]))
 # FID(Lazy-T) - FID(DDIM-S) = [FID(Lazy-T) - FID(DDIM-T)] (reuse) + [FID(DDIM-T) - FID(DDIM-S)] (step count)
 DECOMP_PAIRS = tuple(dict.fromkeys(p for lz, dd in PAIRS if not lz.lookahead
                                    for p in ((lz, lz.dense), (lz.dense, dd))))
-assert all(r in ROWS_BY_NAME.values() for pair in PAIRS + EXTRA_PAIRS + DECOMP_PAIRS for r in pair)
+assert all(r in ROWS_BY_NAME.values() for pair in PAIRS + EXTRA_PAIRS + DECOMP_PAIRS + STEP_PAIRS for r in pair)
 COLUMNS = ("sampler", "steps", "target", "lazy_ratio", "tmacs", "fid", "sfid", "inception_score", "precision",
            "recall", "kid", "seconds_per_image", "threshold", "psnr_vs_ref")
 
@@ -188,7 +193,7 @@ def bootstrap_pairs(args) -> dict:
 
     run, extractor, ref = Path(args.run), default_classifier(), default_reference()
     feats, out = {}, dict(reps=args.bootstrap, level=0.95, pairs={})
-    for a, b in dict.fromkeys(PAIRS + EXTRA_PAIRS + DECOMP_PAIRS):
+    for a, b in dict.fromkeys(PAIRS + EXTRA_PAIRS + DECOMP_PAIRS + STEP_PAIRS):
         if not all((run / f"{r.name}.npz").exists() for r in (a, b)):
             continue
         for r in (a, b):
@@ -213,14 +218,34 @@ def psnr_between(run: str, a: str, b: str):
     return paired_psnr(*(load_npz_samples(p) for p in paths))["psnr"]
 
 
+def fine_reference_config(args):
+    """The CompareConfig whose reference sampler (--fine-ref on the first --fine-ref-samples images of the rows'
+    own labels and noise) every row's PSNR is measured against."""
+    from lazydit.evaluation.compare import CompareConfig
+
+    return CompareConfig(num_samples=args.num_samples, cfg_scale=args.cfg, seed=args.seed, batch_size=args.batch_size,
+                         micro_batch=args.micro_batch, reference=args.fine_ref, ref_samples=args.fine_ref_samples)
+
+
+def fine_reference_path(args) -> Path:
+    from lazydit.evaluation.compare import parse_spec
+
+    return Path(args.run) / f"reference-{parse_spec(args.fine_ref).filename}-n{args.fine_ref_samples}.npz"
+
+
 def fidelity(rows, args) -> bool:
-    """Set r["psnr_vs_ref"] (dB) of every row whose samples exist: PSNR against the --fidelity-ref row, same noise."""
-    if not (Path(args.run) / f"{args.fidelity_ref}.npz").exists():
+    """Set r["psnr_vs_ref"] (dB) of every row whose samples exist: PSNR of its first --fine-ref-samples images
+    against the fine reference sampler's (same labels and noise)."""
+    from lazydit.evaluation.metrics import load_npz_samples, paired_psnr
+
+    path = fine_reference_path(args)
+    if not path.exists():
         return False
+    ref = load_npz_samples(path)[: args.fine_ref_samples]
     for r in rows:
-        db = None if r["sampler"] == args.fidelity_ref else psnr_between(args.run, r["sampler"], args.fidelity_ref)
-        if db is not None:
-            r["psnr_vs_ref"] = db
+        own = Path(args.run) / f"{r['sampler']}.npz"
+        if own.exists():
+            r["psnr_vs_ref"] = paired_psnr(load_npz_samples(own)[: len(ref)], ref)["psnr"]
     return True
 
 
@@ -236,8 +261,7 @@ def write_up(rows, args, meta):
     def psnr(r):  # the PSNR cell of a row ("" without a reference)
         if not has_fid:
             return ""
-        return f" {r['psnr_vs_ref']:.2f} |" if "psnr_vs_ref" in r else (" ref |" if r["sampler"] == args.fidelity_ref
-                                                                         else " |")
+        return f" {r['psnr_vs_ref']:.2f} |" if "psnr_vs_ref" in r else " |"
 
     buf = io.StringIO(newline="")
     w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
@@ -268,7 +292,7 @@ def write_up(rows, args, meta):
         f"(`lazydit eval`). TMACs per image counted the paper's way (docs/method-notes.md §4); {speed}.",
         "",
         "| sampler | lazy ratio | TMACs | FID | sFID | IS | precision | recall | KID | s / image | threshold |"
-        + (f" PSNR vs {args.fidelity_ref} (dB) |" if has_fid else ""),
+        + (f" PSNR vs {fine_name(args)} (dB) |" if has_fid else ""),
         "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if has_fid else ""),
     ]
     for r in rows:
@@ -281,8 +305,9 @@ def write_up(rows, args, meta):
         lines += ["", "\\* not in the timing run: the batched wall-clock of the long run."]
     lines += ["", "(TMACs column in GMACs per image: the embedded model is tiny.)"]
     if has_fid:
-        lines += ["", f"PSNR vs {args.fidelity_ref}: how close each row's images are to {args.fidelity_ref}'s images "
-                  "of the same labels and noise (PSNR of the mean squared error over all images; beyond the paper)."]
+        lines += ["", f"PSNR vs {fine_name(args)}: how close each row's first {args.fine_ref_samples:,} images are to "
+                  f"the images a fine sampler ({fine_name(args)}) makes from the same labels and noise (PSNR of the "
+                  "mean squared error over those images; beyond the paper)."]
     lines += ["",
               "## Equal-TMACs pairings (the paper's claim: Lazy with more steps beats DDIM with fewer)", "",
               "| Lazy | DDIM | TMACs Lazy / DDIM | wall-clock Lazy / DDIM | FID Lazy | FID DDIM | FID Lazy - DDIM "
@@ -304,6 +329,22 @@ def write_up(rows, args, meta):
         lines += ["", "Other paired differences (same labels and noise; 95% paired bootstrap of FID(A) - FID(B)):", "",
                   "| A | B | FID A - FID B | 95% interval |", "|---|---|---|---|"]
         lines += [f"| {a} | {b} | {bs['delta']:+.3f} | [{bs['lo']:+.3f}, {bs['hi']:+.3f}] |" for a, b, bs in extra]
+    steps = [(a, b, by[a.name], by[b.name], boot["pairs"].get(pair_key(a, b))) for a, b in STEP_PAIRS
+             if a.name in by and b.name in by]
+    if steps:
+        ratio = (f" DDIM-10's FID is {by['DDIM-10']['fid'] / by['DDIM-50']['fid']:.2f}x DDIM-50's."
+                 if "DDIM-10" in by and "DDIM-50" in by else "")
+        lines += ["", "## Does every DDIM step count beat the one below it?", "",
+                  "FID(DDIM-S) - FID(DDIM-S') for consecutive step counts S < S' (same labels and noise; 95% paired "
+                  "bootstrap): above 0 means the extra steps help." + ratio, "",
+                  "| fewer | more | FID fewer | FID more | FID fewer - more (95% paired bootstrap) | more steps better? |",
+                  "|---|---|---|---|---|---|"]
+        for a, b, ra, rb, bs in steps:
+            ci = f"{ra['fid'] - rb['fid']:+.3f}" if bs is None else (f"{bs['delta']:+.3f} "
+                                                                     f"[{bs['lo']:+.3f}, {bs['hi']:+.3f}]")
+            verdict = ("yes" if ra["fid"] > rb["fid"] else "no") + (" (interval spans 0)" if bs and bs["lo"] < 0 <
+                                                                   bs["hi"] else "")
+            lines.append(f"| {a} | {b} | {ra['fid']:.3f} | {rb['fid']:.3f} | {ci} | {verdict} |")
     lines += decomposition(by, boot, args)
     missing = [n for n in ROWS_BY_NAME if n not in by]
     if missing:
@@ -312,7 +353,12 @@ def write_up(rows, args, meta):
     if notes.exists():
         lines += ["", notes.read_text().rstrip()]
     write_text_atomic(docs / "paper_tables.md", "\n".join(lines) + "\n")
-    plot(rows, docs / "images" / "quality_vs_tmacs.png", args.fidelity_ref)
+    plot(rows, docs / "images" / "quality_vs_tmacs.png", fine_name(args))
+
+
+def fine_name(args) -> str:
+    """The fine reference sampler as the tables name it (DDIM-250)."""
+    return args.fine_ref.upper()
 
 
 def decomposition(by, boot, args) -> list:
@@ -394,8 +440,11 @@ def main(argv=None):
     ap.add_argument("--timing-rounds", type=int, default=5)
     ap.add_argument("--bootstrap", type=int, default=0,
                     help="paired-bootstrap draws for the FID difference of each pairing (0: skip)")
-    ap.add_argument("--fidelity-ref", default="DDIM-50", choices=list(ROWS_BY_NAME), metavar="ROW",
-                    help="row whose samples the PSNR column compares every row against (when sampled)")
+    ap.add_argument("--fine-ref", default="ddim-250",
+                    help="fine reference sampler of the PSNR column (a bare sampler: ddim-250)")
+    ap.add_argument("--fine-ref-samples", type=int, default=1000,
+                    help="images of the fine reference: the first ones of every row's labels and noise")
+    ap.add_argument("--no-fine-ref", action="store_true", help="do not sample the fine reference in this call")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     if args.threads:
@@ -426,6 +475,10 @@ def main(argv=None):
             write_text_atomic(path, json.dumps(res, indent=1))
             print(f"{row.name}: FID {res['fid']:.3f} lazy {res['lazy_ratio']:.1%} ({time.time() - t0:.0f} s)",
                   flush=True)
+        if not args.no_fine_ref:
+            from lazydit.evaluation.compare import reference_samples
+
+            reference_samples(model, fine_reference_config(args), run, progress=not args.quiet)
     if args.bootstrap:
         bootstrap_pairs(args)
     done = [json.loads(p.read_text()) for p in sorted(run.glob("*.json")) if p.stem not in ("timing", "bootstrap")]

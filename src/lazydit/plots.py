@@ -1,5 +1,5 @@
 """Plots: the layer x step laziness heat map (the paper's Figure 4), one panel per branch (MHSA and FFN side by side
-for DiT)."""
+for DiT); training loss curves."""
 
 import numpy as np
 
@@ -38,4 +38,37 @@ def laziness_heatmap(per_step_layer_branch, path, title: str = "", kinds=("attn"
     if title:
         fig.suptitle(title, fontsize=10)
     savefig_atomic(fig, path, bbox_inches="tight")
+    plt.close(fig)
+
+
+def loss_curves(curves, path, title: str = "", smooth: int = 100):
+    """Training losses against optimiser steps, one panel per curve, raw and as a running mean.
+
+    Args:
+        curves: list of (label, steps, losses) with steps and losses sequences of one length.
+        path: PNG to write (atomically).
+        title: figure title.
+        smooth: window of the running mean, in steps.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.8 * len(curves), 3.4), dpi=120, squeeze=False)
+    for ax, (label, steps, losses) in zip(axes[0], curves):
+        steps, losses = np.asarray(steps), np.asarray(losses, dtype=float)
+        ax.plot(steps, losses, color="tab:blue", alpha=0.25, lw=0.6)
+        if len(losses) >= smooth:
+            run = np.convolve(losses, np.ones(smooth) / smooth, mode="valid")
+            ax.plot(steps[smooth - 1 :], run, color="tab:blue", lw=1.5, label=f"mean of {smooth} steps")
+            ax.legend(fontsize=8)
+            ax.set_ylim(0, np.percentile(losses, 99) * 1.1)
+        ax.set_xlabel("optimiser step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    savefig_atomic(fig, path)
     plt.close(fig)
