@@ -41,7 +41,8 @@ from pathlib import Path
 
 import torch
 
-from lazydit.assets import default_gates, default_model
+from lazydit.assets import default_gates
+from lazydit.models.checkpoint import load_model
 from lazydit.bench import TimedRow, time_interleaved
 from lazydit.cpu import tune_allocator
 from lazydit.files import savefig_atomic, write_text_atomic
@@ -423,6 +424,9 @@ def plot(rows, path, ref="DDIM-50"):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="default",
+                    help="the model (default: the shipped one; another model runs the DDIM rows only, the Lazy rows "
+                         "use the shipped gates)")
     ap.add_argument("--num-samples", type=int, default=5000)
     ap.add_argument("--batch-size", type=int, default=250)
     ap.add_argument("--micro-batch", type=int, default=16,
@@ -456,14 +460,15 @@ def main(argv=None):
     except ValueError as e:
         ap.error(f"--only: {e}")
     meta = dict(command="python experiments/paper_tables.py" + (f" --num-samples {args.num_samples}"
-                                                                 if args.num_samples != 5000 else ""),
+                                                                 if args.num_samples != 5000 else "")
+                + (f" --model {args.model}" if args.model != "default" else ""),
                 machine=platform.processor() or platform.machine(), torch=torch.__version__,
                 threads=torch.get_num_threads())
     if args.timing:
         tune_allocator()  # as bench_fast and the CLI (lazydit.cpu)
-        time_rows(rows, default_model(), args)
+        time_rows(rows, load_model(args.model), args)
     elif not args.write_only:
-        model = default_model()
+        model = load_model(args.model)
         extractor, ref = default_classifier(), default_reference()
         for row in rows:
             path = run / f"{row.name}.json"

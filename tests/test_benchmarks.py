@@ -93,7 +93,7 @@ def test_paper_tables_small_run_writes_markdown_csv_and_plot(tmp_path, capsys, m
     run, docs = tmp_path / "run", tmp_path / "docs"
     names = ("DDIM-7", "DDIM-10", "Lazy-10@30")
     args = ["--only", ",".join(names), "--num-samples", "4", "--batch-size", "4", "--calib-per-class", "1",
-            "--run", str(run), "--docs", str(docs), "--quiet", "--fidelity-ref", "DDIM-7"]
+            "--run", str(run), "--docs", str(docs), "--quiet", "--fine-ref", "ddim-12", "--fine-ref-samples", "4"]
     pt.main(args + ["--bootstrap", "5"])
     assert calls == [(10, 0.3, 10, 1.5)]  # one calibration, of the Lazy row, on a 10-image class grid
     printed = capsys.readouterr().out
@@ -114,7 +114,11 @@ def test_paper_tables_small_run_writes_markdown_csv_and_plot(tmp_path, capsys, m
     assert all(len(load_npz_samples(run / f"{n}.npz")) == 4 for n in names)
     boot = json.loads((run / "bootstrap.json").read_text())
     assert boot["reps"] == 5 and boot["level"] == 0.95
-    assert set(boot["pairs"]) == {"Lazy-10@30 vs DDIM-7", "Lazy-10@30 vs DDIM-10", "DDIM-10 vs DDIM-7"}
+    assert set(boot["pairs"]) == {"Lazy-10@30 vs DDIM-7", "Lazy-10@30 vs DDIM-10", "DDIM-10 vs DDIM-7",
+                                  "DDIM-7 vs DDIM-10"}  # the last: does DDIM-10 beat DDIM-7 (step-count table)
+    assert boot["pairs"]["DDIM-7 vs DDIM-10"]["delta"] == pytest.approx(-boot["pairs"]["DDIM-10 vs DDIM-7"]["delta"])
+    fine = run / "reference-ddim-12-n4.npz"  # the fine reference: DDIM-12 of the rows' first 4 labels and noises
+    assert len(load_npz_samples(fine)) == 4
     assert all({"delta", "lo", "hi"} <= set(b) and b["lo"] <= b["hi"] for b in boot["pairs"].values())
     # the pairing = reuse (Lazy-10 - DDIM-10) + step count (DDIM-10 - DDIM-7)
     b = boot["pairs"]
@@ -136,7 +140,7 @@ def test_paper_tables_small_run_writes_markdown_csv_and_plot(tmp_path, capsys, m
     assert {"images", "micro_batch", "rounds", "cfg", "threads", "machine", "torch", "rows"} <= set(timing)
     assert timing["images"] == 1 and timing["rounds"] == 2 and set(timing["rows"]) == set(names)
     assert all(len(t["all"]) == 2 and t["median"] > 0 for t in timing["rows"].values())
-    assert len(drawn) == 2 and drawn[-1][:2] == (png, "DDIM-7") and set(drawn[-1][2]) == set(names)
+    assert len(drawn) == 2 and drawn[-1][:2] == (png, "DDIM-12") and set(drawn[-1][2]) == set(names)
     assert {n: r["seconds_per_image"] for n, r in drawn[-1][2].items()} == {
         n: t["median"] for n, t in timing["rows"].items()}
 
@@ -159,10 +163,12 @@ def test_paper_tables_small_run_writes_markdown_csv_and_plot(tmp_path, capsys, m
     assert list(main_t) == ["DDIM-10", "DDIM-7", "Lazy-10@30"]
     assert {n: main_t[n]["s / image"] for n in names} == {n: f"{t['median']:.4f}" for n, t in
                                                           timing["rows"].items()}  # the timing run's medians
-    psnr_col = "PSNR vs DDIM-7 (dB)"
-    db = {n: paired_psnr(load_npz_samples(run / f"{n}.npz"), load_npz_samples(run / "DDIM-7.npz"))["psnr"]
-          for n in ("DDIM-10", "Lazy-10@30")}
-    assert main_t["DDIM-7"][psnr_col] == "ref" and all(main_t[n][psnr_col] == f"{v:.2f}" for n, v in db.items())
+    psnr_col = "PSNR vs DDIM-12 (dB)"
+    db = {n: paired_psnr(load_npz_samples(run / f"{n}.npz"), load_npz_samples(fine))["psnr"] for n in names}
+    assert all(main_t[n][psnr_col] == f"{v:.2f}" for n, v in db.items())
+    steps_t = table(md, "fewer")["DDIM-7"]
+    fid7, fid10 = rows["DDIM-7"]["fid"], rows["DDIM-10"]["fid"]
+    assert steps_t["more"] == "DDIM-10" and steps_t["more steps better?"].startswith("yes" if fid7 > fid10 else "no")
     assert main_t["Lazy-10@30"]["threshold"] == "0.001" and main_t["DDIM-7"]["threshold"] == ""
     pairing = table(md, "Lazy")
     assert list(pairing) == ["Lazy-10@30"] and pairing["Lazy-10@30"]["DDIM"] == "DDIM-7"  # equal TMACs
