@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Rebuild the embedded default shipped in src/lazydit/assets/ (docs/embedded.md says what each step gives).
+# Rebuild the embedded default shipped in src/lazydit/assets/ (docs/embedded.md says what each step gives):
+# a small autoencoder, a latent DiT on its 4x14x14 latents, and LazyDiT gates for T = 10, 20, 40, 50 (+ look-ahead 50).
 #   bash scripts/build_embedded.sh [RUN_DIR]                 everything; needs: apt-get install -y dataset-fashion-mnist
 #   bash scripts/build_embedded.sh RUN_DIR gate 50 1e-2 0.48 lookahead     one stage only
 # Steps are resumable: rerun the script after an interruption and each stage continues from its checkpoint.
@@ -8,14 +9,23 @@ run=${1:-runs/embedded}
 assets=src/lazydit/assets
 mkdir -p "$run" "$assets"
 
-# 1. the base model: class-conditional pixel DiT (DiT-FMNIST), EMA, on this CPU (stops after --max-minutes)
+# 1. the autoencoder: 28x28x1 <-> 14x14x4 latents (KL autoencoder, MSE + 1e-4 KL), ~9 minutes on the 2-core CPU
+autoencoder() {
+  lazydit train-autoencoder --out "$run/autoencoder" --width 48 --downsample 1 --iters 1500 --batch-size 128 \
+    --lr 2e-3 --kl-weight 1e-4 --ckpt-every 250 --resume
+  cp "$run/autoencoder/autoencoder.safetensors" "$assets/fmnist_autoencoder.safetensors"
+}
+
+# 2. the base model: class-conditional latent DiT (DiT-FMNIST-Latent, patch 2 on the latents: 49 tokens), EMA,
+#    on this CPU (stops after --max-minutes; the model file names fmnist_autoencoder.safetensors as its decoder)
 base() {
-  lazydit pretrain --out "$run/pretrain" --iters 100000 --batch-size 64 --lr 3e-4 --ema-decay 0.999 \
-    --ckpt-every 500 --max-minutes "${PRETRAIN_MINUTES:-80}" --resume
+  lazydit pretrain --model-name DiT-FMNIST-Latent --autoencoder "$assets/fmnist_autoencoder.safetensors" \
+    --out "$run/pretrain" --iters 100000 --batch-size 64 --lr 3e-4 --ema-decay 0.999 --ckpt-every 500 \
+    --max-minutes "${PRETRAIN_MINUTES:-55}" --resume
   cp "$run/pretrain/model.safetensors" "$assets/fmnist_dit.safetensors"
 }
 
-# 2. gates per T (reference recipe: AdamW lr 1e-4, wd 0, 500 steps), then a threshold calibrated to the ratio
+# 3. gates per T (reference recipe: AdamW lr 1e-4, wd 0, 500 steps), then a threshold calibrated to the ratio
 gate() {  # T rho target [lookahead]
   local name="gates_T$1${4:+_lookahead}"
   lazydit train-gates --model "$assets/fmnist_dit.safetensors" --steps "$1" --rho "$2" --iters 500 \
@@ -25,10 +35,12 @@ gate() {  # T rho target [lookahead]
 }
 
 if [ $# -gt 1 ]; then shift; "$@"; exit; fi
+autoencoder
 base
 gate 50 "${RHO_50:-1e-2}" 0.48
 gate 20 "${RHO_20:-1e-2}" 0.45
 gate 10 "${RHO_10:-1e-2}" 0.30
 gate 40 "${RHO_40:-1e-2}" 0.48
 gate 50 "${RHO_50:-1e-2}" 0.48 lookahead  # look-ahead gates (beyond the paper; the fast sampling path)
+python scripts/embedded_curves.py "$run"  # docs/images/embedded_training.png
 ls -l "$assets"
