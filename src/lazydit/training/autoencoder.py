@@ -10,7 +10,8 @@ import torch
 from tqdm.auto import tqdm
 
 from lazydit.data.fashion_mnist import InfiniteSampler, load_fashion_mnist
-from lazydit.errors import NonFiniteError, UsageError
+from lazydit.training.resume import check_resume_settings
+from lazydit.errors import NonFiniteError
 from lazydit.files import torch_save_atomic, write_text_atomic
 from lazydit.models.autoencoder import AutoencoderConfig, TinyAutoencoder, save_autoencoder
 
@@ -69,10 +70,7 @@ def train_autoencoder(cfg: AutoencoderTrainConfig, device="cpu", progress=True) 
     ckpt = out / "checkpoint.pt"
     if cfg.resume and ckpt.exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        diff = [k for k in RESULT_FIELDS if state["args"].get(k) != getattr(cfg, k)]
-        if diff:
-            raise UsageError(f"--resume: {ckpt} was trained with other {', '.join(diff)}: resume with the same "
-                             "settings, or start a new run with another --out")
+        check_resume_settings(ckpt, state["args"], cfg, RESULT_FIELDS)
         ae.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         sampler.load_state_dict(state["sampler"])

@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lazydit import distributed as dist
+from lazydit.training.resume import check_resume_settings
 from lazydit.errors import NonFiniteError, UsageError
 from lazydit.files import torch_save_atomic
 from lazydit.sampling.schedule import Schedule
@@ -184,12 +185,7 @@ def train_gates(model, data, cfg: GateTrainConfig, threshold: float = 0.5, progr
         if ckpt is None or not ckpt.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt}")
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        saved = state["config"]
-        diff = [f"{k}: checkpoint {saved.get(k)!r}, now {getattr(cfg, k)!r}" for k in RESULT_FIELDS
-                if saved.get(k) != getattr(cfg, k)]
-        if diff:  # the gate file would record arguments that did not make the state it continues
-            raise UsageError(f"--resume: {ckpt} was trained with other settings ({'; '.join(diff)}): resume with "
-                             "the same ones, or start a new run with another --out")
+        check_resume_settings(ckpt, state["config"], cfg, RESULT_FIELDS)
         saved_world = state.get("world_size", 1)
         if "data" in state and hasattr(data, "load_state_dict"):
             ranks = state.get("data_ranks", [state["data"]])

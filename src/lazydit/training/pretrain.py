@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from lazydit.training.resume import check_resume_settings
 from lazydit.errors import NonFiniteError, UsageError
 from lazydit.models.checkpoint import save_model
 from lazydit.files import torch_save_atomic, write_text_atomic
@@ -100,12 +101,7 @@ def pretrain(cfg: PretrainConfig, device="cpu", progress=True) -> Path:
     ckpt = out / "checkpoint.pt"
     if cfg.resume and ckpt.exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        saved = state.get("args", {})
-        diff = [f"{k}: checkpoint {saved.get(k)!r}, now {getattr(cfg, k)!r}" for k in RESULT_FIELDS
-                if k in saved and saved[k] != getattr(cfg, k)]
-        if diff:  # the saved model would record arguments that did not make the state it continues
-            raise UsageError(f"--resume: {ckpt} was trained with other settings ({'; '.join(diff)}): resume with "
-                             "the same ones, or start a new run with another --out")
+        check_resume_settings(ckpt, state.get("args", {}), cfg, RESULT_FIELDS, missing_ok=True)
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
