@@ -115,3 +115,59 @@ def test_data_free_cli_trains_and_refuses_a_dataset(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main([*common, "--data", str(tmp_path), "--out", str(tmp_path / "h")])
     assert "drop --data" in str(e.value)
+
+
+def _loss_with(model, gates, x, y, k, k_start, rollout):
+    from lazydit.lazy import apply_lazy
+    from lazydit.sampling.schedule import Schedule
+    from lazydit.training.gates import gate_loss_step
+
+    with apply_lazy(model, gates, mode="soft") as handle:
+        drop = torch.zeros(len(y), dtype=torch.long)
+        out = gate_loss_step(model, handle, x, y, k, drop, Schedule(gates.steps), 1e-2, 1e-2, k_start, rollout)
+        return out, [h.cache.clone() for h in handle.run.hooks]
+
+
+def test_rollout_with_every_gate_computing_is_the_recorded_recipe():
+    """Hard decisions that all compute fill the caches as recording does: the same loss, bit for bit."""
+    model, T, k, R = tiny_model(seed=2), 8, 2, 3
+    gates = LazyGates.for_model(model, T, threshold=0.0, parity=False)  # p >= 0: every row computes
+    gates.weight.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+    x, y = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 3])
+    (loss_r, *_), caches_r = _loss_with(model, gates, x, y, k, k + R, R)
+    (loss_0, *_), caches_0 = _loss_with(model, gates, x, y, k, k + R, 0)
+    assert torch.equal(loss_r, loss_0)
+    assert all(torch.equal(a, b) for a, b in zip(caches_r, caches_0))
+
+
+def test_rollout_with_every_gate_skipping_reuses_the_first_recorded_step():
+    """All-skip decisions chain: after R skipped steps the soft mix reuses the outputs recorded R steps earlier."""
+    from lazydit.lazy import apply_lazy
+    from lazydit.sampling.schedule import Schedule
+
+    model, T, k, R = tiny_model(seed=2), 8, 2, 3
+    gates = LazyGates.for_model(model, T, threshold=1.0, parity=False)  # p = 0.5 < 1: every row skips
+    x, y = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 3])
+    (_, _, p_attn, _), caches = _loss_with(model, gates, x, y, k, k + R, R)
+    assert p_attn.shape == (4, len(model.blocks))
+    with apply_lazy(model, gates, mode="record") as handle, torch.no_grad():
+        model(x, Schedule(T).timesteps(k + R, 4, x.device), y, force_drop_ids=torch.zeros(4, dtype=torch.long))
+        first = [h.cache for h in handle.run.hooks]
+    assert all(torch.equal(a, b) for a, b in zip(caches, first))
+    (_, *_), dense = _loss_with(model, gates, x, y, k, k + R, 0)  # recording every step: the caches of step k
+    assert not any(torch.equal(a, b) for a, b in zip(dense, first))
+
+
+def test_rollout_training_records_its_setting_and_refuses_lookahead(tmp_path, capsys):
+    model = tiny_model(seed=2)
+    cfg = GateTrainConfig(steps=6, iters=4, batch_size=8, lr=1e-2, every_step=True, rollout=2)
+    gates = train_gates(model, toy_data(), cfg, progress=False)
+    assert gates.meta["training"]["rollout"] == 2 and (gates.weight != 0).any()
+    with pytest.raises(UsageError, match="look-ahead"):
+        train_gates(model, toy_data(), GateTrainConfig(steps=6, iters=1, lookahead=True, rollout=1), progress=False)
+    from lazydit.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["train-gates", "--steps", "4", "--iters", "1", "--data-free", "--lookahead", "--rollout", "2",
+              "--out", str(tmp_path / "g")])
+    assert "--rollout and --lookahead" in str(e.value)

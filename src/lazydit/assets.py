@@ -35,6 +35,15 @@ def default_model(device="cpu"):
     return model.to(device)
 
 
+def default_model_name() -> str:
+    """Zoo name of the shipped DiT (`lazydit cost --model default`), read from its file's metadata."""
+    from lazydit.models.checkpoint import read_model_metadata
+
+    if not DEFAULT_MODEL.is_file():
+        raise _missing(DEFAULT_MODEL)
+    return read_model_metadata(DEFAULT_MODEL)["name"]
+
+
 def default_autoencoder(device="cpu"):
     """The shipped Fashion-MNIST autoencoder (`lazydit.models.autoencoder.TinyAutoencoder`, eval mode, frozen):
     images (B, 1, 28, 28) in [-1, 1] <-> unit-std latents (B, 4, 14, 14), for the latent DiT (DiT-FMNIST-Latent)."""

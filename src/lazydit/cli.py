@@ -327,6 +327,9 @@ def cmd_train_gates(args):
         _check_parity_cap(args.target_ratio)
     if args.every_step and args.lookahead:
         raise UsageError("--every-step and --lookahead do not go together: look-ahead gates need the parity")
+    if args.rollout and args.lookahead:
+        raise UsageError("--rollout and --lookahead do not go together: look-ahead gates always compute the step "
+                         "after a skip, so their skips never chain")
     if args.data_free and (args.data or args.latents or args.vae):
         raise UsageError("--data-free trains on the model's own trajectories: drop --data / --latents / --vae")
     args.device = distributed.init_distributed(_device(args))  # torchrun: one GPU per process; else a no-op
@@ -348,7 +351,7 @@ def cmd_train_gates(args):
                           rho_mlp=args.rho if args.rho_mlp is None else args.rho_mlp, seed=args.seed,
                           ckpt_every=args.ckpt_every, out=args.out, resume=args.resume, lookahead=args.lookahead,
                           bf16=args.bf16, every_step=args.every_step, data_free=args.data_free,
-                          forecast=args.forecast, timesteps=timesteps, schedule=schedule)
+                          forecast=args.forecast, timesteps=timesteps, schedule=schedule, rollout=args.rollout)
     gates = train_gates(model, data, cfg, progress=not args.json,
                         extra_meta={"model_path": str(args.model or "default"), **source})
     distributed.cleanup()
@@ -567,10 +570,11 @@ def cmd_eval(args):
 
 
 def cmd_cost(args):
+    from lazydit.assets import default_model_name
     from lazydit.evaluation.cost import forward_macs
     from lazydit.models.dit import IMAGE_PER_LATENT, model_config
 
-    name = "DiT-FMNIST" if args.model == "default" else args.model  # 'default': the shipped model, as everywhere
+    name = default_model_name() if args.model == "default" else args.model  # 'default': the shipped model
     factor = IMAGE_PER_LATENT.get(name, 8) if model_config(name).in_channels == 4 else 1  # image / input size
     cfg = model_config(name, **({"input_size": args.image_size // factor} if args.image_size else {}))
 
@@ -746,6 +750,9 @@ def build_parser():
                          "(0: a copy, as the paper; beyond the paper)")
     sp.add_argument("--lookahead", action="store_true",
                     help="look-ahead gates: plan step k from the inputs of step k+1 (faster; beyond the paper)")
+    sp.add_argument("--rollout", type=_count, default=0,
+                    help="sample the N steps before each trained step with the gates' own decisions, so that "
+                         "skips chain as in sampling (for --every-step; 0: the reference recipe; beyond the paper)")
     sp.add_argument("--captions", default=None,
                     help="a text-conditional diffusers model (PixArt): caption embeddings (.safetensors: embeds "
                          "(N, S, D_text), optional mask, negative, negative_mask), its labels (use --data-free)")
@@ -821,7 +828,7 @@ def build_parser():
     _evaluator(sp)
 
     sp = add("cost", cmd_cost, "TMACs per image the paper's way (Linear+Conv, CFG not doubled)")
-    sp.add_argument("--model", default="DiT-XL/2", help="zoo name, or 'default' (the shipped DiT-FMNIST)")
+    sp.add_argument("--model", default="DiT-XL/2", help="zoo name, or 'default' (the shipped Fashion-MNIST DiT)")
     sp.add_argument("--image-size", type=int, default=None, help="image size; latent = size / 8")
     sp.add_argument("--steps", type=_step_list, default="50", help="comma-separated step counts")
     sp.add_argument("--json", action="store_true", help="print the figures as JSON")

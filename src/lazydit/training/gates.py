@@ -43,16 +43,18 @@ class GateTrainConfig:
     schedule: str | None = None  # that schedule in words, for mismatch errors (e.g. "DDIMScheduler, leading spacing")
     router: bool = False  # train a Learning-to-Cache router (one input-independent score per step, layer, branch;
     # initialised N(0, 1) and clamped to [-5, 5] after every update, as L2C) instead of LazyDiT gates
+    rollout: int = 0  # chain-aware training (beyond the paper): the `rollout` steps before each trained one sample
+    # with the gates' own hard decisions, so the soft mix reuses caches as stale as sampling's (0: the reference)
 
 
 # the fields that shape the trained gates: a resumed run must match the checkpoint's (iters may grow)
 RESULT_FIELDS = ("steps", "batch_size", "lr", "weight_decay", "rho_attn", "rho_mlp", "label_drop", "seed", "lookahead",
                  "bf16", "every_step", "data_free", "forecast", "router",
-                 "timesteps")
+                 "timesteps", "rollout")
 
 
 def gate_loss_step(model, handle, x_k, y, k: int, drop, sched: Schedule, rho_attn: float, rho_mlp: float,
-                   k_start: int | None = None):
+                   k_start: int | None = None, rollout: int = 0):
     """One 3-pass loss evaluation (record at k, teacher and soft student at k-1).
 
     Args:
@@ -62,15 +64,19 @@ def gate_loss_step(model, handle, x_k, y, k: int, drop, sched: Schedule, rho_att
         k: respaced index (odd under the reference parity); the gates of index k-1 are trained.
         k_start: first recorded index (>= k; default k): forecast reuse of order n records the n steps before k too,
             so that the soft mix at k-1 extrapolates from as many computed outputs as sampling would.
+        rollout: pass 1 runs its last `rollout` steps (k + rollout - 1 .. k) in sample mode with the gates' hard
+            decisions instead of recording them: a module that skips there keeps the cache of its last computed
+            step, so the soft mix at k-1 reuses an output as stale as sampling would (skips that chain: every-step
+            gates). 0: every step of pass 1 records, the reference.
     Returns:
         (loss, mse, p_attn (B, L), p_mlp (B, L)).
     """
     B, C = x_k.shape[:2]
     handle.reset()  # a new batch: no cache or forecast history from the last one
-    with torch.no_grad():  # pass 1: full DDIM steps k_start .. k that fill every cache (and forecast history)
-        handle.mode = "record"
+    with torch.no_grad():  # pass 1: DDIM steps k_start .. k that fill every cache (and forecast history)
         x_prev = x_k
         for j in range(k if k_start is None else k_start, k - 1, -1):
+            handle.mode = "sample" if j < k + rollout else "record"  # rollout: the gates decide, as in sampling
             x_j = x_prev
             eps = model(x_j, sched.timesteps(j, B, x_j.device), y, force_drop_ids=drop)[:, :C].float()
             x_prev = sched.ddim_step(x_j, eps, j)
@@ -104,7 +110,8 @@ class GateLoss(torch.nn.Module):
         model, handle, sched, cfg = self._ctx
         amp = (torch.autocast(x_k.device.type, dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext())
         with amp:
-            return gate_loss_step(model, handle, x_k, y, k, drop, sched, cfg.rho_attn, cfg.rho_mlp, k_start)
+            return gate_loss_step(model, handle, x_k, y, k, drop, sched, cfg.rho_attn, cfg.rho_mlp, k_start,
+                                  cfg.rollout)
 
 
 def train_gates(model, data, cfg: GateTrainConfig, threshold: float = 0.5, progress: bool = True,
@@ -145,6 +152,11 @@ def train_gates(model, data, cfg: GateTrainConfig, threshold: float = 0.5, progr
     model.eval().requires_grad_(False)
     if cfg.router and cfg.lookahead:
         raise UsageError("a Learning-to-Cache router reads no input: it has no look-ahead form")
+    if cfg.rollout < 0:
+        raise UsageError(f"rollout must be >= 0 steps, got {cfg.rollout}")
+    if cfg.rollout and cfg.lookahead:
+        raise UsageError("rollout samples with the gates' own decisions; look-ahead gates decide one step ahead "
+                         "and always compute the step after a skip: train them without rollout")
     gates = LazyGates.for_model(model, cfg.steps, threshold, lookahead=cfg.lookahead, parity=not cfg.every_step,
                                 router=cfg.router, timestep_map=cfg.timesteps, schedule=cfg.schedule)
     gates.meta["forecast"] = cfg.forecast  # sampling with these gates uses the same reuse
@@ -185,7 +197,7 @@ def train_gates(model, data, cfg: GateTrainConfig, threshold: float = 0.5, progr
         if ckpt is None or not ckpt.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt}")
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        check_resume_settings(ckpt, state["config"], cfg, RESULT_FIELDS)
+        check_resume_settings(ckpt, {"rollout": 0, **state["config"]}, cfg, RESULT_FIELDS)  # rollout: newer
         saved_world = state.get("world_size", 1)
         if "data" in state and hasattr(data, "load_state_dict"):
             ranks = state.get("data_ranks", [state["data"]])
@@ -218,7 +230,8 @@ def train_gates(model, data, cfg: GateTrainConfig, threshold: float = 0.5, progr
             drop = (torch.rand(world * b, generator=gen)[sl] < cfg.label_drop).long().to(device)
             shape = x0.shape[2:] if cfg.data_free else x0.shape[1:]
             noise = torch.randn((world * b, *shape), generator=gen)[sl].to(device)
-            k_start = min(k + cfg.forecast, cfg.steps - 1)  # forecast: record the steps before k too
+            # forecast: record the steps before k too; rollout: sample the steps before k with the gates
+            k_start = min(k + cfg.rollout + cfg.forecast, cfg.steps - 1)
             if cfg.data_free:  # the frozen model's own state at step k_start
                 x_k = x0[:, cfg.steps - 1 - k_start].to(device)
             else:
