@@ -1,8 +1,17 @@
 """Lazy variants past the paper's limits against DDIM at equal TMACs, on the embedded default (issue: beyond the
-paper; a first look on today's model, whose sampler barely matters — see docs/paper_tables_notes.md).
+paper): a quality-versus-TMACs frontier.
 
     python experiments/beyond_paper.py                 # train, calibrate, sample, score; resumable per row
     python experiments/beyond_paper.py --write-only    # the write-up from the finished rows
+    python experiments/beyond_paper.py --plan first-look   # the first look's rows (T = 20 only)
+
+Plans:
+  frontier    (default) every variant of --variants at every T of --steps and lazy ratio of --ratios (parity
+              variants only up to 50%, their ceiling), each against DDIM with round(T (1 - r)) steps, the DDIM row of
+              equal TMACs; plus DDIM at every T. Each row also gets its PSNR against a fine reference sampler
+              (--fine-ref on the first --fine-ref-samples images of the same labels and noise).
+  first-look  the rows of the first look (T = 20: ref, forecast, every, every+fc+df at 50%; every and every+fc+df
+              at 70%; every+cap2).
 
 Variants (gates trained here with the same budget: --iters optimiser steps of --batch-size, rho 1e-2, seed 0):
   ref        the shipped reference gates of T (the paper's recipe: data, parity, plain reuse)
@@ -27,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from lazydit.assets import default_gates, default_model
+from lazydit.assets import default_gates, default_model, default_model_name
 from lazydit.cpu import tune_allocator
 from lazydit.data.fashion_mnist import InfiniteSampler, load_fashion_mnist
 from lazydit.evaluation.driver import EvalConfig, evaluate_config
@@ -66,9 +75,34 @@ class Row:
             f"Lazy[{self.variant}]-{self.steps}@{round(100 * self.target)}"
 
 
-ROWS = (Row(10), *(Row(20, v, 0.5) for v in VARIANTS),  # in the order they run: the paper's pairing first
-        Row(6), Row(20, "every", 0.7), Row(20, "every+fc+df", 0.7), Row(20), Row(20, "every+cap2", 0.5))
-PAIRS = tuple((r, Row(10) if r.target == 0.5 else Row(6)) for r in ROWS if r.variant)
+FIRST_LOOK = (Row(10), *(Row(20, v, 0.5) for v in ("ref", "forecast", "every", "every+fc+df")),  # in run order
+              Row(6), Row(20, "every", 0.7), Row(20, "every+fc+df", 0.7), Row(20), Row(20, "every+cap2", 0.5))
+
+
+def has_parity(variant: str) -> bool:
+    """Whether a variant's gates keep the reference parity (odd steps always compute: at most 50% lazy)."""
+    variant = SAMPLING[variant][0] if variant in SAMPLING else variant
+    return not (VARIANTS[variant] or {}).get("every_step", False)
+
+
+def partner(row: Row) -> Row:
+    """The DDIM row of (about) equal TMACs: round(T (1 - r)) steps."""
+    return Row(max(1, round(row.steps * (1 - row.target))))
+
+
+def plan_rows(args) -> tuple:
+    """The rows of --plan, in the order they run (each T's cheapest pairings first)."""
+    if args.plan == "first-look":
+        return FIRST_LOOK
+    lazy = [Row(T, v, r) for T in args.steps for r in args.ratios for v in args.variants
+            if r <= 0.5 or not has_parity(v)]
+    ddim = sorted({partner(r) for r in lazy} | {Row(T) for T in args.steps}, key=lambda r: r.steps)
+    return tuple(ddim) + tuple(lazy)
+
+
+def plan_pairs(rows) -> tuple:
+    """(lazy row, its equal-TMACs DDIM row) for every lazy row of the plan."""
+    return tuple((r, partner(r)) for r in rows if r.variant)
 
 
 def gates_for(row: Row, model, args):
@@ -131,14 +165,51 @@ def skip_runs(row: Row, res: dict, model, args) -> dict:
     return dict(mean=float(best.mean()), max=int(best.max()))
 
 
+def fine_reference(model, args):
+    """The fine reference's images (--fine-ref on the first --fine-ref-samples labels and noises; sampled once,
+    resumable), or None with --no-fine-ref and none sampled yet."""
+    from lazydit.evaluation.compare import CompareConfig, parse_spec, reference_samples
+    from lazydit.evaluation.metrics import load_npz_samples
+
+    cfg = CompareConfig(num_samples=args.num_samples, cfg_scale=args.cfg, seed=args.seed, batch_size=250,
+                        micro_batch=16, reference=args.fine_ref, ref_samples=args.fine_ref_samples)
+    path = Path(args.run) / f"reference-{parse_spec(args.fine_ref).filename}-n{args.fine_ref_samples}.npz"
+    if args.no_fine_ref and not path.exists():
+        return None
+    if not path.exists():
+        reference_samples(model, cfg, Path(args.run), progress=not args.quiet)
+    return load_npz_samples(path)[: args.fine_ref_samples]
+
+
+def frontier_plot(rows: list, path: Path):
+    """FID against TMACs: the DDIM curve and one curve per variant and T (over its lazy ratios)."""
+    from lazydit.evaluation.compare import frontier_figure
+
+    fam = [dict(r, family="DDIM" if not r.get("variant") else f"Lazy[{r['variant']}]-{r['steps']}",
+                method="none" if not r.get("variant") else r["variant"]) for r in rows]
+    fig = frontier_figure(fam, "tmacs", "TMACs per image", "FID vs TMACs on the embedded default (lower left is better)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from lazydit.files import atomic_write
+
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
 def write_up(done: dict, args) -> dict:
+    from lazydit.evaluation.metrics import paired_psnr
+
     run, extractor, ref = Path(args.run), default_classifier(), default_reference()
     model = default_model()
-    for r in ROWS:
+    rows_all, pairs_all = plan_rows(args), plan_pairs(plan_rows(args))
+    fine = fine_reference(model, args)
+    for r in rows_all:
+        if r.name in done and fine is not None:
+            images = load_npz_samples(run / f"{r.name}.npz")[: len(fine)]
+            done[r.name]["psnr_vs_ref"] = paired_psnr(images, fine)["psnr"]
+    for r in rows_all:
         if r.variant and r.name in done:
             done[r.name]["skip_runs"] = skip_runs(r, done[r.name], model, args)
     feats, pairs = {}, {}
-    for a, b in PAIRS:
+    for a, b in pairs_all:
         if a.name not in done or b.name not in done:
             continue
         for r in (a, b):
@@ -147,30 +218,40 @@ def write_up(done: dict, args) -> dict:
                                                  progress=False)["pool"]
         pairs[f"{a.name} vs {b.name}"] = paired_bootstrap_fid(feats[a.name], feats[b.name], ref["mu"], ref["sigma"],
                                                               reps=args.bootstrap, seed=args.seed)
-    out = dict(num_samples=args.num_samples, cfg=args.cfg, iters=args.iters, batch_size=args.batch_size,
-               pool=args.pool, rows=[done[r.name] for r in ROWS if r.name in done], pairs=pairs)
-    lines = ["# Beyond the paper: lazy variants against DDIM at equal TMACs (first look)", "",
-             f"Generated by `python experiments/beyond_paper.py` on the embedded default: {args.num_samples:,} samples "
+    out = dict(plan=args.plan, num_samples=args.num_samples, cfg=args.cfg, iters=args.iters,
+               batch_size=args.batch_size, pool=args.pool, fine_ref=args.fine_ref,
+               fine_ref_samples=args.fine_ref_samples, rows=[done[r.name] for r in rows_all if r.name in done],
+               pairs=pairs)
+    title = "(first look)" if args.plan == "first-look" else "(frontier)"
+    lines = [f"# Beyond the paper: lazy variants against DDIM at equal TMACs {title}", "",
+             f"Generated by `python experiments/beyond_paper.py --plan {args.plan}` on the embedded default "
+             f"({default_model_name()}): {args.num_samples:,} samples "
              f"per row, the same labels and noise, CFG {args.cfg}; gates trained with {args.iters} iterations of "
              f"{args.batch_size} (data-free: a pool of {args.pool} trajectories); each Lazy row calibrated to its "
              "target ratio on the 40-image class grid. Variants: `ref` the shipped reference gates; `forecast` "
              "first-order forecast reuse; `every` gates on every step; `fc` forecast, `df` data-free; `cap2` at "
-             "most 2 consecutive skips per module and row. Longest skip run: of every module and row on the class "
-             "grid, mean / max (how stale a reused output gets).", "",
-             "| row | lazy ratio | TMACs | FID | sFID | precision | recall | longest skip run |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "most 2 consecutive skips per module and row; `ro3` trained chain-aware (`--rollout 3`) and sampled with "
+             "at most 3. Longest skip run: of every module and row on the class grid, mean / max (how stale a reused "
+             f"output gets). PSNR: against {args.fine_ref.upper()} on the first {args.fine_ref_samples:,} images of "
+             "the same labels and noise.", "",
+             "| row | lazy ratio | TMACs | FID | sFID | precision | recall | PSNR (dB) | longest skip run |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in out["rows"]:
-        sr = r.get("skip_runs")
+        sr, ps = r.get("skip_runs"), r.get("psnr_vs_ref")
         lines.append(f"| {r['sampler']} | {r['lazy_ratio']:.1%} | {r['tmacs']:.5f} | {r['fid']:.3f} | "
                      f"{r['sfid']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} | "
+                     + (f"{ps:.2f} | " if ps is not None else " | ")
                      + (f"{sr['mean']:.2f} / {sr['max']} |" if sr else " |"))
     lines += ["", "| pairing (about equal TMACs) | TMACs ratio | ΔFID [95% paired bootstrap] |", "|---|---:|---:|"]
-    for a, b in PAIRS:
+    for a, b in pairs_all:
         key = f"{a.name} vs {b.name}"
         if key in pairs:
             d = pairs[key]
             lines.append(f"| {key} | {done[a.name]['tmacs'] / done[b.name]['tmacs']:.3f} | "
                          f"{d['delta']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] |")
+    if args.plan == "frontier" and out["rows"]:
+        frontier_plot(out["rows"], Path(args.docs) / "images" / "beyond_paper_frontier.png")
+        lines += ["", "![FID vs TMACs](images/beyond_paper_frontier.png)"]
     write_text_atomic(Path(args.docs) / "beyond_paper.json", json.dumps(out, indent=1))
     write_text_atomic(Path(args.docs) / "beyond_paper.md", "\n".join(lines) + "\n")
     return out
@@ -178,6 +259,16 @@ def write_up(done: dict, args) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--plan", choices=("frontier", "first-look"), default="frontier")
+    ap.add_argument("--steps", type=lambda t: [int(v) for v in t.split(",")], default=[10, 20, 50],
+                    help="frontier: T values")
+    ap.add_argument("--ratios", type=lambda t: [float(v) for v in t.split(",")], default=[0.2, 0.3, 0.5, 0.7, 0.8],
+                    help="frontier: target lazy ratios")
+    ap.add_argument("--variants", type=lambda t: t.split(","), default=["forecast", "every+ro3"],
+                    help=f"frontier: variants (of {sorted(VARIANTS) + sorted(set(SAMPLING) - set(VARIANTS))})")
+    ap.add_argument("--fine-ref", default="ddim-250", help="the fine reference sampler of the PSNR column")
+    ap.add_argument("--fine-ref-samples", type=int, default=1000)
+    ap.add_argument("--no-fine-ref", action="store_true", help="no PSNR column unless the reference exists")
     ap.add_argument("--num-samples", type=int, default=5000)
     ap.add_argument("--cfg", type=float, default=1.5)
     ap.add_argument("--seed", type=int, default=0)
@@ -194,7 +285,11 @@ def main(argv=None):
     tune_allocator()
     run = Path(args.run)
     run.mkdir(parents=True, exist_ok=True)
-    rows = [r for r in ROWS if not args.only or r.name in args.only.split(",")]
+    args.fine_ref_samples = min(args.fine_ref_samples, args.num_samples)  # the first images of the rows' noise
+    unknown = [v for v in args.variants if v not in VARIANTS and v not in SAMPLING]
+    if unknown:
+        ap.error(f"unknown variants {unknown}")
+    rows = [r for r in plan_rows(args) if not args.only or r.name in args.only.split(",")]
     if not args.write_only:
         model, extractor, ref = default_model(), default_classifier(), default_reference()
         for row in rows:

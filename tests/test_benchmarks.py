@@ -237,7 +237,8 @@ def test_beyond_paper_small_run(tmp_path):
     bp = load("beyond_paper", "experiments")
     run, docs = tmp_path / "run", tmp_path / "docs"
     bp.main(["--num-samples", "8", "--iters", "2", "--batch-size", "4", "--bootstrap", "3", "--run", str(run),
-             "--docs", str(docs), "--only", "DDIM-10,Lazy[forecast]-20@50", "--quiet"])
+             "--docs", str(docs), "--only", "DDIM-10,Lazy[forecast]-20@50", "--fine-ref", "ddim-12",
+             "--fine-ref-samples", "4", "--quiet"])
     out = json.loads((docs / "beyond_paper.json").read_text())
     rows = {r["sampler"]: r for r in out["rows"]}
     assert set(rows) == {"DDIM-10", "Lazy[forecast]-20@50"}
@@ -245,7 +246,22 @@ def test_beyond_paper_small_run(tmp_path):
     assert lazy["forecast"] == 1 and lazy["lazy_ratio"] == 0.5 and lazy["skip_runs"] == {"mean": 1.0, "max": 1}
     assert set(out["pairs"]) == {"Lazy[forecast]-20@50 vs DDIM-10"}
     assert (run / "gates-forecast-T20" / "gates.safetensors").exists()
+    assert (run / "reference-ddim-12-n4.npz").exists() and 5 < rows["DDIM-10"]["psnr_vs_ref"] < 100
     assert "| Lazy[forecast]-20@50 vs DDIM-10 |" in (docs / "beyond_paper.md").read_text()
+    assert (docs / "images" / "beyond_paper_frontier.png").stat().st_size > 0
+
+
+def test_beyond_paper_frontier_plan():
+    """Every variant at every T and ratio (parity variants to 50%), each against DDIM of equal TMACs."""
+    bp = load("beyond_paper", "experiments")
+    args = bp.argparse.Namespace(plan="frontier", steps=[10, 20], ratios=[0.3, 0.7], variants=["forecast", "every+ro3"])
+    rows = bp.plan_rows(args)
+    names = [r.name for r in rows]
+    assert names[:6] == ["DDIM-3", "DDIM-6", "DDIM-7", "DDIM-10", "DDIM-14", "DDIM-20"]  # DDIM first, by steps
+    assert "Lazy[forecast]-10@70" not in names and "Lazy[every+ro3]-10@70" in names  # the parity caps at 50%
+    pairs = {a.name: b.name for a, b in bp.plan_pairs(rows)}
+    assert pairs["Lazy[forecast]-10@30"] == "DDIM-7" and pairs["Lazy[every+ro3]-20@70"] == "DDIM-6"
+    assert len(pairs) == 6
 
 
 def test_bench_methods_tiny(tmp_path, capsys):
