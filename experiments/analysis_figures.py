@@ -177,7 +177,7 @@ def agreement(model, args):
 
 def ablation(model, args):
     """Quality vs lazy ratio for MHSA-only, FFN-only and both-branch laziness at T=20."""
-    from lazydit.data.fashion_mnist import InfiniteSampler, load_fashion_mnist
+    from lazydit.data.sources import gate_training_data
     from lazydit.evaluation.driver import EvalConfig, evaluate_config
     from lazydit.evaluation.fmnist import default_classifier, default_reference
     from lazydit.lazy import LazyGates
@@ -207,11 +207,10 @@ def ablation(model, args):
             if gfile.exists():
                 gates = LazyGates.load(gfile)
             else:
-                x, yl = load_fashion_mnist("train")
                 cfg = GateTrainConfig(steps=T, rho_attn=rhos[0], rho_mlp=rhos[1], out=str(out), ckpt_every=50,
                                       resume=(out / "checkpoint.pt").exists())
-                gates = train_gates(model, InfiniteSampler(x, yl, cfg.batch_size, seed=cfg.seed), cfg,
-                                    progress=not args.quiet)
+                data, _ = gate_training_data(model, cfg.batch_size, seed=cfg.seed)  # latent models: encoded
+                gates = train_gates(model, data, cfg, progress=not args.quiet)
         tag = branches[0] if len(branches) == 1 else "both"
         for target in targets[vname]:
             key = f"{vname}@{target}"

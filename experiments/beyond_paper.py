@@ -38,7 +38,7 @@ import torch
 
 from lazydit.assets import default_gates, default_model, default_model_name
 from lazydit.cpu import tune_allocator
-from lazydit.data.fashion_mnist import InfiniteSampler, load_fashion_mnist
+from lazydit.data.sources import gate_training_data
 from lazydit.evaluation.driver import EvalConfig, evaluate_config
 from lazydit.evaluation.features import extract_features
 from lazydit.evaluation.fmnist import default_classifier, default_reference
@@ -122,8 +122,7 @@ def gates_for(row: Row, model, args):
         data, source = trajectory_data(model, row.steps, args.batch_size, size=args.pool, cfg_scale=args.cfg,
                                        seed=args.seed, progress=not args.quiet)
     else:
-        x, y = load_fashion_mnist("train")
-        data, source = InfiniteSampler(x, y, args.batch_size, seed=args.seed), {}
+        data, source = gate_training_data(model, args.batch_size, seed=args.seed)  # through a latent model's autoencoder
     return train_gates(model, data, cfg, progress=not args.quiet, extra_meta=source)
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from lazydit.assets import default_model
 from lazydit.cpu import tune_allocator
-from lazydit.data.fashion_mnist import InfiniteSampler, load_fashion_mnist
+from lazydit.data.sources import gate_training_data
 from lazydit.evaluation.compare import CompareConfig, compare, write_report
 from lazydit.evaluation.fmnist import default_classifier, default_reference
 from lazydit.training.gates import GateTrainConfig, train_gates
@@ -57,8 +57,8 @@ def train(name: str, model, args):
         return
     cfg = GateTrainConfig(steps=T, iters=args.iters, batch_size=args.batch_size, seed=args.seed, out=str(out),
                           ckpt_every=50, resume=(out / "checkpoint.pt").exists(), **LEARNED[name])
-    x, y = load_fashion_mnist("train")
-    train_gates(model, InfiniteSampler(x, y, args.batch_size, seed=args.seed), cfg, progress=not args.quiet)
+    data, _ = gate_training_data(model, args.batch_size, seed=args.seed)  # through a latent model's autoencoder
+    train_gates(model, data, cfg, progress=not args.quiet)
 
 
 def main(argv=None):
