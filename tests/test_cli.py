@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from lazydit.assets import SHIPPED_STEPS, default_gates, default_model, gates_path
+from lazydit.assets import DEFAULT_AUTOENCODER, SHIPPED_STEPS, default_gates, default_model, gates_path
 from lazydit.models.checkpoint import save_model
 from lazydit.cli import main
 from lazydit.lazy import LazyGates
@@ -20,12 +20,25 @@ def run_json(capsys, *argv):
 
 def test_shipped_assets_fit_together():
     model = default_model()
-    assert model.config.input_size == 28 and model.config.in_channels == 1 and model.config.num_classes == 10
+    assert model.name == "DiT-FMNIST-Latent"
+    assert model.config.input_size == 14 and model.config.in_channels == 4 and model.config.num_classes == 10
+    assert model.autoencoder_file == DEFAULT_AUTOENCODER  # the shipped autoencoder, beside it
     for T in SHIPPED_STEPS:
         g = default_gates(T)
         g.check_model(model)
         assert g.steps == T and torch.all(g.weight[:, :, 1::2] == 0)
         assert "training" in g.meta
+    default_gates(50, lookahead=True).check_model(model)
+
+
+@pytest.mark.parametrize("T,lookahead", [(T, False) for T in SHIPPED_STEPS] + [(50, True)])
+def test_shipped_gates_refuse_the_previous_pixel_default(T, lookahead):
+    from lazydit.errors import GateMismatchError
+    from lazydit.models.dit import create_model
+
+    pixel = create_model("DiT-FMNIST")  # same depth and width; patch 4 on 1x28x28 pixels
+    with pytest.raises(GateMismatchError, match="config"):
+        default_gates(T, lookahead=lookahead).check_model(pixel)
 
 
 def test_demo_prints_rows_and_writes_pngs(tmp_path, capsys):

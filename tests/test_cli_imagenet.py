@@ -161,7 +161,7 @@ def test_clear_errors(files, latents, tmp_path):
     assert "--vae VAE_FOLDER" in fails("sample", *dit_args(files), "--steps", 4)
     assert "--vae VAE_FOLDER" in fails("sample-ddp", *dit_args(files), "--steps", 4, "--out", tmp_path / "x.npz")
     assert "--latents LATENT_DIR" in fails("train-gates", *dit_args(files), "--steps", 4)
-    assert "latents, but the model takes 1x28x28" in fails("train-gates", "--latents", latents, "--steps", 4)
+    assert "latents, but the model takes 4x14x14" in fails("train-gates", "--latents", latents, "--steps", 4)  # the default
 
 
 def test_train_gates_from_latents_under_torchrun_shards_per_rank(files, latents, tmp_path, capsys):

@@ -1,5 +1,5 @@
-"""The embedded default shipped inside the package: a Fashion-MNIST DiT and its gate sets (docs/embedded.md), and
-the Fashion-MNIST autoencoder of its latent successor (`default_autoencoder`)."""
+"""The embedded default shipped inside the package (docs/embedded.md): a latent Fashion-MNIST DiT
+(DiT-FMNIST-Latent), the small autoencoder it decodes with (`default_autoencoder`), and its gate sets."""
 
 from pathlib import Path
 
@@ -26,7 +26,8 @@ def _missing(path: Path):
 
 
 def default_model(device="cpu"):
-    """The shipped EMA Fashion-MNIST DiT (eval mode) on `device`."""
+    """The shipped EMA Fashion-MNIST DiT (eval mode) on `device`: a latent model (4x14x14) whose samples
+    `lazydit.data.vae.own_decoder(model)` turns into 28x28 images (every sampling entry point does so itself)."""
     if not DEFAULT_MODEL.is_file():
         raise _missing(DEFAULT_MODEL)
     model = load_dit(DEFAULT_MODEL)
@@ -46,7 +47,7 @@ def default_model_name() -> str:
 
 def default_autoencoder(device="cpu"):
     """The shipped Fashion-MNIST autoencoder (`lazydit.models.autoencoder.TinyAutoencoder`, eval mode, frozen):
-    images (B, 1, 28, 28) in [-1, 1] <-> unit-std latents (B, 4, 14, 14), for the latent DiT (DiT-FMNIST-Latent)."""
+    images (B, 1, 28, 28) in [-1, 1] <-> unit-std latents (B, 4, 14, 14), for the shipped latent DiT (DiT-FMNIST-Latent)."""
     from lazydit.models.autoencoder import load_autoencoder
 
     if not DEFAULT_AUTOENCODER.is_file():

@@ -43,14 +43,14 @@ DIT_MODELS = {
     for s, (d, h, nh) in _SIZES.items()
     for p in (2, 4, 8)
 }
-# The embedded default: a class-conditional pixel-space DiT for 28x28 Fashion-MNIST (see docs/embedded.md).
+# The previous embedded default (until stop 23): a class-conditional pixel-space DiT for 28x28 Fashion-MNIST.
 DIT_MODELS["DiT-FMNIST"] = dict(
     depth=6, hidden_size=192, num_heads=3, patch_size=4, input_size=28, in_channels=1, num_classes=10,
     learn_sigma=False,
 )
-# Its latent successor (in training, docs/embedded.md): the same transformer on the 4x14x14 latents of a small
-# Fashion-MNIST autoencoder (lazydit.models.autoencoder), patch 2 as DiT-XL/2 (49 tokens), guidance on 3 of 4
-# channels as the reference.
+# The embedded default (docs/embedded.md): the same transformer on the 4x14x14 latents of a small Fashion-MNIST
+# autoencoder (lazydit.models.autoencoder), patch 2 as DiT-XL/2 (49 tokens), guidance on 3 of 4 channels as the
+# reference.
 DIT_MODELS["DiT-FMNIST-Latent"] = dict(
     depth=6, hidden_size=192, num_heads=3, patch_size=2, input_size=14, in_channels=4, num_classes=10,
     learn_sigma=False,
