@@ -43,7 +43,7 @@ from lazydit.evaluation.driver import EvalConfig, evaluate_config
 from lazydit.evaluation.features import extract_features
 from lazydit.evaluation.fmnist import default_classifier, default_reference
 from lazydit.evaluation.metrics import load_npz_samples, paired_bootstrap_fid
-from lazydit.files import write_text_atomic
+from lazydit.files import savefig_atomic, write_text_atomic
 from lazydit.lazy import LazyConfig, LazyGates, apply_lazy, policy_for
 from lazydit.pipeline import calibrate_threshold, class_grid_labels
 from lazydit.sampling.ddim import ddim_sample
@@ -168,16 +168,13 @@ def fine_reference(model, args):
     """The fine reference's images (--fine-ref on the first --fine-ref-samples labels and noises; sampled once,
     resumable), or None with --no-fine-ref and none sampled yet."""
     from lazydit.evaluation.compare import CompareConfig, parse_spec, reference_samples
-    from lazydit.evaluation.metrics import load_npz_samples
 
     cfg = CompareConfig(num_samples=args.num_samples, cfg_scale=args.cfg, seed=args.seed, batch_size=250,
                         micro_batch=16, reference=args.fine_ref, ref_samples=args.fine_ref_samples)
     path = Path(args.run) / f"reference-{parse_spec(args.fine_ref).filename}-n{args.fine_ref_samples}.npz"
     if args.no_fine_ref and not path.exists():
         return None
-    if not path.exists():
-        reference_samples(model, cfg, Path(args.run), progress=not args.quiet)
-    return load_npz_samples(path)[: args.fine_ref_samples]
+    return reference_samples(model, cfg, Path(args.run), progress=not args.quiet)  # sampled once, then read
 
 
 def frontier_plot(rows: list, path: Path):
@@ -188,9 +185,7 @@ def frontier_plot(rows: list, path: Path):
                 method="none" if not r.get("variant") else r["variant"]) for r in rows]
     fig = frontier_figure(fam, "tmacs", "TMACs per image", "FID vs TMACs on the embedded default (lower left is better)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    from lazydit.files import atomic_write
-
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    savefig_atomic(fig, path)
 
 
 def write_up(done: dict, args) -> dict:
@@ -198,7 +193,8 @@ def write_up(done: dict, args) -> dict:
 
     run, extractor, ref = Path(args.run), default_classifier(), default_reference()
     model = default_model()
-    rows_all, pairs_all = plan_rows(args), plan_pairs(plan_rows(args))
+    rows_all = plan_rows(args)
+    pairs_all = plan_pairs(rows_all)
     fine = fine_reference(model, args)
     for r in rows_all:
         if r.name in done and fine is not None:
