@@ -54,7 +54,7 @@ def build(args):
     else:
         model = random_model(args.model, args.image_size, args.device, dtype)
     if args.gates == "shipped":
-        ref, la = default_gates(args.steps, args.device), default_gates(args.steps, args.device, lookahead=True)
+        ref, la = default_gates(args.steps, args.device), default_gates(args.steps, args.device, kind="lookahead")
     else:  # zero gates give p = 0.5 < 0.75: every gated (even) step skips every module
         ref = LazyGates.for_model(model, args.steps, threshold=0.75)
         la = LazyGates.for_model(model, args.steps, threshold=0.75, lookahead=True)

@@ -141,7 +141,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     model = default_model()
     y = torch.arange(args.batch) % model.config.num_classes
-    gates = default_gates(args.steps, lookahead=True)
+    gates = default_gates(args.steps, kind="lookahead")
     res = dict(steps=args.steps, batch=args.batch, cfg=args.cfg, threads=torch.get_num_threads(),
                machine=platform.processor() or platform.machine(), torch=torch.__version__, allocator_tuned=tuned,
                wall_ms={}, profile={})

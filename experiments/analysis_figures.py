@@ -148,7 +148,7 @@ def agreement(model, args):
     from lazydit.lazy import apply_lazy
 
     y = class_grid_labels(model.config.num_classes, 4)
-    gates = {kind: default_gates(50, lookahead=look) for kind, look in (("reference", False), ("lookahead", True))}
+    gates = {kind: default_gates(50, kind=kind) for kind in ("reference", "lookahead")}
     settings = ["shipped"] + [float(t) for t in args.agreement_targets.split(",") if t]
     out = dict(cfg=args.cfg, images=len(y), steps=50, settings=[])
     for target in settings:

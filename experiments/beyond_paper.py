@@ -21,6 +21,7 @@ Variants (gates trained here with the same budget: --iters optimiser steps of --
   every+cap2   the `every` gates sampled with at most 2 consecutive skips per module and row (LazyConfig.max_skips)
   every+ro3    every-step gates trained chain-aware (--rollout 3: the 3 steps before each trained one sample with
                the gates' own decisions), sampled with at most 3 consecutive skips (the chains training saw)
+  every+fc+ro3 every+ro3 with first-order forecast reuse (trained and sampled with it)
 Each Lazy row is calibrated to its target lazy ratio on the 40-image class grid (as the paper table), then every
 row samples the same --num-samples labels and initial noise (lazydit.evaluation.driver), CFG --cfg, and is scored
 with the shipped evaluator. Pairings: each Lazy-T@r against the DDIM row of about the same TMACs, with 95%
@@ -56,10 +57,12 @@ VARIANTS = {  # name -> GateTrainConfig fields (None: the shipped reference gate
     "every": dict(every_step=True),
     "every+fc+df": dict(every_step=True, forecast=1, data_free=True),
     "every+ro3": dict(every_step=True, rollout=3),
+    "every+fc+ro3": dict(every_step=True, forecast=1, rollout=3),
 }
 SAMPLING = {  # variants that sample another variant's gates with a LazyConfig option: name -> (gates, options)
     "every+cap2": ("every", dict(max_skips=2)),
     "every+ro3": ("every+ro3", dict(max_skips=3)),
+    "every+fc+ro3": ("every+fc+ro3", dict(max_skips=3)),
 }
 
 

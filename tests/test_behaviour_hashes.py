@@ -62,7 +62,7 @@ def runs():
     """name -> thunk returning the digest of that run's samples and skip counts (shipped model, seed 0, CFG 2.0, 4 images)."""
     model = default_model()
     y = torch.tensor([0, 3, 5, 8])
-    g10, g50la = default_gates(10), default_gates(50, lookahead=True)
+    g10, g50la = default_gates(10), default_gates(50, kind="lookahead")
     depth = g10.depth
 
     def run(steps, **kw):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from lazydit.assets import DEFAULT_AUTOENCODER, SHIPPED_STEPS, default_gates, default_model, gates_path
+from lazydit.assets import DEFAULT_AUTOENCODER, SHIPPED_GATES, SHIPPED_STEPS, default_gates, default_model, gates_path
 from lazydit.models.checkpoint import save_model
 from lazydit.cli import main
 from lazydit.lazy import LazyGates
@@ -28,17 +28,30 @@ def test_shipped_assets_fit_together():
         g.check_model(model)
         assert g.steps == T and torch.all(g.weight[:, :, 1::2] == 0)
         assert "training" in g.meta
-    default_gates(50, lookahead=True).check_model(model)
+    default_gates(50, kind="lookahead").check_model(model)
 
 
-@pytest.mark.parametrize("T,lookahead", [(T, False) for T in SHIPPED_STEPS] + [(50, True)])
-def test_shipped_gates_refuse_the_previous_pixel_default(T, lookahead):
+@pytest.mark.parametrize("T,kind", [(T, kind) for kind, steps in SHIPPED_GATES.items() for T in steps])
+def test_shipped_gates_refuse_the_previous_pixel_default(T, kind):
     from lazydit.errors import GateMismatchError
     from lazydit.models.dit import create_model
 
     pixel = create_model("DiT-FMNIST")  # same depth and width; patch 4 on 1x28x28 pixels
     with pytest.raises(GateMismatchError, match="config"):
-        default_gates(T, lookahead=lookahead).check_model(pixel)
+        default_gates(T, kind=kind).check_model(pixel)
+
+
+def test_shipped_gate_kinds_are_named_and_refused_clearly():
+    from lazydit.assets import resolve_gates, shipped_kind
+    from lazydit.errors import GateMismatchError
+
+    assert shipped_kind("default") == "reference" and shipped_kind("default-lookahead") == "lookahead"
+    assert shipped_kind("my-gates.safetensors") is None and shipped_kind("default-nope") is None
+    assert resolve_gates("default-lookahead", 50).lookahead and not resolve_gates("default", 50).lookahead
+    with pytest.raises(GateMismatchError, match="the kinds are reference, lookahead"):
+        default_gates(50, kind="nope")
+    with pytest.raises(GateMismatchError, match=r"lookahead gates exist for T in \(50,\), not 20"):
+        default_gates(20, kind="lookahead")
 
 
 def test_demo_prints_rows_and_writes_pngs(tmp_path, capsys):

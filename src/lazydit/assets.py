@@ -10,12 +10,15 @@ from lazydit.lazy import LazyGates
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_MODEL = ASSETS / "fmnist_dit.safetensors"
 DEFAULT_AUTOENCODER = ASSETS / "fmnist_autoencoder.safetensors"  # 28x28x1 <-> 4x14x14 latents
-SHIPPED_STEPS = (10, 20, 40, 50)  # reference gates
-SHIPPED_LOOKAHEAD_STEPS = (50,)  # look-ahead gates
+SHIPPED_GATES = {  # kind -> the T values it is shipped for (`--gates default` / `default-<kind>`)
+    "reference": (10, 20, 40, 50),  # the paper's recipe (docs/method-notes.md)
+    "lookahead": (50,),  # look-ahead gates: decide one step ahead (docs/method-notes.md)
+}
+SHIPPED_STEPS = SHIPPED_GATES["reference"]
 
 
-def gates_path(steps: int, lookahead: bool = False) -> Path:
-    return ASSETS / f"fmnist_gates_T{steps}{'_lookahead' if lookahead else ''}.safetensors"
+def gates_path(steps: int, kind: str = "reference") -> Path:
+    return ASSETS / f"fmnist_gates_T{steps}{'' if kind == 'reference' else '_' + kind}.safetensors"
 
 
 def _missing(path: Path):
@@ -57,25 +60,45 @@ def default_autoencoder(device="cpu"):
 
 def load_default(device="cpu"):
     """The embedded default, ready to sample: the shipped Fashion-MNIST DiT (`lazydit.load_default()`); its gates
-    are `lazydit.default_gates(T)` for T in SHIPPED_STEPS (look-ahead: `default_gates(50, lookahead=True)`)."""
+    are `lazydit.default_gates(T)` for T in SHIPPED_STEPS (other kinds: `default_gates(T, kind=...)`, SHIPPED_GATES)."""
     return default_model(device)
 
 
-def default_gates(steps: int, device="cpu", lookahead: bool = False) -> LazyGates:
-    """The shipped gate set for T = steps (reference gates: 10, 20, 40 or 50; look-ahead gates: 50)."""
-    shipped = SHIPPED_LOOKAHEAD_STEPS if lookahead else SHIPPED_STEPS
+def default_gates(steps: int, device="cpu", kind: str = "reference") -> LazyGates:
+    """A shipped gate set of the embedded default.
+
+    Args:
+        steps: T, the sampling steps the gates were trained for.
+        device: where the gates go.
+        kind: which set (SHIPPED_GATES): "reference" (the paper's recipe; T = 10, 20, 40, 50), "lookahead" (T = 50).
+    Returns:
+        LazyGates, calibrated (their threshold is stored in the file).
+    """
+    if kind not in SHIPPED_GATES:
+        raise GateMismatchError(f"no shipped gates of kind {kind!r}: the kinds are {', '.join(SHIPPED_GATES)}")
+    shipped = SHIPPED_GATES[kind]
     if steps not in shipped:
-        kind = "look-ahead gates" if lookahead else "gates"
-        raise GateMismatchError(f"shipped {kind} exist for T in {shipped}, not {steps}: train your own with "
-                         f"`lazydit train-gates --steps {steps}{' --lookahead' if lookahead else ''}`")
-    path = gates_path(steps, lookahead)
+        what = "gates" if kind == "reference" else f"{kind} gates"
+        raise GateMismatchError(f"shipped {what} exist for T in {shipped}, not {steps}: train your own with "
+                                f"`lazydit train-gates --steps {steps}{' --lookahead' if kind == 'lookahead' else ''}`")
+    path = gates_path(steps, kind)
     if not path.is_file():
         raise _missing(path)
     return LazyGates.load(path).to(device)
 
 
+def shipped_kind(spec: str) -> str | None:
+    """The kind a `--gates` value names ('default' -> 'reference', 'default-<kind>' -> kind), None for a file."""
+    if spec == "default":
+        return "reference"
+    if spec.startswith("default-") and spec[len("default-"):] in SHIPPED_GATES:
+        return spec[len("default-"):]
+    return None
+
+
 def resolve_gates(spec: str, steps: int, device="cpu") -> LazyGates:
-    """A gate file, or 'default' / 'default-lookahead': the shipped reference / look-ahead set for T = steps."""
-    if spec in ("default", "default-lookahead"):
-        return default_gates(steps, device, lookahead=spec == "default-lookahead")
+    """A gate file, or 'default' / 'default-<kind>' (SHIPPED_GATES, e.g. default-lookahead): a shipped set for T."""
+    kind = shipped_kind(spec)
+    if kind is not None:
+        return default_gates(steps, device, kind)
     return LazyGates.load(spec).to(device)

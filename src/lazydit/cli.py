@@ -455,10 +455,10 @@ def _calibrate_and_save(model, gates, args, out):
 
 
 def cmd_calibrate(args):
-    from lazydit.assets import resolve_gates
+    from lazydit.assets import resolve_gates, shipped_kind
     from lazydit.errors import GateMismatchError, UsageError
 
-    shipped = args.gates in ("default", "default-lookahead")
+    shipped = shipped_kind(args.gates) is not None
     if args.in_place and (shipped or args.out):
         raise UsageError("--in-place rewrites a gate file of yours: not the shipped gates, and not with --out")
     if not args.in_place and not args.out:
@@ -618,8 +618,9 @@ def _sampling(sp, steps=50, gates=True, compile_flag=False):
                     help="DDIM, or DPM-Solver++(2M) at the same timesteps (gates and methods attach to either)")
     if not gates:
         return
-    sp.add_argument("--gates", default=None, help="gate file, or 'default' / 'default-lookahead' for the shipped "
-                                                  "reference / look-ahead set of --steps (none: plain DDIM)")
+    sp.add_argument("--gates", default=None, help="gate file, or 'default' / 'default-<kind>' for a shipped set of "
+                                                  "--steps (kinds: lazydit.assets.SHIPPED_GATES, e.g. "
+                                                  "default-lookahead; none: plain DDIM)")
     sp.add_argument("--method", default=None,
                     help="another caching policy instead of gates: a registered name[:key=value,...] or "
                          "package.module:Class[:key=value,...] (see docs/architecture.md)")
@@ -777,7 +778,7 @@ def build_parser():
 
     sp = add("calibrate", cmd_calibrate, "set a gate file's threshold so sampling reaches a target lazy ratio")
     _common(sp)
-    sp.add_argument("--gates", required=True, help="gate file, or 'default' / 'default-lookahead'")
+    sp.add_argument("--gates", required=True, help="gate file, or 'default' / 'default-<kind>' (e.g. default-lookahead)")
     sp.add_argument("--steps", type=_steps, default=None, help="T of the gates (checked; needed for 'default')")
     sp.add_argument("--target-ratio", type=_fraction, required=True, help="lazy ratio to reach")
     sp.add_argument("--calib-per-class", type=_positive, default=4, help="calibration images per class")
