@@ -279,7 +279,7 @@ def cmd_demo(args):
 
     _check_out(args.out, folder=True)
     rows = run_demo(args.out, per_class=args.per_class, cfg_scale=args.cfg, seed=args.seed, device=_device(args),
-                    progress=not args.json)
+                    progress=not args.json, kind=args.gates)
     _emit(args, rows, ["sampler", "steps", "lazy_ratio", "tmacs", "gmacs", "seconds", "png"])
     if not args.json:
         print(f"\nside by side: {args.out}/compare.png")
@@ -666,6 +666,9 @@ def build_parser():
     sp.add_argument("--out", default="lazydit-demo", help="folder for the PNG grids")
     sp.add_argument("--per-class", type=_positive, default=4, help="images per class")
     sp.add_argument("--cfg", type=_finite, default=DEFAULT_CFG, help="classifier-free guidance scale")
+    sp.add_argument("--gates", default="reference",
+                    help="kind of the shipped T=50 gates the Lazy-50 row uses (lazydit.assets.SHIPPED_GATES: "
+                         "reference, lookahead, ...)")
 
     sp = add("pretrain", cmd_pretrain, "train a class-conditional DiT on Fashion-MNIST (with EMA)")
     _common(sp, model=False)

@@ -13,7 +13,7 @@ from lazydit.plots import laziness_heatmap
 
 
 def run_demo(out="lazydit-demo", per_class: int = 4, cfg_scale: float = 2.0, seed: int = 0, device="cpu",
-             progress: bool = True) -> list:
+             progress: bool = True, kind: str = "reference") -> list:
     """Sample the same 10-class grid three ways and write PNG grids.
 
     Args:
@@ -22,12 +22,13 @@ def run_demo(out="lazydit-demo", per_class: int = 4, cfg_scale: float = 2.0, see
         cfg_scale: guidance scale.
         seed: initial noise seed, shared by the three samplers.
         device: torch device.
+        kind: which shipped T=50 gates the Lazy-50 row samples with (lazydit.assets.SHIPPED_GATES).
     Returns:
         list of report rows (dicts with sampler, steps, lazy_ratio, tmacs, gmacs, seconds, png).
     """
     out = Path(out)
     model = default_model(device)
-    gates = default_gates(50, device)
+    gates = default_gates(50, device, kind)
     decode = own_decoder(model) or (lambda x: x)  # the latent default's autoencoder
     y = class_grid_labels(model.config.num_classes, per_class, device)
     noise = torch.randn(len(y), model.config.in_channels, model.config.input_size, model.config.input_size,
