@@ -9,6 +9,8 @@ Rows, per batch size and compile setting, all at --steps with CFG:
   dense-T/2    plain DDIM with half the steps (what lazy sampling must beat at equal MACs)
   ref-lazy-T   reference gates: score each module on its current input, one host sync per module (the paper's code)
   la-lazy-T    look-ahead gates: plan of step k fixed at step k+1, skipped modules skip LayerNorm/modulate too
+  KIND-lazy-T  with --pairs KIND:T,...: the shipped gates of that kind and T at their calibrated ratio r, each
+               timed against dense-round(T (1 - r)), the DDIM row of (about) equal TMACs ("/ partner" column)
 Compile settings: "eager" for every row; with --compile also "compiled": dense rows compile each DiT block
 (regional `torch.compile`), look-ahead rows compile each branch (`apply_lazy(..., compile=True)`); the reference
 path branches on a host value per module and stays eager (its row is repeated for comparison).
@@ -61,6 +63,26 @@ def build(args):
     return model, ref, la
 
 
+def pair_rows(spec: str | None, rows: list, dense, model) -> dict:
+    """Append the --pairs rows (shipped gates of KIND at T, and DDIM of about equal TMACs) to `rows`.
+
+    Returns:
+        lazy row name -> its partner's row name.
+    """
+    partners = {}
+    for item in (spec.split(",") if spec else []):
+        kind, T = item.split(":")
+        gates = default_gates(int(T), next(model.parameters()).device, kind=kind)
+        r = gates.meta["calibration"]["reached"]
+        partner = f"dense-{max(1, round(int(T) * (1 - r)))}"
+        if partner not in {row.name for row in rows}:
+            rows.append(TimedRow(partner, dense, int(partner.split("-")[1])))
+        name = f"{kind}-lazy-{T}"
+        rows.append(TimedRow(name, model, int(T), gates))
+        partners[name] = partner
+    return partners
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
@@ -72,6 +94,9 @@ def main(argv=None):
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--gates", choices=["shipped", "plan50"])
     ap.add_argument("--repeats", type=int)
+    ap.add_argument("--pairs", default=None,
+                    help="comma-separated KIND:T (e.g. forecast:20,forecast:10): shipped gates of a kind against "
+                         "DDIM at equal TMACs, in the same interleaved run")
     ap.add_argument("--micro-batch", type=int, default=None,
                     help="images per sampler call (the paper table's --timing uses 16; default: the whole batch)")
     ap.add_argument("--compile", action="store_true", default=None, help="also run the compiled setting")
@@ -108,6 +133,7 @@ def main(argv=None):
             la_cfg = LazyConfig(compile=setting == "compiled", compile_mode=args.compile_mode)
             rows = [TimedRow(f"dense-{T}", dense, T), TimedRow(f"dense-{half}", dense, half),
                     TimedRow(f"ref-lazy-{T}", model, T, ref), TimedRow(f"la-lazy-{T}", model, T, la, la_cfg)]
+            partners = pair_rows(args.pairs, rows, dense, model)
             t0 = time.time()
             timed = time_interleaved(rows, y, cfg_scale=args.cfg, repeats=args.repeats, vary_seed=True,
                                      micro_batch=args.micro_batch)
@@ -120,6 +146,9 @@ def main(argv=None):
                     over_half_steps=round(paired_ratio(t, timed[f"dense-{half}"]["times"]), 3),
                     peak_mem_gib=None if timed[r.name]["peak_gib"] is None else round(timed[r.name]["peak_gib"], 2),
                 ))
+                if r.name in partners:
+                    results[-1].update(partner=partners[r.name], over_partner=round(
+                        paired_ratio(t, timed[partners[r.name]]["times"]), 3))
             print(f"  batch {B} {setting}: {time.time() - t0:.1f} s", flush=True)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else (platform.processor() or
                                                                                      platform.machine())
@@ -127,11 +156,12 @@ def main(argv=None):
                torch=torch.__version__, model=args.model, dtype=args.dtype, steps=T, cfg=args.cfg, gates=args.gates,
                repeats=args.repeats, micro_batch=args.micro_batch, compile_mode=args.compile_mode,
                allocator_tuned=tuned, rows=results)
-    print(f"{'batch':>5} {'setting':9} {'sampler':12} {'lazy':>6} {'TMACs':>9} {'median s':>9} "
-          f"{'vs dense':>8} {'/ half-T':>8}")
+    print(f"{'batch':>5} {'setting':9} {'sampler':16} {'lazy':>6} {'TMACs':>9} {'median s':>9} "
+          f"{'vs dense':>8} {'/ half-T':>8} {'/ partner':>20}")
     for r in results:
-        print(f"{r['batch']:5d} {r['setting']:9} {r['sampler']:12} {r['lazy_ratio']:6.1%} {r['tmacs']:9.5f} "
-              f"{r['median_s']:9.3f} {r['speedup_vs_dense']:7.2f}x {r['over_half_steps']:7.3f}x")
+        partner = f"{r['over_partner']:.3f}x {r['partner']}" if "partner" in r else ""
+        print(f"{r['batch']:5d} {r['setting']:9} {r['sampler']:16} {r['lazy_ratio']:6.1%} {r['tmacs']:9.5f} "
+              f"{r['median_s']:9.3f} {r['speedup_vs_dense']:7.2f}x {r['over_half_steps']:7.3f}x {partner:>20}")
     print(json.dumps(out))
     if args.json_out:
         write_text_atomic(args.json_out, json.dumps(out, indent=1))

@@ -25,11 +25,18 @@ base() {
   cp "$run/pretrain/model.safetensors" "$assets/fmnist_dit.safetensors"
 }
 
-# 3. gates per T (reference recipe: AdamW lr 1e-4, wd 0, 500 steps), then a threshold calibrated to the ratio
-gate() {  # T rho target [lookahead]
-  local name="gates_T$1${4:+_lookahead}"
+# 3. gates per T (reference recipe: AdamW lr 1e-4, wd 0, 500 steps), then a threshold calibrated to the ratio;
+#    a kind (lazydit.assets.SHIPPED_GATES) adds its training option: lookahead, or forecast (first-order forecast reuse)
+gate() {  # T rho target [kind]
+  local name="gates_T$1${4:+_$4}" flags=""
+  case "${4:-}" in
+    "") ;;
+    lookahead) flags="--lookahead" ;;
+    forecast) flags="--forecast 1" ;;
+    *) echo "unknown gate kind: $4" >&2; exit 2 ;;
+  esac
   lazydit train-gates --model "$assets/fmnist_dit.safetensors" --steps "$1" --rho "$2" --iters 500 \
-    --batch-size 64 --ckpt-every 50 --out "$run/$name" --target-ratio "$3" --cfg 2.0 ${4:+--lookahead} \
+    --batch-size 64 --ckpt-every 50 --out "$run/$name" --target-ratio "$3" --cfg 2.0 $flags \
     $( [ -f "$run/$name/checkpoint.pt" ] && echo --resume )
   cp "$run/$name/gates.safetensors" "$assets/fmnist_$name.safetensors"
 }

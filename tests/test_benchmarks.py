@@ -31,6 +31,19 @@ def test_bench_fast_tiny(capsys, tmp_path):
     assert json.loads((tmp_path / "b.json").read_text())["rows"] == out["rows"]
 
 
+def test_bench_fast_pairs_each_shipped_gate_set_with_ddim_of_equal_tmacs():
+    from lazydit.assets import default_gates, default_model
+
+    bench, model = load("bench_fast"), default_model()
+    rows = [bench.TimedRow("dense-11", model, 11)]
+    partners = bench.pair_rows("reference:20,reference:10", rows, model, model)
+    r10 = default_gates(10).meta["calibration"]["reached"]
+    partner10 = f"dense-{round(10 * (1 - r10))}"
+    assert partners == {"reference-lazy-20": "dense-11", "reference-lazy-10": partner10}  # 45% of 20 steps: 11
+    assert [r.name for r in rows] == ["dense-11", "reference-lazy-20", partner10, "reference-lazy-10"]  # no twins
+    assert rows[1].gates.steps == 20 and rows[1].gates.threshold == default_gates(20).threshold
+
+
 def md_tables(md: str) -> list:
     """Every markdown table of `md` as a list of {header cell: cell} rows (a row of another width fails)."""
     tables, block = [], []
