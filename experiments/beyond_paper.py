@@ -16,6 +16,7 @@ Plans:
 Variants (gates trained here with the same budget: --iters optimiser steps of --batch-size, rho 1e-2, seed 0):
   ref        the shipped reference gates of T (the paper's recipe: data, parity, plain reuse)
   forecast   parity gates trained and sampled with first-order forecast reuse (data recipe)
+  forecast+df  the same, trained data-free on the model's own trajectories (no dataset)
   every      gates on every step (no parity), plain reuse (data recipe)
   every+fc+df  every-step gates, first-order forecast, trained data-free on the model's own trajectories
   every+cap2   the `every` gates sampled with at most 2 consecutive skips per module and row (LazyConfig.max_skips)
@@ -54,6 +55,7 @@ from lazydit.training.trajectories import trajectory_data
 VARIANTS = {  # name -> GateTrainConfig fields (None: the shipped reference gates)
     "ref": None,
     "forecast": dict(forecast=1),
+    "forecast+df": dict(forecast=1, data_free=True),
     "every": dict(every_step=True),
     "every+fc+df": dict(every_step=True, forecast=1, data_free=True),
     "every+ro3": dict(every_step=True, rollout=3),
