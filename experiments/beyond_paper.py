@@ -193,6 +193,16 @@ def frontier_plot(rows: list, path: Path):
     savefig_atomic(fig, path)
 
 
+def ddim_fid_at(ddim: list, tmacs: float) -> float | None:
+    """FID of the DDIM curve at `tmacs`, linear between the two DDIM rows around it (rows sorted by TMACs); None
+    outside the sampled range. A point estimate: the paired interval is for the round(T (1 - r)) partner."""
+    for lo, hi in zip(ddim, ddim[1:]):
+        if lo["tmacs"] <= tmacs <= hi["tmacs"]:
+            w = (tmacs - lo["tmacs"]) / (hi["tmacs"] - lo["tmacs"])
+            return lo["fid"] + w * (hi["fid"] - lo["fid"])
+    return None
+
+
 def command(args, names: list) -> str:
     """The command line that samples the rows `names` (--only where they are not the whole plan)."""
     parts = ["python experiments/beyond_paper.py", f"--plan {args.plan}"]
@@ -255,13 +265,17 @@ def write_up(done: dict, args) -> dict:
                      f"{r['sfid']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} | "
                      + (f"{ps:.2f} | " if ps is not None else " | ")
                      + (f"{sr['mean']:.2f} / {sr['max']} |" if sr else " |"))
-    lines += ["", "| pairing (about equal TMACs) | TMACs ratio | ΔFID [95% paired bootstrap] |", "|---|---:|---:|"]
+    ddim = sorted((r for r in out["rows"] if not r.get("variant")), key=lambda r: r["tmacs"])
+    lines += ["", "| pairing (about equal TMACs) | TMACs ratio | ΔFID [95% paired bootstrap] | ΔFID vs DDIM at equal "
+                  "TMACs (interpolated) |", "|---|---:|---:|---:|"]
     for a, b in pairs_all:
         key = f"{a.name} vs {b.name}"
         if key in pairs:
-            d = pairs[key]
+            d, at = pairs[key], ddim_fid_at(ddim, done[a.name]["tmacs"])
+            d["vs_interpolated"] = None if at is None else done[a.name]["fid"] - at
             lines.append(f"| {key} | {done[a.name]['tmacs'] / done[b.name]['tmacs']:.3f} | "
-                         f"{d['delta']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] |")
+                         f"{d['delta']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] | "
+                         + ("" if at is None else f"{d['vs_interpolated']:+.3f}") + " |")
     if args.plan == "frontier" and out["rows"]:
         frontier_plot(out["rows"], Path(args.docs) / "images" / "beyond_paper_frontier.png")
         lines += ["", "![FID vs TMACs](images/beyond_paper_frontier.png)"]

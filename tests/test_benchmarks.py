@@ -44,6 +44,13 @@ def test_bench_fast_pairs_each_shipped_gate_set_with_ddim_of_equal_tmacs():
     assert rows[1].gates.steps == 20 and rows[1].gates.threshold == default_gates(20).threshold
 
 
+def test_beyond_paper_interpolates_the_ddim_curve_at_equal_tmacs():
+    bp = load("beyond_paper", "experiments")
+    ddim = [dict(tmacs=1.0, fid=4.0), dict(tmacs=2.0, fid=3.0), dict(tmacs=4.0, fid=2.0)]
+    assert bp.ddim_fid_at(ddim, 1.5) == 3.5 and bp.ddim_fid_at(ddim, 3.0) == 2.5 and bp.ddim_fid_at(ddim, 2.0) == 3.0
+    assert bp.ddim_fid_at(ddim, 0.5) is None and bp.ddim_fid_at(ddim, 5.0) is None  # no extrapolation
+
+
 def md_tables(md: str) -> list:
     """Every markdown table of `md` as a list of {header cell: cell} rows (a row of another width fails)."""
     tables, block = [], []
