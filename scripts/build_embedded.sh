@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Rebuild the embedded default shipped in src/lazydit/assets/ (docs/embedded.md says what each step gives):
-# a small autoencoder, a latent DiT on its 4x14x14 latents, and LazyDiT gates for T = 10, 20, 40, 50 (+ look-ahead 50).
+# a small autoencoder, a latent DiT on its 4x14x14 latents, and LazyDiT gates for T = 10, 20, 40, 50 (+ look-ahead 50,
+# forecast 10, 20, 50).
 #   bash scripts/build_embedded.sh [RUN_DIR]                 everything; needs: apt-get install -y dataset-fashion-mnist
 #   bash scripts/build_embedded.sh RUN_DIR gate 50 1e-2 0.48 lookahead     one stage only
 # Steps are resumable: rerun the script after an interruption and each stage continues from its checkpoint.
@@ -49,5 +50,8 @@ gate 20 "${RHO_20:-1e-2}" 0.45
 gate 10 "${RHO_10:-1e-2}" 0.30
 gate 40 "${RHO_40:-1e-2}" 0.48
 gate 50 "${RHO_50:-1e-2}" 0.48 lookahead  # look-ahead gates (beyond the paper; the fast sampling path)
+gate 20 "${RHO_20:-1e-2}" 0.50 forecast   # forecast reuse (beyond the paper; docs/beyond_paper_notes.md)
+gate 10 "${RHO_10:-1e-2}" 0.30 forecast
+gate 50 "${RHO_50:-1e-2}" 0.48 forecast
 python scripts/embedded_curves.py "$run"  # docs/images/embedded_training.png
 ls -l "$assets"

@@ -29,6 +29,10 @@ def test_shipped_assets_fit_together():
         assert g.steps == T and torch.all(g.weight[:, :, 1::2] == 0)
         assert "training" in g.meta
     default_gates(50, kind="lookahead").check_model(model)
+    for T in SHIPPED_GATES["forecast"]:  # beyond the paper: the reference parity with first-order forecast reuse
+        g = default_gates(T, kind="forecast")
+        g.check_model(model)
+        assert g.steps == T and g.parity and g.meta["forecast"] == 1 and g.meta["training"]["forecast"] == 1
 
 
 @pytest.mark.parametrize("T,kind", [(T, kind) for kind, steps in SHIPPED_GATES.items() for T in steps])
@@ -48,7 +52,7 @@ def test_shipped_gate_kinds_are_named_and_refused_clearly():
     assert shipped_kind("default") == "reference" and shipped_kind("default-lookahead") == "lookahead"
     assert shipped_kind("my-gates.safetensors") is None and shipped_kind("default-nope") is None
     assert resolve_gates("default-lookahead", 50).lookahead and not resolve_gates("default", 50).lookahead
-    with pytest.raises(GateMismatchError, match="the kinds are reference, lookahead"):
+    with pytest.raises(GateMismatchError, match="the kinds are reference, lookahead, forecast"):
         default_gates(50, kind="nope")
     with pytest.raises(GateMismatchError, match=r"lookahead gates exist for T in \(50,\), not 20"):
         default_gates(20, kind="lookahead")
@@ -66,6 +70,13 @@ def test_demo_prints_rows_and_writes_pngs(tmp_path, capsys):
         assert (tmp_path / name).stat().st_size > 0
 
 
+def test_demo_samples_with_another_shipped_gate_kind(tmp_path, capsys):
+    rows = run_json(capsys, "demo", "--out", str(tmp_path), "--per-class", "1", "--gates", "forecast")
+    assert [r["sampler"] for r in rows] == ["DDIM-50", "DDIM-25", "Lazy-50"]
+    assert 0.4 < rows[2]["lazy_ratio"] <= 0.5  # the forecast gates' calibrated 48%, under the parity cap
+    assert (tmp_path / "lazy50_heatmap.png").stat().st_size > 0
+
+
 def test_sample_npz_is_adm_format(tmp_path, capsys):
     out = tmp_path / "s.npz"
     rows = run_json(capsys, "sample", "--steps", "10", "--gates", "default", "--labels", "0,3,9", "--out", str(out),
@@ -74,6 +85,19 @@ def test_sample_npz_is_adm_format(tmp_path, capsys):
     arr = np.load(out)["arr_0"]
     assert arr.shape == (3, 28, 28, 1) and arr.dtype == np.uint8
     assert rows[0]["sampler"] == "Lazy-10"
+
+
+def test_shipped_forecast_gates_sample_from_the_cli(tmp_path, capsys):
+    labels = ",".join(map(str, range(10)))
+    plain = run_json(capsys, "sample", "--steps", "20", "--gates", "default", "--labels", labels,
+                     "--out", str(tmp_path / "p.npz"))
+    fc = run_json(capsys, "sample", "--steps", "20", "--gates", "default-forecast", "--labels", labels,
+                  "--out", str(tmp_path / "f.npz"))
+    assert fc[0]["sampler"] == "Lazy-20" and fc[0]["lazy_ratio"] == pytest.approx(0.5, abs=0.02)  # calibrated to 50%
+    a, b = np.load(tmp_path / "p.npz")["arr_0"], np.load(tmp_path / "f.npz")["arr_0"]
+    assert a.shape == b.shape and not np.array_equal(a, b)  # another gate set than --gates default
+    with pytest.raises(SystemExit, match="trained with forecast order 1"):  # the file enforces its variant
+        main(["sample", "--steps", "20", "--gates", "default-forecast", "--forecast", "0", "--labels", "0"])
 
 
 def test_sample_with_gates_for_another_T_fails_clearly(capsys):

@@ -13,6 +13,7 @@ DEFAULT_AUTOENCODER = ASSETS / "fmnist_autoencoder.safetensors"  # 28x28x1 <-> 4
 SHIPPED_GATES = {  # kind -> the T values it is shipped for (`--gates default` / `default-<kind>`)
     "reference": (10, 20, 40, 50),  # the paper's recipe (docs/method-notes.md)
     "lookahead": (50,),  # look-ahead gates: decide one step ahead (docs/method-notes.md)
+    "forecast": (10, 20, 50),  # first-order forecast reuse (beyond the paper; docs/beyond_paper_notes.md)
 }
 SHIPPED_STEPS = SHIPPED_GATES["reference"]
 
@@ -70,7 +71,9 @@ def default_gates(steps: int, device="cpu", kind: str = "reference") -> LazyGate
     Args:
         steps: T, the sampling steps the gates were trained for.
         device: where the gates go.
-        kind: which set (SHIPPED_GATES): "reference" (the paper's recipe; T = 10, 20, 40, 50), "lookahead" (T = 50).
+        kind: which set (SHIPPED_GATES): "reference" (the paper's recipe; T = 10, 20, 40, 50), "lookahead" (T = 50),
+            "forecast" (a skipped module receives the first-order extrapolation of its last two computed outputs;
+            T = 10, 20, 50).
     Returns:
         LazyGates, calibrated (their threshold is stored in the file).
     """
