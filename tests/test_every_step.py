@@ -171,3 +171,19 @@ def test_rollout_training_records_its_setting_and_refuses_lookahead(tmp_path, ca
         main(["train-gates", "--steps", "4", "--iters", "1", "--data-free", "--lookahead", "--rollout", "2",
               "--out", str(tmp_path / "g")])
     assert "--rollout and --lookahead" in str(e.value)
+
+
+def test_rollout_gates_sample_with_their_chain_cap_unless_told_otherwise(model):
+    from lazydit.lazy import policy_for
+
+    T, y = 8, torch.tensor([0, 1])
+    gates = LazyGates.for_model(model, T, threshold=0.75, parity=False)  # zero gates: every module skips
+    gates.meta["training"] = {"rollout": 2}  # as train_gates records it
+    assert policy_for(gates).config.max_skips == 2
+    assert policy_for(gates, LazyConfig(max_skips=5)).config.max_skips == 5  # an explicit cap wins
+    _, capped = sample(model, y, T, gates=gates, progress=False)
+    _, same = sample(model, y, T, gates=gates, lazy=LazyConfig(max_skips=2), progress=False)
+    del gates.meta["training"]
+    _, free = sample(model, y, T, gates=gates, progress=False)
+    assert free.lazy_ratio == pytest.approx(7 / 8)  # uncapped: only the first step computes
+    assert capped.lazy_ratio == same.lazy_ratio < free.lazy_ratio  # runs of at most 2 skips, then a computed step

@@ -628,7 +628,8 @@ def _sampling(sp, steps=50, gates=True, compile_flag=False):
     sp.add_argument("--uniform", action="store_true", help="one skip decision per module for the whole batch")
     sp.add_argument("--tie-cfg", action="store_true", help="cond and uncond rows of a pair decide together")
     sp.add_argument("--max-skips", type=_count, default=None,
-                    help="at most this many consecutive skips per module and row (every-step gates; default: any)")
+                    help="at most this many consecutive skips per module and row (every-step gates; default: the "
+                         "--rollout the gates were trained with, else any)")
     sp.add_argument("--forecast", type=int, choices=(0, 1, 2), default=None,
                     help="order of the forecast a skipped module receives (default: the one the gates were trained "
                          "with; 0: a copy)")

@@ -21,7 +21,8 @@ class LazyConfig:
     compile: bool = False  # run each branch's fused work (norm, modulate, module, gated residual) as a torch.compile region
     compile_mode: str | None = None  # torch.compile mode of those regions ("reduce-overhead": CUDA graphs on a GPU)
     record_decisions: bool = False  # keep every row's decision: handle.decisions, (T, L, 2, B) bool, True = computed
-    max_skips: int | None = None  # at most this many consecutive skips per module and row, then it computes (None: any)
+    max_skips: int | None = None  # at most this many consecutive skips per module and row, then it computes (None:
+    # the --rollout the gates were trained with, else any)
     forecast: int | None = None  # skipped rows get an extrapolation of order 0 (copy), 1 or 2; None: the gates' own (0)
 
     def __post_init__(self):

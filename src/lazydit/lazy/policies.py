@@ -27,6 +27,7 @@ rescaling polynomial); it is a no-op for the others.
 """
 
 import importlib
+from dataclasses import replace
 
 import torch
 
@@ -142,6 +143,9 @@ class ReferenceGates(Policy):
                 f"these gates were trained with forecast order {trained}, not {self.config.forecast}: sample with "
                 f"forecast={trained} (--forecast {trained}), or train gates for order {self.config.forecast}")
         self.forecast = trained
+        rollout = int(gates.meta.get("training", {}).get("rollout", 0))  # chain-aware training saw runs this long
+        if rollout and self.config.max_skips is None:  # so sampling keeps to them unless told otherwise
+            self.config = replace(self.config, max_skips=rollout)
         self.threshold = gates.threshold if self.config.threshold is None else self.config.threshold
         self.logit_threshold = logit_of(self.threshold)
 
