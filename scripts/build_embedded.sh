@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rebuild the embedded default shipped in src/lazydit/assets/ (docs/embedded.md says what each step gives):
 # a small autoencoder, a latent DiT on its 4x14x14 latents, and LazyDiT gates for T = 10, 20, 40, 50 (+ look-ahead 50,
-# forecast 10, 20, 50).
+# forecast 10, 20, 50, every-step forecast 20).
 #   bash scripts/build_embedded.sh [RUN_DIR]                 everything; needs: apt-get install -y dataset-fashion-mnist
 #   bash scripts/build_embedded.sh RUN_DIR gate 50 1e-2 0.48 lookahead     one stage only
 # Steps are resumable: rerun the script after an interruption and each stage continues from its checkpoint.
@@ -27,13 +27,15 @@ base() {
 }
 
 # 3. gates per T (reference recipe: AdamW lr 1e-4, wd 0, 500 steps), then a threshold calibrated to the ratio;
-#    a kind (lazydit.assets.SHIPPED_GATES) adds its training option: lookahead, or forecast (first-order forecast reuse)
+#    a kind (lazydit.assets.SHIPPED_GATES) adds its training options: lookahead, forecast (first-order forecast reuse),
+#    or every-forecast (gates on every step, trained on their own skip chains of up to 3, with forecast reuse)
 gate() {  # T rho target [kind]
   local name="gates_T$1${4:+_$4}" flags=""
   case "${4:-}" in
     "") ;;
     lookahead) flags="--lookahead" ;;
     forecast) flags="--forecast 1" ;;
+    every-forecast) flags="--every-step --forecast 1 --rollout 3" ;;
     *) echo "unknown gate kind: $4" >&2; exit 2 ;;
   esac
   lazydit train-gates --model "$assets/fmnist_dit.safetensors" --steps "$1" --rho "$2" --iters 500 \
@@ -53,5 +55,6 @@ gate 50 "${RHO_50:-1e-2}" 0.48 lookahead  # look-ahead gates (beyond the paper; 
 gate 20 "${RHO_20:-1e-2}" 0.50 forecast   # forecast reuse (beyond the paper; docs/beyond_paper_notes.md)
 gate 10 "${RHO_10:-1e-2}" 0.30 forecast
 gate 50 "${RHO_50:-1e-2}" 0.48 forecast
+gate 20 "${RHO_20:-1e-2}" 0.70 every-forecast  # every step, chain-aware, forecast: past the parity's 50%
 python scripts/embedded_curves.py "$run"  # docs/images/embedded_training.png
 ls -l "$assets"

@@ -33,6 +33,11 @@ def test_shipped_assets_fit_together():
         g = default_gates(T, kind="forecast")
         g.check_model(model)
         assert g.steps == T and g.parity and g.meta["forecast"] == 1 and g.meta["training"]["forecast"] == 1
+    for T in SHIPPED_GATES["every-forecast"]:  # past 50%: every step gated, trained on its own chains
+        g = default_gates(T, kind="every-forecast")
+        g.check_model(model)
+        t = g.meta["training"]
+        assert not g.parity and g.meta["forecast"] == 1 and t["every_step"] and t["rollout"] == 3
 
 
 @pytest.mark.parametrize("T,kind", [(T, kind) for kind, steps in SHIPPED_GATES.items() for T in steps])
@@ -52,7 +57,7 @@ def test_shipped_gate_kinds_are_named_and_refused_clearly():
     assert shipped_kind("default") == "reference" and shipped_kind("default-lookahead") == "lookahead"
     assert shipped_kind("my-gates.safetensors") is None and shipped_kind("default-nope") is None
     assert resolve_gates("default-lookahead", 50).lookahead and not resolve_gates("default", 50).lookahead
-    with pytest.raises(GateMismatchError, match="the kinds are reference, lookahead, forecast"):
+    with pytest.raises(GateMismatchError, match="the kinds are reference, lookahead, forecast, every-forecast"):
         default_gates(50, kind="nope")
     with pytest.raises(GateMismatchError, match=r"lookahead gates exist for T in \(50,\), not 20"):
         default_gates(20, kind="lookahead")
@@ -98,6 +103,16 @@ def test_shipped_forecast_gates_sample_from_the_cli(tmp_path, capsys):
     assert a.shape == b.shape and not np.array_equal(a, b)  # another gate set than --gates default
     with pytest.raises(SystemExit, match="trained with forecast order 1"):  # the file enforces its variant
         main(["sample", "--steps", "20", "--gates", "default-forecast", "--forecast", "0", "--labels", "0"])
+
+
+def test_shipped_every_step_forecast_gates_go_past_half_with_their_chain_cap(tmp_path, capsys):
+    labels = ",".join(map(str, range(10)))
+    rows = run_json(capsys, "sample", "--steps", "20", "--gates", "default-every-forecast", "--labels", labels,
+                    "--out", str(tmp_path / "e.npz"))
+    assert 0.6 < rows[0]["lazy_ratio"] < 0.8  # calibrated to 70%, past the parity's 50%
+    free = run_json(capsys, "sample", "--steps", "20", "--gates", "default-every-forecast", "--max-skips", "19",
+                    "--labels", labels, "--out", str(tmp_path / "f.npz"))
+    assert free[0]["lazy_ratio"] > rows[0]["lazy_ratio"]  # without the cap of 3 (their --rollout), longer chains
 
 
 def test_sample_with_gates_for_another_T_fails_clearly(capsys):
