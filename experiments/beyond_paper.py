@@ -27,7 +27,7 @@ Each Lazy row is calibrated to its target lazy ratio on the 40-image class grid 
 row samples the same --num-samples labels and initial noise (lazydit.evaluation.driver), CFG --cfg, and is scored
 with the shipped evaluator. Pairings: each Lazy-T@r against the DDIM row of about the same TMACs, with 95%
 paired-bootstrap intervals of the FID difference. Nothing is tuned: one seed, one budget, the same settings for
-every row. Writes <docs>/beyond_paper.md and .json.
+every row. Writes <docs>/beyond_paper.md, .csv and .json.
 """
 
 import argparse
@@ -203,6 +203,22 @@ def ddim_fid_at(ddim: list, tmacs: float) -> float | None:
     return None
 
 
+def rows_csv(rows: list) -> str:
+    """The table's rows as CSV (one line per row; PSNR and skip runs empty where not measured)."""
+    import csv
+    import io
+
+    cols = ["sampler", "variant", "steps", "target", "lazy_ratio", "tmacs", "fid", "sfid", "precision", "recall",
+            "psnr_vs_ref", "threshold"]
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(cols + ["skip_run_mean", "skip_run_max"])
+    for r in rows:
+        sr = r.get("skip_runs") or {}
+        w.writerow([r.get(c, "") if r.get(c) is not None else "" for c in cols] + [sr.get("mean", ""), sr.get("max", "")])
+    return buf.getvalue()
+
+
 def command(args, names: list) -> str:
     """The command line that samples the rows `names` (--only where they are not the whole plan)."""
     parts = ["python experiments/beyond_paper.py", f"--plan {args.plan}"]
@@ -279,6 +295,7 @@ def write_up(done: dict, args) -> dict:
     if args.plan == "frontier" and out["rows"]:
         frontier_plot(out["rows"], Path(args.docs) / "images" / "beyond_paper_frontier.png")
         lines += ["", "![FID vs TMACs](images/beyond_paper_frontier.png)"]
+    write_text_atomic(Path(args.docs) / "beyond_paper.csv", rows_csv(out["rows"]))
     write_text_atomic(Path(args.docs) / "beyond_paper.json", json.dumps(out, indent=1))
     write_text_atomic(Path(args.docs) / "beyond_paper.md", "\n".join(lines) + "\n")
     return out

@@ -269,6 +269,10 @@ def test_beyond_paper_small_run(tmp_path):
     assert (run / "reference-ddim-12-n4.npz").exists() and 5 < rows["DDIM-10"]["psnr_vs_ref"] < 100
     assert "| Lazy[forecast]-20@50 vs DDIM-10 |" in (docs / "beyond_paper.md").read_text()
     assert (docs / "images" / "beyond_paper_frontier.png").stat().st_size > 0
+    with open(docs / "beyond_paper.csv", newline="") as f:
+        table = {r["sampler"]: r for r in csv.DictReader(f)}
+    assert set(table) == set(rows) and float(table["Lazy[forecast]-20@50"]["fid"]) == lazy["fid"]
+    assert table["DDIM-10"]["variant"] == "" and table["Lazy[forecast]-20@50"]["skip_run_max"] == "1"
 
 
 def test_beyond_paper_frontier_plan():
