@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from lazydit.assets import DEFAULT_AUTOENCODER, SHIPPED_GATES, SHIPPED_STEPS, default_gates, default_model, gates_path
+from lazydit.assets import (DEFAULT_AUTOENCODER, SHIPPED_GATES, SHIPPED_STEPS, TRAIN_FLAGS, default_gates, default_model,
+                            gates_path)
 from lazydit.models.checkpoint import save_model
 from lazydit.cli import main
 from lazydit.lazy import LazyGates
@@ -61,6 +62,9 @@ def test_shipped_gate_kinds_are_named_and_refused_clearly():
         default_gates(50, kind="nope")
     with pytest.raises(GateMismatchError, match=r"lookahead gates exist for T in \(50,\), not 20"):
         default_gates(20, kind="lookahead")
+    with pytest.raises(GateMismatchError, match="--steps 40 --every-step --forecast 1 --rollout 3`"):
+        default_gates(40, kind="every-forecast")
+    assert set(TRAIN_FLAGS) == set(SHIPPED_GATES)  # every kind says how to train it
 
 
 def test_demo_prints_rows_and_writes_pngs(tmp_path, capsys):

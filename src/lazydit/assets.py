@@ -17,6 +17,10 @@ SHIPPED_GATES = {  # kind -> the T values it is shipped for (`--gates default` /
     "every-forecast": (20,),  # gates on every step, chain-aware (rollout 3), forecast reuse: past 50% (same notes)
 }
 SHIPPED_STEPS = SHIPPED_GATES["reference"]
+TRAIN_FLAGS = {  # kind -> the `lazydit train-gates` options that train it (as scripts/build_embedded.sh does)
+    "reference": "", "lookahead": " --lookahead", "forecast": " --forecast 1",
+    "every-forecast": " --every-step --forecast 1 --rollout 3",
+}
 
 
 def gates_path(steps: int, kind: str = "reference") -> Path:
@@ -85,7 +89,7 @@ def default_gates(steps: int, device="cpu", kind: str = "reference") -> LazyGate
     if steps not in shipped:
         what = "gates" if kind == "reference" else f"{kind} gates"
         raise GateMismatchError(f"shipped {what} exist for T in {shipped}, not {steps}: train your own with "
-                                f"`lazydit train-gates --steps {steps}{' --lookahead' if kind == 'lookahead' else ''}`")
+                                f"`lazydit train-gates --steps {steps}{TRAIN_FLAGS[kind]}`")
     path = gates_path(steps, kind)
     if not path.is_file():
         raise _missing(path)
