@@ -215,7 +215,7 @@ def rows_csv(rows: list) -> str:
     w.writerow(cols + ["skip_run_mean", "skip_run_max"])
     for r in rows:
         sr = r.get("skip_runs") or {}
-        w.writerow([r.get(c, "") if r.get(c) is not None else "" for c in cols] + [sr.get("mean", ""), sr.get("max", "")])
+        w.writerow(["" if r.get(c) is None else r[c] for c in cols] + [sr.get("mean", ""), sr.get("max", "")])
     return buf.getvalue()
 
 
@@ -250,6 +250,9 @@ def write_up(done: dict, args) -> dict:
     feats, pairs = {}, {}
     for a, b in pairs_all:
         if a.name not in done or b.name not in done:
+            continue
+        if not args.bootstrap:  # --bootstrap 0: the FID difference without an interval
+            pairs[f"{a.name} vs {b.name}"] = dict(delta=done[a.name]["fid"] - done[b.name]["fid"])
             continue
         for r in (a, b):
             if r.name not in feats:
@@ -290,7 +293,7 @@ def write_up(done: dict, args) -> dict:
             d, at = pairs[key], ddim_fid_at(ddim, done[a.name]["tmacs"])
             d["vs_interpolated"] = None if at is None else done[a.name]["fid"] - at
             lines.append(f"| {key} | {done[a.name]['tmacs'] / done[b.name]['tmacs']:.3f} | "
-                         f"{d['delta']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] | "
+                         f"{d['delta']:+.3f}" + (f" [{d['lo']:+.3f}, {d['hi']:+.3f}]" if "lo" in d else "") + " | "
                          + ("" if at is None else f"{d['vs_interpolated']:+.3f}") + " |")
     if args.plan == "frontier" and out["rows"]:
         frontier_plot(out["rows"], Path(args.docs) / "images" / "beyond_paper_frontier.png")

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from lazydit.assets import (DEFAULT_AUTOENCODER, SHIPPED_GATES, SHIPPED_STEPS, TRAIN_FLAGS, default_gates, default_model,
-                            gates_path)
+from lazydit.assets import (DEFAULT_AUTOENCODER, SHIPPED_GATES, SHIPPED_STEPS, TRAIN_FLAGS, default_gates,
+                            default_model, gates_path)
 from lazydit.models.checkpoint import save_model
 from lazydit.cli import main
 from lazydit.lazy import LazyGates
