@@ -72,13 +72,14 @@ def pair_rows(spec: str | None, rows: list, dense, model) -> dict:
     partners = {}
     for item in (spec.split(",") if spec else []):
         kind, T = item.split(":")
-        gates = default_gates(int(T), next(model.parameters()).device, kind=kind)
-        r = gates.meta["calibration"]["reached"]
-        partner = f"dense-{max(1, round(int(T) * (1 - r)))}"
+        T = int(T)
+        gates = default_gates(T, next(model.parameters()).device, kind=kind)
+        steps = max(1, round(T * (1 - gates.meta["calibration"]["reached"])))  # DDIM of about equal TMACs
+        partner = f"dense-{steps}"
         if partner not in {row.name for row in rows}:
-            rows.append(TimedRow(partner, dense, int(partner.split("-")[1])))
+            rows.append(TimedRow(partner, dense, steps))
         name = f"{kind}-lazy-{T}"
-        rows.append(TimedRow(name, model, int(T), gates))
+        rows.append(TimedRow(name, model, T, gates))
         partners[name] = partner
     return partners
 

@@ -63,9 +63,7 @@ VARIANTS = {  # name -> GateTrainConfig fields (None: the shipped reference gate
 }
 SAMPLING = {  # variants that sample another variant's gates with a LazyConfig option: name -> (gates, options)
     "every+cap2": ("every", dict(max_skips=2)),
-    "every+ro3": ("every+ro3", dict(max_skips=3)),
-    "every+fc+ro3": ("every+fc+ro3", dict(max_skips=3)),
-}
+}  # rollout gates (every+ro3, every+fc+ro3) sample with max_skips = their rollout by themselves (lazydit.lazy)
 
 
 @dataclass(frozen=True)

@@ -129,11 +129,16 @@ def pair_key(a: Row, b: Row) -> str:
     return f"{a.name} vs {b.name}"
 
 
+def row_gates(row: Row):
+    """The shipped gates a Lazy row samples with: look-ahead or reference, for its T."""
+    return default_gates(row.steps, kind="lookahead" if row.lookahead else "reference")
+
+
 def run_row(row: Row, model, extractor, ref, args):
     """Sample and score one row (calibrating the threshold of a Lazy row first)."""
     gates, lazy, extra = None, LazyConfig(), {}
     if row.lazy:
-        gates = default_gates(row.steps, kind="lookahead" if row.lookahead else "reference")
+        gates = row_gates(row)
         yc = class_grid_labels(model.config.num_classes, args.calib_per_class)
         th, reached = calibrate_threshold(model, gates, row.target, yc, cfg_scale=args.cfg, seed=args.seed,
                                           progress=False)
@@ -173,7 +178,7 @@ def time_rows(rows, model, args) -> dict:
     if not done:
         raise SystemExit("--timing: no finished rows to time")
     y = eval_labels(args.num_samples, model.config.num_classes, args.seed)[: args.timing_images]
-    timed_rows = [TimedRow(r.name, model, r.steps, default_gates(r.steps, kind="lookahead" if r.lookahead else "reference") if r.lazy else None,
+    timed_rows = [TimedRow(r.name, model, r.steps, row_gates(r) if r.lazy else None,
                            LazyConfig(threshold=th) if r.lazy else None) for r, th in done.items()]
     timed = time_interleaved(timed_rows, y, cfg_scale=args.cfg, repeats=args.timing_rounds,
                              micro_batch=args.micro_batch)

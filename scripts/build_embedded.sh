@@ -27,17 +27,12 @@ base() {
 }
 
 # 3. gates per T (reference recipe: AdamW lr 1e-4, wd 0, 500 steps), then a threshold calibrated to the ratio;
-#    a kind (lazydit.assets.SHIPPED_GATES) adds its training options: lookahead, forecast (first-order forecast reuse),
-#    or every-forecast (gates on every step, trained on their own skip chains of up to 3, with forecast reuse)
+#    a kind adds the training options lazydit.assets.TRAIN_FLAGS gives it: lookahead, forecast (first-order forecast
+#    reuse), or every-forecast (gates on every step, trained on their own skip chains of up to 3, with forecast reuse)
 gate() {  # T rho target [kind]
-  local name="gates_T$1${4:+_$4}" flags=""
-  case "${4:-}" in
-    "") ;;
-    lookahead) flags="--lookahead" ;;
-    forecast) flags="--forecast 1" ;;
-    every-forecast) flags="--every-step --forecast 1 --rollout 3" ;;
-    *) echo "unknown gate kind: $4" >&2; exit 2 ;;
-  esac
+  local name="gates_T$1${4:+_$4}" flags
+  flags=$(python3 -c 'import sys; from lazydit.assets import TRAIN_FLAGS as f; k = sys.argv[1] or "reference"
+sys.exit("unknown gate kind: " + k + " (kinds: " + " ".join(f) + ")") if k not in f else print(f[k])' "${4:-}")
   lazydit train-gates --model "$assets/fmnist_dit.safetensors" --steps "$1" --rho "$2" --iters 500 \
     --batch-size 64 --ckpt-every 50 --out "$run/$name" --target-ratio "$3" --cfg 2.0 $flags \
     $( [ -f "$run/$name/checkpoint.pt" ] && echo --resume )
