@@ -1,16 +1,19 @@
-"""What one sampling step costs, by part of the model: a computed step and a skipped step of look-ahead Lazy-T, and a
-step of plain DDIM, on the embedded default (issue: wall-clock that follows the MACs).
+"""What one sampling step costs, by part of the model: the steps of a lazy run by kind, and a step of plain DDIM, on
+the embedded default (issue: wall-clock that follows the MACs).
 
-    python benchmarks/profile_step.py                          # batch 16 with CFG, T = 50, the shipped gates
+    python benchmarks/profile_step.py                          # batch 16 with CFG, T = 50, the look-ahead gates
+    python benchmarks/profile_step.py --kind every-forecast --steps 20   # another shipped kind
     python benchmarks/profile_step.py --md docs/profile_step.md --json-out docs/profile_step.json
 
 Every step of sampling runs is timed (perf_counter around the model call; dense and lazy runs alternate, --repeats
-of each); then one more run of each is profiled with
-torch.profiler, each model call in its own session, with a labelled range around the embedders, every block's
-adaLN modulation and the final layer (inclusive time), and every aten op by self time (what the blocks' branches,
-norms, modulations and gated residuals are made of). Times are averaged over the steps of each kind: "computed" (the odd steps of
-look-ahead Lazy-T, every module runs), "skipped" (the even steps, on which the shipped gates skip ~97% of the
-modules), "dense" (plain DDIM-T). Prints a markdown table and one JSON object.
+of each); then one more run of each is profiled with torch.profiler, each model call in its own session, with a
+labelled range around the embedders, every block's adaLN modulation and the final layer (inclusive time), and every
+aten op by self time (what the blocks' branches, norms, modulations and gated residuals are made of). Times are
+averaged over the steps of each kind: "dense" (plain DDIM-T), and the lazy run's steps by the share of module-rows
+they ran: "computed" (>= 90%: the odd steps of parity gates), "skipped" (<= 10%: their even steps, on which the
+shipped look-ahead gates skip ~97% of the modules), "mixed" (the rest: every-step gates). A block whose branches
+all skip computes only the gate columns of its modulation, outside the adaLN module: that product shows under
+`addmm`, not under the adaLN part. Prints a markdown table and one JSON object.
 """
 
 import argparse
@@ -58,9 +61,22 @@ def label_parts(model):
     return handles
 
 
-def step_kinds(steps: int, lazy: bool):
-    """Respaced index k -> kind of step."""
-    return {k: ("dense" if not lazy else "computed" if k % 2 else "skipped") for k in range(steps)}
+KINDS = ("dense", "computed", "mixed", "skipped")  # columns: a bare step; lazy steps by the share of module-rows run
+
+
+def step_kinds(model, y, steps, cfg, gates):
+    """Respaced index k -> kind of step: "dense" without gates; with gates, from a first run's statistics,
+    "computed" (at least 90% of the module-rows ran), "skipped" (at most 10%) or "mixed"."""
+    if gates is None:
+        return {k: "dense" for k in range(steps)}
+    handle = apply_lazy(model, policy_for(gates))
+    try:
+        _run(model, y, steps, cfg)
+        st = handle.stats()
+    finally:
+        handle.remove()
+    run = 1 - (st.skipped.sum((1, 2)).double() / st.total.sum((1, 2)).double())  # (T,) share computed
+    return {k: "computed" if run[k] >= 0.9 else "skipped" if run[k] <= 0.1 else "mixed" for k in range(steps)}
 
 
 def timed_steps(model, y, steps, cfg, kinds):
@@ -127,6 +143,7 @@ def profiled_steps(model, y, steps, cfg, kinds):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--kind", default="lookahead", help="the shipped gates profiled (lazydit.assets.SHIPPED_GATES)")
     ap.add_argument("--batch", type=int, default=16, help="images (CFG doubles the rows)")
     ap.add_argument("--cfg", type=float, default=2.0)
     ap.add_argument("--repeats", type=int, default=3, help="timed runs (median per step over all of them)")
@@ -141,14 +158,16 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     model = default_model()
     y = torch.arange(args.batch) % model.config.num_classes
-    gates = default_gates(args.steps, kind="lookahead")
+    gates = default_gates(args.steps, kind=args.kind)
     res = dict(steps=args.steps, batch=args.batch, cfg=args.cfg, threads=torch.get_num_threads(),
                machine=platform.processor() or platform.machine(), torch=torch.__version__, allocator_tuned=tuned,
-               wall_ms={}, profile={})
+               kind=args.kind, wall_ms={}, profile={}, steps_of_kind={})
     times = defaultdict(list)
 
+    kinds_of = {lazy: step_kinds(model, y, args.steps, args.cfg, gates if lazy else None) for lazy in (False, True)}
+
     def run(lazy, measure):
-        kinds = step_kinds(args.steps, lazy)
+        kinds = kinds_of[lazy]
         handle = apply_lazy(model, policy_for(gates)) if lazy else None
         try:
             return measure(model, y, args.steps, args.cfg, kinds)
@@ -166,11 +185,16 @@ def main(argv=None):
         res["profile"].update(run(lazy, profiled_steps))
     for kind, t in times.items():
         res["wall_ms"][kind] = round(1e3 * statistics.median(t), 3)
-    cols = ("dense", "computed", "skipped")
+    cols = tuple(k for k in KINDS if k in res["wall_ms"])
+    for lazy in (False, True):
+        for kind in kinds_of[lazy].values():
+            res["steps_of_kind"][kind] = res["steps_of_kind"].get(kind, 0) + 1
     prof = res["profile"]
     ops = sorted({op for k in cols for op in prof.get(k, {}) if op not in PARTS and op != "(all)"},
                  key=lambda op: -max(prof.get(k, {}).get(op, 0) for k in cols))[: args.top]
-    lines = [f"Per model call (one step), batch {args.batch} with CFG ({2 * args.batch} rows), T = {args.steps}, "
+    lines = [f"Per model call (one step), `{args.kind}` gates, batch {args.batch} with CFG ({2 * args.batch} rows), "
+             f"T = {args.steps} (steps of each kind: "
+             + ", ".join(f"{k} {res['steps_of_kind'][k]}" for k in cols) + "), "
              f"{res['threads']} threads, torch {res['torch']}, allocator "
              f"{'tuned (lazydit.tune_allocator)' if tuned else 'as it is'}.", "",
              "| | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols),

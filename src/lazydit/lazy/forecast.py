@@ -35,6 +35,7 @@ class ForecastHistory:
             raise ValueError(f"forecast order must be 1 or 2 here (0 is plain reuse), got {order}")
         self.order = order
         self.y0 = None
+        self.least = 0  # host: every row has at least this many points (updates of all rows so far, capped)
 
     def update(self, out: torch.Tensor, t: float, rows=None):
         """Rows `rows` (an index tensor; None: all) computed `out[rows]` at timestep t."""
@@ -46,23 +47,38 @@ class ForecastHistory:
             self.n = torch.zeros(B, dtype=torch.long, device=out.device)
             self.t0 = torch.zeros(B, dtype=torch.float32, device=out.device)
             self.t1 = torch.zeros_like(self.t0)
+            self.least = 0
         sel = slice(None) if rows is None else rows
         y = (out if rows is None else out[rows]).float()
         n, t0, t1 = self.n[sel], self.t0[sel], self.t1[sel]
-        has1 = n >= 1
-        d1 = torch.where(_col(has1, y), (y - self.y0[sel]) / _col(torch.where(has1, t - t0, 1.0), y), 0.0)
+        d1 = _difference(y, self.y0[sel], t - t0, n >= 1, self.least >= 1)
         if self.order > 1:
-            has2 = n >= 2
-            d2 = torch.where(_col(has2, y), (d1 - self.d1[sel]) / _col(torch.where(has2, t - t1, 1.0), y), 0.0)
-            self.d2[sel] = d2
+            d2 = _difference(d1, self.d1[sel], t - t1, n >= 2, self.least >= 2)
+            if rows is None:
+                self.d2 = d2
+            else:
+                self.d2[rows] = d2
         self.t1[sel], self.t0[sel] = t0, torch.full_like(t0, float(t))
-        self.y0[sel], self.d1[sel] = y, d1
+        self.y0[sel] = y
+        if rows is None:  # d1 is a new tensor: keep it rather than copy it
+            self.d1 = d1
+            self.least = min(self.least + 1, self.order + 1)
+        else:
+            self.d1[rows] = d1
         self.n[sel] = torch.clamp(n + 1, max=self.order + 1)
 
     def predict(self, t: float, dtype) -> torch.Tensor:
         """(B, ...) forecast of every row at timestep t (rows with one point: their y0)."""
         dt = _col(t - self.t0, self.y0)
-        out = self.y0 + self.d1 * dt
+        out = torch.mul(self.d1, dt).add_(self.y0)  # y0 + d1 dt (one buffer; a sum of two terms rounds the same)
         if self.order > 1:
-            out = out + self.d2 * (dt * _col(t - self.t1, self.y0))
+            out.add_(self.d2 * (dt * _col(t - self.t1, self.y0)))
         return out.to(dtype)
+
+
+def _difference(y, prev, dt, has, all_have: bool):
+    """(y - prev) / dt per row where the row `has` the earlier point, else 0; `all_have` (known on the host: every
+    row has it) skips the masking, which then changes nothing."""
+    if all_have:
+        return (y - prev) / _col(dt, y)
+    return torch.where(_col(has, y), (y - prev) / _col(torch.where(has, dt, 1.0), y), 0.0)

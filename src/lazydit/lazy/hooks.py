@@ -61,7 +61,7 @@ class LazyRun(_Transient):
         self.probs: list = []  # soft mode: (branch, p (B,)) per branch evaluation, for the training penalty
         self.skippable = self.config.skippable(kinds)
         self.caller = None  # a function naming the sampler that calls the model, for the mismatch error (diffusers)
-        self.scratch: dict = {}  # a reused (B, N, D) buffer for gated residuals
+        self.scratch: dict = {}  # reused buffers: the gated residual's (B, N, D), the modulation weight subsets
         self.blocks: list = []  # the model's blocks (block-level policies)
         self.block_cache = BlockCache()  # block-level policies: the cached residual and the policy's state
 
@@ -153,6 +153,12 @@ class BranchHook(_Transient):
             raise RuntimeError("forecast reuse before any computed step")
         return self.history.predict(self.run.policy.clock(self.run), dtype)
 
+    def _reused(self):
+        """What skipped rows receive, as a tensor the caller may write into: the policy's reuse, copied only when it
+        is the cache itself (a forecast is a new tensor already)."""
+        out = self.run.policy.reuse(self, self.run.k)
+        return out.clone() if out is self.cache else out
+
     def _count(self, rows: int, computed: int, decision):
         self.run.collector.count(self.run.k, self.layer, self.branch, rows, computed, decision)
 
@@ -191,7 +197,7 @@ class BranchHook(_Transient):
             out = run.policy.reuse(self, run.k)  # reuse; the cache stays as it is
         else:
             idx = compute.nonzero().squeeze(1).to(z.device)
-            out = run.policy.reuse(self, run.k).clone()
+            out = self._reused()  # a buffer of our own: the computed rows are written into it
             out[idx] = forward(module, z[idx], *_rows(extra, idx, B)).to(out.dtype)
             self.remember(out, idx)
         self.cache = out
@@ -200,14 +206,22 @@ class BranchHook(_Transient):
 
     # -------------------------------------------------------------- block-level path (policies that plan ahead)
 
-    def run_branch(self, x, shift, scale, gate, extra=()):
+    def decide_ahead(self, rows: int):
+        """This step's host (B,) bool decisions (None: every row computes), before the branch input exists."""
+        return self._decide(rows, None)
+
+    @staticmethod
+    def skips_all(rows) -> bool:
+        """Whether decisions `rows` (from `decide_ahead`) skip every row."""
+        return rows is not None and not bool(rows.any())
+
+    def run_branch(self, x, shift, scale, gate, extra=(), rows=None):
         """x (B, N, D) -> x + gate * F(modulate(norm(x), shift, scale)), in sample mode.
 
-        The decisions are known before the branch starts, so skipped rows reuse without touching the norm or the
-        modulation.
+        The decisions are known before the branch starts (`rows`: this step's `decide_ahead`), so skipped rows reuse
+        without touching the norm or the modulation; shift and scale may be None when no row computes.
         """
         run, B = self.run, x.shape[0]
-        rows = self._decide(B, None)  # host (B,) bool or None
         if self.fn is None:
             cfg = run.config
             fn = _branch_fn(self.norm, self.module, compiled=cfg.compile, scratch=run.scratch)
@@ -225,7 +239,7 @@ class BranchHook(_Transient):
             idx = rows.nonzero().squeeze(1)
             idx = idx.pin_memory().to(x.device, non_blocking=True) if x.is_cuda else idx.to(x.device)
             _, part, _ = self.fn(x[idx], shift[idx], scale[idx], gate[idx], *extra)
-            out = run.policy.reuse(self, run.k).clone()
+            out = self._reused()  # a buffer of our own: the computed rows are written into it
             out[idx] = part.to(out.dtype)
             self.remember(out, idx)
             x = _residual(x, gate, out, run.scratch)
@@ -288,10 +302,40 @@ def _block_forward(self, x, *args, **kwargs):
     if run.mode != "sample":
         return type(self).forward(self, x, *args, **kwargs)
     c, extras = spec.inputs(self, *args, **kwargs)
-    mods = getattr(self, spec.modulation)(c).chunk(3 * len(hooks), dim=1)  # (shift, scale, gate) per branch
+    rows = [hook.decide_ahead(x.shape[0]) for hook in hooks]  # plans ahead: no decision depends on a branch output
+    mods = _modulations(self, spec, c, tuple(BranchHook.skips_all(r) for r in rows), run.scratch)
     for b, hook in enumerate(hooks):
-        x = hook.run_branch(x, *mods[3 * b : 3 * b + 3], extras[b])
+        x = hook.run_branch(x, *mods[b], extras[b], rows=rows[b])
     return x
+
+
+def _modulations(block, spec, c, skipped: tuple, scratch: dict) -> list:
+    """(shift, scale, gate) of every branch of `block` from its adaLN modulation of c (B, C).
+
+    A branch that every row skips needs its gate only (the gated residual of the reused output): when the modulation
+    is SiLU -> Linear (DiT, Large-DiT), only the columns of the chunks needed are computed, from a row subset of the
+    weight kept in `scratch` per block and pattern (rebuilt when the weight changes). The dot products are those of
+    the full product, so the values are the same (checked in tests/test_fast_path.py); a fully skipped DiT block
+    then pays a third of its modulation. Otherwise every chunk is computed and shift, scale are None where skipped.
+    """
+    nb = len(skipped)
+    mod = getattr(block, spec.modulation)
+    lin = mod[-1] if isinstance(mod, torch.nn.Sequential) and len(mod) == 2 and isinstance(mod[0], torch.nn.SiLU) \
+        and isinstance(mod[1], torch.nn.Linear) else None
+    if not any(skipped) or lin is None or torch.is_grad_enabled():
+        chunks = mod(c).chunk(3 * nb, dim=1)
+        return [(None, None, chunks[3 * b + 2]) if skipped[b] else chunks[3 * b : 3 * b + 3] for b in range(nb)]
+    stamp = (lin.weight.data_ptr(), lin.weight._version, None if lin.bias is None else lin.bias._version)
+    key = ("modulation", id(block), skipped)
+    entry = scratch.get(key)
+    if entry is None or entry[0] != stamp:
+        D = lin.out_features // (3 * nb)
+        cols = [j for b in range(nb) for j in ((3 * b + 2,) if skipped[b] else (3 * b, 3 * b + 1, 3 * b + 2))]
+        idx = torch.cat([torch.arange(j * D, (j + 1) * D) for j in cols]).to(lin.weight.device)
+        entry = scratch[key] = (stamp, D, lin.weight[idx], None if lin.bias is None else lin.bias[idx])
+    _, D, weight, bias = entry
+    parts = iter(torch.nn.functional.linear(mod[0](c), weight, bias).split(D, dim=1))
+    return [(None, None, next(parts)) if skipped[b] else (next(parts), next(parts), next(parts)) for b in range(nb)]
 
 
 class BlockProbe:
