@@ -60,6 +60,10 @@ VARIANTS = {  # name -> GateTrainConfig fields (None: the shipped reference gate
     "every+fc+df": dict(every_step=True, forecast=1, data_free=True),
     "every+ro3": dict(every_step=True, rollout=3),
     "every+fc+ro3": dict(every_step=True, forecast=1, rollout=3),
+    # Learning-to-Cache's router (one input-independent score per step, layer and branch) with the same every-step,
+    # forecast and chain-aware training: its decisions are known before the step, so a skipped module costs no norm,
+    # no modulation and no host sync (the question: the wall-clock at equal TMACs)
+    "every+router+fc+ro3": dict(every_step=True, forecast=1, rollout=3, router=True),
 }
 SAMPLING = {  # variants that sample another variant's gates with a LazyConfig option: name -> (gates, options)
     "every+cap2": ("every", dict(max_skips=2)),

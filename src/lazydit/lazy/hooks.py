@@ -210,11 +210,6 @@ class BranchHook(_Transient):
         """This step's host (B,) bool decisions (None: every row computes), before the branch input exists."""
         return self._decide(rows, None)
 
-    @staticmethod
-    def skips_all(rows) -> bool:
-        """Whether decisions `rows` (from `decide_ahead`) skip every row."""
-        return rows is not None and not bool(rows.any())
-
     def run_branch(self, x, shift, scale, gate, extra=(), rows=None):
         """x (B, N, D) -> x + gate * F(modulate(norm(x), shift, scale)), in sample mode.
 
@@ -231,7 +226,7 @@ class BranchHook(_Transient):
             run.policy.computed(self, run.k, z)
             self.remember(out)
             n = B
-        elif not bool(rows.any()):
+        elif _skips_all(rows):
             out = run.policy.reuse(self, run.k)
             x = _residual(x, gate, out, run.scratch)
             n = 0
@@ -303,10 +298,15 @@ def _block_forward(self, x, *args, **kwargs):
         return type(self).forward(self, x, *args, **kwargs)
     c, extras = spec.inputs(self, *args, **kwargs)
     rows = [hook.decide_ahead(x.shape[0]) for hook in hooks]  # plans ahead: no decision depends on a branch output
-    mods = _modulations(self, spec, c, tuple(BranchHook.skips_all(r) for r in rows), run.scratch)
+    mods = _modulations(self, spec, c, tuple(_skips_all(r) for r in rows), run.scratch)
     for b, hook in enumerate(hooks):
         x = hook.run_branch(x, *mods[b], extras[b], rows=rows[b])
     return x
+
+
+def _skips_all(rows) -> bool:
+    """Whether host decisions `rows` ((B,) bool, True = compute; None: all compute) skip every row."""
+    return rows is not None and not bool(rows.any())
 
 
 def _modulations(block, spec, c, skipped: tuple, scratch: dict) -> list:
