@@ -10,7 +10,8 @@ Rows, per batch size and compile setting, all at --steps with CFG:
   ref-lazy-T   reference gates: score each module on its current input, one host sync per module (the paper's code)
   la-lazy-T    look-ahead gates: plan of step k fixed at step k+1, skipped modules skip LayerNorm/modulate too
   KIND-lazy-T  with --pairs KIND:T,...: the shipped gates of that kind and T at their calibrated ratio r, each
-               timed against dense-round(T (1 - r)), the DDIM row of (about) equal TMACs ("/ partner" column)
+               timed against dense-round(T (1 - r)), the DDIM row of (about) equal TMACs ("/ partner" column); a
+               calibrated gate file in place of KIND:T is named after its folder
 Compile settings: "eager" for every row; with --compile also "compiled": dense rows compile each DiT block
 (regional `torch.compile`), look-ahead rows compile each branch (`apply_lazy(..., compile=True)`); the reference
 path branches on a host value per module and stays eager (its row is repeated for comparison).
@@ -28,6 +29,7 @@ import json
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -64,16 +66,24 @@ def build(args):
 
 
 def pair_rows(spec: str | None, rows: list, dense, model) -> dict:
-    """Append the --pairs rows (shipped gates of KIND at T, and DDIM of about equal TMACs) to `rows`.
+    """Append the --pairs rows (shipped gates of KIND at T, or a calibrated gate file, and DDIM of about equal
+    TMACs) to `rows`.
 
     Returns:
         lazy row name -> its partner's row name.
     """
     partners = {}
+    device = next(model.parameters()).device
     for item in (spec.split(",") if spec else []):
-        kind, T = item.split(":")
-        T = int(T)
-        gates = default_gates(T, next(model.parameters()).device, kind=kind)
+        if item.endswith(".safetensors") or Path(item).is_dir():  # a gate file (`lazydit calibrate` sets its ratio)
+            gates = LazyGates.load(item, map_location=device)
+            T, kind = gates.steps, Path(item).parent.name if Path(item).is_file() else Path(item).name
+            if "calibration" not in gates.meta:
+                raise SystemExit(f"--pairs {item}: calibrate it first (lazydit calibrate --gates {item} --target-ratio R)")
+        else:
+            kind, T = item.split(":")
+            T = int(T)
+            gates = default_gates(T, device, kind=kind)
         steps = max(1, round(T * (1 - gates.meta["calibration"]["reached"])))  # DDIM of about equal TMACs
         partner = f"dense-{steps}"
         if partner not in {row.name for row in rows}:
@@ -96,8 +106,9 @@ def main(argv=None):
     ap.add_argument("--gates", choices=["shipped", "plan50"])
     ap.add_argument("--repeats", type=int)
     ap.add_argument("--pairs", default=None,
-                    help="comma-separated KIND:T (e.g. forecast:20,forecast:10): shipped gates of a kind against "
-                         "DDIM at equal TMACs, in the same interleaved run")
+                    help="comma-separated KIND:T (e.g. forecast:20,forecast:10), shipped gates of a kind, or gate files "
+                         "calibrated by `lazydit calibrate`: each against DDIM at equal TMACs, in the same interleaved "
+                         "run")
     ap.add_argument("--micro-batch", type=int, default=None,
                     help="images per sampler call (the paper table's --timing uses 16; default: the whole batch)")
     ap.add_argument("--compile", action="store_true", default=None, help="also run the compiled setting")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from lazydit.evaluation.metrics import load_npz_samples, paired_psnr
+from lazydit.lazy import LazyGates
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,6 +43,24 @@ def test_bench_fast_pairs_each_shipped_gate_set_with_ddim_of_equal_tmacs():
     assert partners == {"reference-lazy-20": "dense-11", "reference-lazy-10": partner10}  # 45% of 20 steps: 11
     assert [r.name for r in rows] == ["dense-11", "reference-lazy-20", partner10, "reference-lazy-10"]  # no twins
     assert rows[1].gates.steps == 20 and rows[1].gates.threshold == default_gates(20).threshold
+
+
+def test_bench_fast_pairs_a_calibrated_gate_file_and_refuses_an_uncalibrated_one(tmp_path):
+    from lazydit.assets import default_gates, default_model
+
+    bench, model = load("bench_fast"), default_model()
+    gates = default_gates(20, kind="every-forecast")  # a calibrated file, saved under a folder of its own
+    (tmp_path / "mine").mkdir()
+    gates.save(tmp_path / "mine" / "gates.safetensors")
+    rows = []
+    partners = bench.pair_rows(str(tmp_path / "mine" / "gates.safetensors"), rows, model, model)
+    steps = round(20 * (1 - gates.meta["calibration"]["reached"]))
+    assert partners == {"mine-lazy-20": f"dense-{steps}"}
+    assert rows[1].gates.threshold == gates.threshold and rows[1].gates.meta["forecast"] == 1
+    bare = LazyGates.for_model(model, 20)
+    bare.save(tmp_path / "bare.safetensors")
+    with pytest.raises(SystemExit, match="calibrate it first"):
+        bench.pair_rows(str(tmp_path / "bare.safetensors"), [], model, model)
 
 
 def test_beyond_paper_interpolates_the_ddim_curve_at_equal_tmacs():
