@@ -23,6 +23,9 @@ Variants (gates trained here with the same budget: --iters optimiser steps of --
   every+ro3    every-step gates trained chain-aware (--rollout 3: the 3 steps before each trained one sample with
                the gates' own decisions), sampled with at most 3 consecutive skips (the chains training saw)
   every+fc+ro3 every+ro3 with first-order forecast reuse (trained and sampled with it)
+  every+router+fc+ro3  every+fc+ro3 with Learning-to-Cache's router in place of the gates: one input-independent
+               score per step, layer and branch, so decisions are known before the step and a skipped module costs
+               no norm, modulation or host sync (the same decision for every row)
 Each Lazy row is calibrated to its target lazy ratio on the 40-image class grid (as the paper table), then every
 row samples the same --num-samples labels and initial noise (lazydit.evaluation.driver), CFG --cfg, and is scored
 with the shipped evaluator. Pairings: each Lazy-T@r against the DDIM row of about the same TMACs, with 95%
@@ -275,7 +278,8 @@ def write_up(done: dict, args) -> dict:
              "target ratio on the 40-image class grid. Variants: `ref` the shipped reference gates; `forecast` "
              "first-order forecast reuse; `every` gates on every step; `fc` forecast, `df` data-free; `cap2` at "
              "most 2 consecutive skips per module and row; `ro3` trained chain-aware (`--rollout 3`) and sampled with "
-             "at most 3. Longest skip run: of every module and row on the class grid, mean / max (how stale a reused "
+             "at most 3; `router` Learning-to-Cache's input-independent scores in place of the gates (one decision per "
+             "step, layer and branch for every row). Longest skip run: of every module and row on the class grid, mean / max (how stale a reused "
              f"output gets). PSNR: against {args.fine_ref.upper()} on the first {args.fine_ref_samples:,} images of "
              "the same labels and noise.", "",
              "| row | lazy ratio | TMACs | FID | sFID | precision | recall | PSNR (dB) | longest skip run |",
