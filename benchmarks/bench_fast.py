@@ -76,12 +76,16 @@ def pair_rows(spec: str | None, rows: list, dense, model) -> dict:
     device = next(model.parameters()).device
     for item in (spec.split(",") if spec else []):
         if item.endswith(".safetensors") or Path(item).is_dir():  # a gate file (`lazydit calibrate` sets its ratio)
+            if not Path(item).exists():
+                raise SystemExit(f"--pairs {item}: no such gate file")
             gates = LazyGates.load(item, map_location=device)
             T, kind = gates.steps, Path(item).parent.name if Path(item).is_file() else Path(item).name
             if "calibration" not in gates.meta:
                 raise SystemExit(f"--pairs {item}: calibrate it first (lazydit calibrate --gates {item} --target-ratio R)")
         else:
-            kind, T = item.split(":")
+            kind, _, T = item.partition(":")
+            if not T.isdigit():
+                raise SystemExit(f"--pairs {item}: expected KIND:T (e.g. forecast:20) or a calibrated gate file")
             T = int(T)
             gates = default_gates(T, device, kind=kind)
         steps = max(1, round(T * (1 - gates.meta["calibration"]["reached"])))  # DDIM of about equal TMACs

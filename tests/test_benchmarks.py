@@ -61,6 +61,9 @@ def test_bench_fast_pairs_a_calibrated_gate_file_and_refuses_an_uncalibrated_one
     bare.save(tmp_path / "bare.safetensors")
     with pytest.raises(SystemExit, match="calibrate it first"):
         bench.pair_rows(str(tmp_path / "bare.safetensors"), [], model, model)
+    for bad, why in (("forecast", "expected KIND:T"), (str(tmp_path / "none.safetensors"), "no such gate file")):
+        with pytest.raises(SystemExit, match=why):
+            bench.pair_rows(bad, [], model, model)
 
 
 def test_beyond_paper_interpolates_the_ddim_curve_at_equal_tmacs():
