@@ -81,7 +81,8 @@ def pair_rows(spec: str | None, rows: list, dense, model) -> dict:
             gates = LazyGates.load(item, map_location=device)
             T, kind = gates.steps, Path(item).parent.name if Path(item).is_file() else Path(item).name
             if "calibration" not in gates.meta:
-                raise SystemExit(f"--pairs {item}: calibrate it first (lazydit calibrate --gates {item} --target-ratio R)")
+                raise SystemExit(f"--pairs {item}: calibrate it first "
+                                 f"(lazydit calibrate --gates {item} --target-ratio R)")
         else:
             kind, _, T = item.partition(":")
             if not T.isdigit():

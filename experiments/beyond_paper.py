@@ -63,9 +63,6 @@ VARIANTS = {  # name -> GateTrainConfig fields (None: the shipped reference gate
     "every+fc+df": dict(every_step=True, forecast=1, data_free=True),
     "every+ro3": dict(every_step=True, rollout=3),
     "every+fc+ro3": dict(every_step=True, forecast=1, rollout=3),
-    # Learning-to-Cache's router (one input-independent score per step, layer and branch) with the same every-step,
-    # forecast and chain-aware training: its decisions are known before the step, so a skipped module costs no norm,
-    # no modulation and no host sync (the question: the wall-clock at equal TMACs)
     "every+router+fc+ro3": dict(every_step=True, forecast=1, rollout=3, router=True),
 }
 SAMPLING = {  # variants that sample another variant's gates with a LazyConfig option: name -> (gates, options)
@@ -278,9 +275,10 @@ def write_up(done: dict, args) -> dict:
              "target ratio on the 40-image class grid. Variants: `ref` the shipped reference gates; `forecast` "
              "first-order forecast reuse; `every` gates on every step; `fc` forecast, `df` data-free; `cap2` at "
              "most 2 consecutive skips per module and row; `ro3` trained chain-aware (`--rollout 3`) and sampled with "
-             "at most 3; `router` Learning-to-Cache's input-independent scores in place of the gates (one decision per "
-             "step, layer and branch for every row). Longest skip run: of every module and row on the class grid, mean / max (how stale a reused "
-             f"output gets). PSNR: against {args.fine_ref.upper()} on the first {args.fine_ref_samples:,} images of "
+             "at most 3; `router` Learning-to-Cache's input-independent scores in place of the gates (one decision "
+             "per step, layer and branch for every row). Longest skip run: of every module and row on the class grid, "
+             "mean / max (how stale a reused output gets). "
+             f"PSNR: against {args.fine_ref.upper()} on the first {args.fine_ref_samples:,} images of "
              "the same labels and noise.", "",
              "| row | lazy ratio | TMACs | FID | sFID | precision | recall | PSNR (dB) | longest skip run |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
