@@ -14,7 +14,9 @@ from lazydit.evaluation.metrics import (
     kid,
     load_npz_samples,
     manifold_radii,
+    bootstrap_fid_draws,
     paired_bootstrap_fid,
+    paired_interval,
     paired_psnr,
     precision_recall,
 )
@@ -243,6 +245,26 @@ def test_paired_bootstrap_fid_cancels_shared_noise():
     assert tiny["std"] < tiny["std_a"] / 5  # pairing: far tighter than one FID's own spread
     with pytest.raises(ValueError, match="row-aligned"):
         paired_bootstrap_fid(base, base[:10], mu, sigma)
+
+
+def test_bootstrap_draws_pair_later_exactly():
+    """Each set's draws, computed alone (another day, another machine), pair into the joint paired bootstrap: the
+    resampled rows depend only on (N, reps, seed), and each draw is the FID of those rows."""
+    rng = np.random.default_rng(3)
+    ref = rng.standard_normal((2000, 3))
+    mu, sigma = feature_stats(ref)
+    a = rng.standard_normal((300, 3))
+    b = a + 0.05 * rng.standard_normal(a.shape)
+    da, db = (bootstrap_fid_draws(x, mu, sigma, reps=20, seed=7) for x in (a, b))
+    idx = np.random.default_rng(7).integers(0, 300, 300)  # the first draw's rows
+    assert da[0] == pytest.approx(fid_from_features(a[idx], ref), rel=1e-6)
+    later = paired_interval(fid_from_features(a, ref), fid_from_features(b, ref), da, db)
+    joint = paired_bootstrap_fid(a, b, mu, sigma, reps=20, seed=7)
+    assert later["lo"] == joint["lo"] and later["hi"] == joint["hi"] and later["std"] == joint["std"]
+    assert later["delta"] == pytest.approx(joint["delta"])
+    assert not np.array_equal(da, bootstrap_fid_draws(a, mu, sigma, reps=20, seed=8))  # the seed picks the rows
+    with pytest.raises(ValueError, match="same number of draws"):
+        paired_interval(1.0, 2.0, da, db[:5])
 
 
 def test_paired_psnr_closed_form():

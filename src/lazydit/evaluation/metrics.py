@@ -151,6 +151,53 @@ def kid(a, b, subsets=100, subset_size=1000, degree=3, gamma=None, coef0=1, seed
     return float(np.mean(vals))
 
 
+def bootstrap_fid_draws(feats, ref_mu, ref_sigma, reps=200, seed=0) -> np.ndarray:
+    """FID of `reps` bootstrap resamples of one sample set, drawn from `seed`.
+
+    The resampled row indices depend only on (len(feats), reps, seed), so two sets of the same size drawn with the
+    same seed resample the same rows: the draws of each set can be computed on its own (on another day, on another
+    machine) and paired later with `paired_interval`; together they equal `paired_bootstrap_fid` of the two sets.
+    Args:
+        feats: (N, D) features of the sample set.
+        ref_mu, ref_sigma: reference statistics (D,), (D, D).
+        reps: bootstrap draws.
+        seed: resampling seed.
+    Returns:
+        (reps,) float64 FIDs, one per draw.
+    """
+    feats = np.asarray(feats, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    ref_mu, ref_sigma = np.asarray(ref_mu, dtype=np.float64), np.asarray(ref_sigma, dtype=np.float64)
+    w, v = np.linalg.eigh(ref_sigma)
+    root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T  # sigma_ref^(1/2), once
+    const = np.trace(ref_sigma)
+    out = np.empty(reps)
+    for i in range(reps):  # Tr sqrtm(S R) = sum sqrt(eig(R^1/2 S R^1/2)): a symmetric eigenproblem, not sqrtm
+        mu, sigma = feature_stats(feats[rng.integers(0, len(feats), len(feats))])
+        ev = np.linalg.eigvalsh(root @ sigma @ root)
+        diff = mu - ref_mu
+        out[i] = diff @ diff + np.trace(sigma) + const - 2 * np.sqrt(np.clip(ev, 0, None)).sum()
+    return out
+
+
+def paired_interval(fid_a: float, fid_b: float, draws_a, draws_b, level=0.95) -> dict:
+    """Paired-bootstrap interval of FID(a) - FID(b) from each set's `bootstrap_fid_draws` (same size, reps, seed).
+
+    Args:
+        fid_a, fid_b: FID of each whole set.
+        draws_a, draws_b: (reps,) bootstrap FIDs of each set, drawn with the same seed.
+        level: two-sided confidence level of the percentile interval.
+    Returns:
+        dict(delta, lo, hi, std, std_a, std_b, reps), as `paired_bootstrap_fid`.
+    """
+    fa, fb = np.asarray(draws_a, dtype=np.float64), np.asarray(draws_b, dtype=np.float64)
+    if fa.shape != fb.shape:
+        raise ValueError(f"paired draws need the same number of draws, got {fa.shape} and {fb.shape}")
+    d, q = fa - fb, (1 - level) / 2
+    return dict(delta=float(fid_a - fid_b), lo=float(np.quantile(d, q)), hi=float(np.quantile(d, 1 - q)),
+                std=float(d.std(ddof=1)), std_a=float(fa.std(ddof=1)), std_b=float(fb.std(ddof=1)), reps=len(d))
+
+
 def paired_bootstrap_fid(a, b, ref_mu, ref_sigma, reps=200, seed=0, level=0.95):
     """Confidence interval of FID(a) - FID(b) against reference statistics, for two samplers run on the same seeds.
 
@@ -170,29 +217,9 @@ def paired_bootstrap_fid(a, b, ref_mu, ref_sigma, reps=200, seed=0, level=0.95):
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.shape != b.shape:
         raise ValueError(f"paired bootstrap needs row-aligned sets of one shape, got {a.shape} and {b.shape}")
-    rng = np.random.default_rng(seed)
-    ref_mu, ref_sigma = np.asarray(ref_mu, dtype=np.float64), np.asarray(ref_sigma, dtype=np.float64)
-    w, v = np.linalg.eigh(ref_sigma)
-    root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T  # sigma_ref^(1/2), once
-
-    def fid(x):  # Tr sqrtm(S R) = sum sqrt(eig(R^1/2 S R^1/2)): a symmetric eigenproblem instead of sqrtm
-        mu, sigma = feature_stats(x)
-        ev = np.linalg.eigvalsh(root @ sigma @ root)
-        diff = mu - ref_mu
-        return float(diff @ diff + np.trace(sigma) + np.trace(ref_sigma) - 2 * np.sqrt(np.clip(ev, 0, None)).sum())
-
-    fa, fb = [], []
-    for _ in range(reps):
-        idx = rng.integers(0, len(a), len(a))
-        fa.append(fid(a[idx]))
-        fb.append(fid(b[idx]))
-    d = np.asarray(fa) - np.asarray(fb)
-    q = (1 - level) / 2
-    delta = frechet_distance(*feature_stats(a), ref_mu, ref_sigma) - frechet_distance(*feature_stats(b), ref_mu,
-                                                                                      ref_sigma)
-    return dict(delta=float(delta), lo=float(np.quantile(d, q)), hi=float(np.quantile(d, 1 - q)),
-                std=float(d.std(ddof=1)), std_a=float(np.std(fa, ddof=1)), std_b=float(np.std(fb, ddof=1)),
-                reps=reps)
+    fid_a, fid_b = (frechet_distance(*feature_stats(x), ref_mu, ref_sigma) for x in (a, b))
+    return paired_interval(fid_a, fid_b, bootstrap_fid_draws(a, ref_mu, ref_sigma, reps, seed),
+                           bootstrap_fid_draws(b, ref_mu, ref_sigma, reps, seed), level)
 
 
 def paired_psnr(a, b, data_range=255.0):
