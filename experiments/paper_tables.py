@@ -17,20 +17,22 @@ from its last sampled batch. `--timing` then measures the wall-clock column on a
 finished row samples the same --timing-images images (micro-batches of --micro-batch) after a warm-up, in
 --timing-rounds rounds with the rows interleaved (order rotated each round); the median seconds per image go to
 <run>/timing.json and replace the batched wall-clock of the long runs, which other jobs on the machine disturb.
-`--bootstrap N` adds, per pairing, a 95% paired-bootstrap interval of FID(Lazy) - FID(DDIM) (lazydit.evaluation.
-metrics.paired_bootstrap_fid; rows share labels and noise, so the same rows are resampled in both).
+Every pairing gets a 95% paired-bootstrap interval of FID(Lazy) - FID(DDIM) (--bootstrap draws; rows share labels
+and noise, so the same rows are resampled in both): each row keeps its own draws (lazydit.evaluation.metrics.
+bootstrap_fid_draws), which pair exactly with any other row's (paired_interval).
 Beyond the paper, every row also gets its fidelity to a fine reference sampler (--fine-ref DDIM-250, sampled after
 the rows on the first --fine-ref-samples 1,000 labels and noises of the rows): the PSNR of its images against the
 reference's images of the same labels and noise (lazydit.evaluation.metrics.paired_psnr), which tells the error of
 reusing module outputs apart from the error of taking fewer steps, whatever FID makes of either. The bootstrap also
 compares every DDIM row with the next step count (STEP_PAIRS: does each step count beat the one below it?).
 Writes <docs>/paper_tables.md, <docs>/paper_tables.csv and <docs>/images/quality_vs_tmacs.png from the rows that
-are done.
+are done, and <docs>/paper_tables.json: every finished row's record (metrics, bootstrap draws, PSNRs) and the timing
+run. The rows of that record are not sampled again: on a clean checkout the command samples only the rows it lacks
+(5,000 images a row take 5-40 CPU-minutes), pairs them with the recorded ones and rewrites the tables.
 """
 
 import argparse
 import csv
-import functools
 import io
 import json
 import platform
@@ -108,6 +110,8 @@ STEP_PAIRS = tuple((a, b) for a, b in zip(sorted(DDIM_ROWS, key=lambda r: r.step
 # FID(Lazy-T) - FID(DDIM-S) = [FID(Lazy-T) - FID(DDIM-T)] (reuse) + [FID(DDIM-T) - FID(DDIM-S)] (step count)
 DECOMP_PAIRS = tuple(dict.fromkeys(p for lz, dd in PAIRS if not lz.lookahead
                                    for p in ((lz, lz.dense), (lz.dense, dd))))
+# the images of each side of a pairing against DDIM-T's (same noise): skipping modules against taking fewer steps
+DECOMP_PSNR = tuple(dict.fromkeys(p for lz, dd in PAIRS if not lz.lookahead for p in ((lz, lz.dense), (dd, lz.dense))))
 assert all(r in ROWS_BY_NAME.values() for pair in PAIRS + EXTRA_PAIRS + DECOMP_PAIRS + STEP_PAIRS for r in pair)
 COLUMNS = ("sampler", "steps", "target", "lazy_ratio", "tmacs", "fid", "sfid", "inception_score", "precision",
            "recall", "kid", "seconds_per_image", "threshold", "psnr_vs_ref")
@@ -192,36 +196,72 @@ def time_rows(rows, model, args) -> dict:
     return out
 
 
-def bootstrap_pairs(args) -> dict:
-    """Paired-bootstrap 95% intervals of FID(Lazy) - FID(DDIM) for every pairing whose two sample files exist."""
+def complete_records(args):
+    """Add to every finished row's JSON under --run what later pairings need, so that the row never has to be
+    sampled again once its record is committed (<docs>/paper_tables.json): its bootstrap FID draws
+    (`fid_draws`: --bootstrap resamples, seed --seed; lazydit.evaluation.metrics.bootstrap_fid_draws), its PSNR
+    against the fine reference (`psnr_vs_ref`, once that is sampled) and its PSNR against the DDIM-T rows it is
+    compared with in the reuse / step-count split (`psnr_to`). Needs the row's samples, so it runs where they are."""
     from lazydit.evaluation.features import extract_features
-    from lazydit.evaluation.metrics import load_npz_samples, paired_bootstrap_fid
+    from lazydit.evaluation.metrics import bootstrap_fid_draws, load_npz_samples, paired_psnr
 
-    run, extractor, ref = Path(args.run), default_classifier(), default_reference()
-    feats, out = {}, dict(reps=args.bootstrap, level=0.95, pairs={})
-    for a, b in dict.fromkeys(PAIRS + EXTRA_PAIRS + DECOMP_PAIRS + STEP_PAIRS):
-        if not all((run / f"{r.name}.npz").exists() for r in (a, b)):
+    run = Path(args.run)
+    extractor, ref = None, default_reference()
+    fine_path = fine_reference_path(args)
+    fine = load_npz_samples(fine_path)[: args.fine_ref_samples] if fine_path.exists() else None
+    for path in sorted(run.glob("*.json")):
+        npz = run / f"{path.stem}.npz"
+        if path.stem in ("timing", "bootstrap") or not npz.exists():
             continue
-        for r in (a, b):
-            if r not in feats:
-                feats[r] = extract_features(extractor, load_npz_samples(run / f"{r.name}.npz"),
-                                            progress=False)["pool"]
-        bs = out["pairs"][pair_key(a, b)] = paired_bootstrap_fid(feats[a], feats[b], ref["mu"], ref["sigma"],
-                                                                 reps=args.bootstrap)
+        rec, changed = json.loads(path.read_text()), False
+        images = None
+        if args.bootstrap and (rec.get("fid_draws_seed"), len(rec.get("fid_draws", ()))) != (args.seed, args.bootstrap):
+            extractor = extractor or default_classifier()
+            images = load_npz_samples(npz)
+            feats = extract_features(extractor, images, progress=False)["pool"]
+            rec["fid_draws"] = bootstrap_fid_draws(feats, ref["mu"], ref["sigma"], args.bootstrap, args.seed).tolist()
+            rec["fid_draws_seed"], changed = args.seed, True
+        if fine is not None and rec.get("psnr_vs_ref_samples") != len(fine):
+            images = load_npz_samples(npz) if images is None else images
+            rec["psnr_vs_ref"] = paired_psnr(images[: len(fine)], fine)["psnr"]
+            rec["psnr_vs_ref_samples"], changed = len(fine), True
+        row = ROWS_BY_NAME.get(path.stem)
+        for a, dense in DECOMP_PSNR:
+            if a == row and dense.name not in rec.get("psnr_to", {}) and (run / f"{dense.name}.npz").exists():
+                db = paired_psnr(load_npz_samples(npz), load_npz_samples(run / f"{dense.name}.npz"))["psnr"]
+                rec.setdefault("psnr_to", {})[dense.name], changed = db, True
+        if changed:
+            write_text_atomic(path, json.dumps(rec, indent=1))
+
+
+def committed_rows(args) -> dict:
+    """Row name -> record of the rows in <docs>/paper_tables.json sampled with this run's samples, guidance and
+    seed (a clean checkout's finished rows: not sampled again; {} without the file)."""
+    path = Path(args.docs) / "paper_tables.json"
+    if not path.exists():
+        return {}
+    rec = json.loads(path.read_text())
+    if (rec.get("num_samples"), rec.get("cfg"), rec.get("seed")) != (args.num_samples, args.cfg, args.seed):
+        return {}
+    return {r["sampler"]: r for r in rec["rows"] if r["sampler"] in ROWS_BY_NAME}
+
+
+def bootstrap_pairs(by: dict, args) -> dict:
+    """Paired-bootstrap 95% intervals of FID(A) - FID(B) for every pairing whose two rows have bootstrap draws of
+    the same reps and seed (the rows may have been sampled on different days or machines: the draws pair exactly,
+    lazydit.evaluation.metrics.paired_interval)."""
+    from lazydit.evaluation.metrics import paired_interval
+
+    out = dict(reps=args.bootstrap, level=0.95, pairs={})
+    for a, b in dict.fromkeys(PAIRS + EXTRA_PAIRS + DECOMP_PAIRS + STEP_PAIRS):
+        ra, rb = by.get(a.name), by.get(b.name)
+        if not ra or not rb or not all(len(r.get("fid_draws", ())) == args.bootstrap and r.get("fid_draws_seed") ==
+                                       args.seed for r in (ra, rb)):
+            continue
+        bs = out["pairs"][pair_key(a, b)] = paired_interval(ra["fid"], rb["fid"], ra["fid_draws"], rb["fid_draws"])
         print(f"{a} - {b}: FID {bs['delta']:+.3f} [{bs['lo']:+.3f}, {bs['hi']:+.3f}]", flush=True)
-    write_text_atomic(run / "bootstrap.json", json.dumps(out, indent=1))
+    write_text_atomic(Path(args.run) / "bootstrap.json", json.dumps(out, indent=1))
     return out
-
-
-@functools.lru_cache(maxsize=None)
-def psnr_between(run: str, a: str, b: str):
-    """PSNR (dB) of row a's samples against row b's (same labels and noise); None if either is not sampled."""
-    from lazydit.evaluation.metrics import load_npz_samples, paired_psnr
-
-    paths = [Path(run) / f"{n}.npz" for n in (a, b)]
-    if not all(p.exists() for p in paths):
-        return None
-    return paired_psnr(*(load_npz_samples(p) for p in paths))["psnr"]
 
 
 def fine_reference_config(args):
@@ -239,30 +279,15 @@ def fine_reference_path(args) -> Path:
     return Path(args.run) / f"reference-{parse_spec(args.fine_ref).filename}-n{args.fine_ref_samples}.npz"
 
 
-def fidelity(rows, args) -> bool:
-    """Set r["psnr_vs_ref"] (dB) of every row whose samples exist: PSNR of its first --fine-ref-samples images
-    against the fine reference sampler's (same labels and noise)."""
-    from lazydit.evaluation.metrics import load_npz_samples, paired_psnr
-
-    path = fine_reference_path(args)
-    if not path.exists():
-        return False
-    ref = load_npz_samples(path)[: args.fine_ref_samples]
-    for r in rows:
-        own = Path(args.run) / f"{r['sampler']}.npz"
-        if own.exists():
-            r["psnr_vs_ref"] = paired_psnr(load_npz_samples(own)[: len(ref)], ref)["psnr"]
-    return True
-
-
-def write_up(rows, args, meta):
-    """Markdown + CSV + the quality-versus-TMACs plot from the finished rows."""
+def write_up(rows, boot, args, meta):
+    """Markdown + CSV + the quality-versus-TMACs plot from the finished rows, and <docs>/paper_tables.json: every
+    row's record (metrics, bootstrap draws, PSNRs), from which a later run on another machine pairs new rows with
+    these without sampling them again."""
     docs = Path(args.docs)
     (docs / "images").mkdir(parents=True, exist_ok=True)
     order = {n: i for i, n in enumerate(ROWS_BY_NAME)}
     rows = sorted(rows, key=lambda r: order.get(r["sampler"], len(order)))
-    psnr_between.cache_clear()  # samples are read once per write-up
-    has_fid = fidelity(rows, args)
+    has_fid = any("psnr_vs_ref" in r for r in rows)
 
     def psnr(r):  # the PSNR cell of a row ("" without a reference)
         if not has_fid:
@@ -275,10 +300,12 @@ def write_up(rows, args, meta):
     w.writerows(rows)
     write_text_atomic(docs / "paper_tables.csv", buf.getvalue())
     by = {r["sampler"]: r for r in rows}
-    tpath = Path(args.run) / "timing.json"
-    timing = json.loads(tpath.read_text()) if tpath.exists() else None
-    bpath = Path(args.run) / "bootstrap.json"
-    boot = json.loads(bpath.read_text()) if bpath.exists() else {"pairs": {}}
+    tpath, record = Path(args.run) / "timing.json", docs / "paper_tables.json"
+    timing = (json.loads(tpath.read_text()) if tpath.exists()  # else the timing run of the committed record
+              else json.loads(record.read_text()).get("timing") if record.exists() else None)
+    write_text_atomic(record, json.dumps(dict(num_samples=args.num_samples, cfg=args.cfg, seed=args.seed,
+                                              fine_ref=args.fine_ref, fine_ref_samples=args.fine_ref_samples,
+                                              timing=timing, rows=rows), indent=1))
     if timing:  # the wall-clock column of one quiet run, comparable across rows
         for r in rows:
             if r["sampler"] in timing["rows"]:
@@ -375,7 +402,7 @@ def decomposition(by, boot, args) -> list:
         return f"{d:+.3f}" if bs is None else f"{bs['delta']:+.3f} [{bs['lo']:+.3f}, {bs['hi']:+.3f}]"
 
     def psnr_to(a, ref):
-        db = psnr_between(args.run, a.name, ref.name)
+        db = by[a.name].get("psnr_to", {}).get(ref.name)
         return "n/a" if db is None else f"{db:.2f}"
 
     out = []
@@ -447,8 +474,8 @@ def main(argv=None):
     ap.add_argument("--timing", action="store_true", help="measure the wall-clock column of the finished rows")
     ap.add_argument("--timing-images", type=int, default=32)
     ap.add_argument("--timing-rounds", type=int, default=5)
-    ap.add_argument("--bootstrap", type=int, default=0,
-                    help="paired-bootstrap draws for the FID difference of each pairing (0: skip)")
+    ap.add_argument("--bootstrap", type=int, default=200,
+                    help="bootstrap draws per row, paired for the FID difference of each pairing (0: no intervals)")
     ap.add_argument("--fine-ref", default="ddim-250",
                     help="fine reference sampler of the PSNR column (a bare sampler: ddim-250)")
     ap.add_argument("--fine-ref-samples", type=int, default=1000,
@@ -469,6 +496,7 @@ def main(argv=None):
                 + (f" --model {args.model}" if args.model != "default" else ""),
                 machine=platform.processor() or platform.machine(), torch=torch.__version__,
                 threads=torch.get_num_threads())
+    recorded = committed_rows(args)
     if args.timing:
         tune_allocator()  # as bench_fast and the CLI (lazydit.cpu)
         time_rows(rows, load_model(args.model), args)
@@ -477,7 +505,7 @@ def main(argv=None):
         extractor, ref = default_classifier(), default_reference()
         for row in rows:
             path = run / f"{row.name}.json"
-            if path.exists():
+            if path.exists() or row.name in recorded:
                 continue
             t0 = time.time()
             res = run_row(row, model, extractor, ref, args)
@@ -489,12 +517,13 @@ def main(argv=None):
             from lazydit.evaluation.compare import reference_samples
 
             reference_samples(model, fine_reference_config(args), run, progress=not args.quiet)
-    if args.bootstrap:
-        bootstrap_pairs(args)
+    complete_records(args)
     done = [json.loads(p.read_text()) for p in sorted(run.glob("*.json")) if p.stem not in ("timing", "bootstrap")]
-    done = [r for r in done if r.get("num_samples") == args.num_samples and r.get("cfg_scale") == args.cfg]
+    done = {r["sampler"]: r for r in done if r.get("num_samples") == args.num_samples and r.get("cfg_scale") == args.cfg}
+    done = {**recorded, **done}  # a row sampled here replaces its committed record
+    boot = bootstrap_pairs(done, args) if args.bootstrap else {"pairs": {}}
     if done:
-        write_up(done, args, meta)
+        write_up(list(done.values()), boot, args, meta)
         print(f"wrote {args.docs}/paper_tables.md, .csv and images/quality_vs_tmacs.png ({len(done)} rows)")
 
 

@@ -4,6 +4,7 @@ import csv
 import importlib.util
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -135,8 +136,9 @@ def test_paper_tables_small_run_writes_markdown_csv_and_plot(tmp_path, capsys, m
     run, docs = tmp_path / "run", tmp_path / "docs"
     names = ("DDIM-7", "DDIM-10", "Lazy-10@30")
     args = ["--only", ",".join(names), "--num-samples", "4", "--batch-size", "4", "--calib-per-class", "1",
-            "--run", str(run), "--docs", str(docs), "--quiet", "--fine-ref", "ddim-12", "--fine-ref-samples", "4"]
-    pt.main(args + ["--bootstrap", "5"])
+            "--run", str(run), "--docs", str(docs), "--quiet", "--fine-ref", "ddim-12", "--fine-ref-samples", "4",
+            "--bootstrap", "5"]
+    pt.main(args)
     assert calls == [(10, 0.3, 10, 1.5)]  # one calibration, of the Lazy row, on a 10-image class grid
     printed = capsys.readouterr().out
     assert all(re.search(rf"^{re.escape(n)}: FID ", printed, re.M) for n in names)
@@ -173,7 +175,8 @@ def test_paper_tables_small_run_writes_markdown_csv_and_plot(tmp_path, capsys, m
     monkeypatch.setattr(pt, "plot", lambda rows, path, ref: drawn.append((path, ref, {r["sampler"]: r for r in rows})))
 
     # a second run resamples nothing; --timing measures the finished rows in one more
-    stamps = {p.name: p.stat().st_mtime_ns for p in run.iterdir() if p.suffix in (".json", ".npz")}
+    stamps = {p.name: p.stat().st_mtime_ns for p in run.iterdir()
+              if p.suffix in (".json", ".npz") and p.name != "bootstrap.json"}  # bootstrap.json: rewritten, derived
     pt.main(args)
     assert not re.search(r"^\S+: FID ", capsys.readouterr().out, re.M)
     pt.main(args + ["--timing", "--timing-images", "1", "--timing-rounds", "2"])
@@ -226,6 +229,17 @@ def test_paper_tables_small_run_writes_markdown_csv_and_plot(tmp_path, capsys, m
     assert next(v for k, v in decomp.items() if k.startswith("PSNR")) == f"{to10[0]:.2f} / {to10[1]:.2f}"
     missing = re.search(r"^Rows not run yet: (.*)\.$", md, re.M).group(1).split(", ")
     assert sorted(missing + list(names)) == sorted(pt.ROWS_BY_NAME)
+
+    # a clean checkout (no run folder) samples nothing: the committed records pair and split exactly as before
+    record = json.loads((docs / "paper_tables.json").read_text())
+    assert (record["num_samples"], record["cfg"], record["seed"]) == (4, 1.5, 0)
+    assert all(len(r["fid_draws"]) == 5 and "psnr_vs_ref" in r for r in record["rows"])
+    shutil.rmtree(run)
+    monkeypatch.setattr(pt, "run_row", lambda *a, **k: pytest.fail("a recorded row was sampled again"))
+    fresh = [a if a != str(run) else str(tmp_path / "fresh") for a in args]
+    pt.main(fresh + ["--no-fine-ref"])
+    assert json.loads((tmp_path / "fresh" / "bootstrap.json").read_text())["pairs"] == b
+    assert (docs / "paper_tables.md").read_text() == md
 
 
 def test_evaluator_evidence_degradations_do_what_they_say():
