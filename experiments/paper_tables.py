@@ -197,37 +197,25 @@ def time_rows(rows, model, args) -> dict:
 
 
 def complete_records(args):
-    """Add to every finished row's JSON under --run what later pairings need, so that the row never has to be
-    sampled again once its record is committed (<docs>/paper_tables.json): its bootstrap FID draws
-    (`fid_draws`: --bootstrap resamples, seed --seed; lazydit.evaluation.metrics.bootstrap_fid_draws), its PSNR
-    against the fine reference (`psnr_vs_ref`, once that is sampled) and its PSNR against the DDIM-T rows it is
-    compared with in the reuse / step-count split (`psnr_to`). Needs the row's samples, so it runs where they are."""
-    from lazydit.evaluation.features import extract_features
-    from lazydit.evaluation.metrics import bootstrap_fid_draws, load_npz_samples, paired_psnr
+    """Complete every finished row's record under --run (lazydit.evaluation.records.complete: bootstrap draws, PSNR
+    against the fine reference once that is sampled) and add its PSNR against the DDIM-T rows it is compared with in
+    the reuse / step-count split (`psnr_to`), so that once committed (<docs>/paper_tables.json) the row never has to
+    be sampled again. Needs the row's samples, so it runs where they are."""
+    from lazydit.evaluation import records
+    from lazydit.evaluation.metrics import load_npz_samples, paired_psnr
 
-    run = Path(args.run)
-    extractor, ref = None, default_reference()
+    run, extractor = Path(args.run), default_classifier()
     fine_path = fine_reference_path(args)
     fine = load_npz_samples(fine_path)[: args.fine_ref_samples] if fine_path.exists() else None
     for path in sorted(run.glob("*.json")):
         npz = run / f"{path.stem}.npz"
         if path.stem in ("timing", "bootstrap") or not npz.exists():
             continue
-        rec, changed = json.loads(path.read_text()), False
-        images = None
-        if args.bootstrap and (rec.get("fid_draws_seed"), len(rec.get("fid_draws", ()))) != (args.seed, args.bootstrap):
-            extractor = extractor or default_classifier()
-            images = load_npz_samples(npz)
-            feats = extract_features(extractor, images, progress=False)["pool"]
-            rec["fid_draws"] = bootstrap_fid_draws(feats, ref["mu"], ref["sigma"], args.bootstrap, args.seed).tolist()
-            rec["fid_draws_seed"], changed = args.seed, True
-        if fine is not None and rec.get("psnr_vs_ref_samples") != len(fine):
-            images = load_npz_samples(npz) if images is None else images
-            rec["psnr_vs_ref"] = paired_psnr(images[: len(fine)], fine)["psnr"]
-            rec["psnr_vs_ref_samples"], changed = len(fine), True
-        row = ROWS_BY_NAME.get(path.stem)
+        rec = json.loads(path.read_text())
+        changed = records.complete(rec, npz, reps=args.bootstrap, seed=args.seed, fine=fine, extractor=extractor,
+                                   ref=default_reference())
         for a, dense in DECOMP_PSNR:
-            if a == row and dense.name not in rec.get("psnr_to", {}) and (run / f"{dense.name}.npz").exists():
+            if a.name == path.stem and dense.name not in rec.get("psnr_to", {}) and (run / f"{dense.name}.npz").exists():
                 db = paired_psnr(load_npz_samples(npz), load_npz_samples(run / f"{dense.name}.npz"))["psnr"]
                 rec.setdefault("psnr_to", {})[dense.name], changed = db, True
         if changed:
@@ -237,29 +225,24 @@ def complete_records(args):
 def committed_rows(args) -> dict:
     """Row name -> record of the rows in <docs>/paper_tables.json sampled with this run's samples, guidance and
     seed (a clean checkout's finished rows: not sampled again; {} without the file)."""
-    path = Path(args.docs) / "paper_tables.json"
-    if not path.exists():
-        return {}
-    rec = json.loads(path.read_text())
-    if (rec.get("num_samples"), rec.get("cfg"), rec.get("seed")) != (args.num_samples, args.cfg, args.seed):
-        return {}
-    return {r["sampler"]: r for r in rec["rows"] if r["sampler"] in ROWS_BY_NAME}
+    from lazydit.evaluation.records import read_committed
+
+    found = read_committed(Path(args.docs) / "paper_tables.json", num_samples=args.num_samples, cfg=args.cfg,
+                           seed=args.seed)
+    return {k: v for k, v in found.items() if k in ROWS_BY_NAME}
 
 
 def bootstrap_pairs(by: dict, args) -> dict:
     """Paired-bootstrap 95% intervals of FID(A) - FID(B) for every pairing whose two rows have bootstrap draws of
-    the same reps and seed (the rows may have been sampled on different days or machines: the draws pair exactly,
-    lazydit.evaluation.metrics.paired_interval)."""
-    from lazydit.evaluation.metrics import paired_interval
+    the same reps and seed (rows sampled on different days or machines pair exactly: lazydit.evaluation.records)."""
+    from lazydit.evaluation.records import pair
 
     out = dict(reps=args.bootstrap, level=0.95, pairs={})
     for a, b in dict.fromkeys(PAIRS + EXTRA_PAIRS + DECOMP_PAIRS + STEP_PAIRS):
-        ra, rb = by.get(a.name), by.get(b.name)
-        if not ra or not rb or not all(len(r.get("fid_draws", ())) == args.bootstrap and r.get("fid_draws_seed") ==
-                                       args.seed for r in (ra, rb)):
-            continue
-        bs = out["pairs"][pair_key(a, b)] = paired_interval(ra["fid"], rb["fid"], ra["fid_draws"], rb["fid_draws"])
-        print(f"{a} - {b}: FID {bs['delta']:+.3f} [{bs['lo']:+.3f}, {bs['hi']:+.3f}]", flush=True)
+        bs = a.name in by and b.name in by and pair(by[a.name], by[b.name], args.bootstrap, args.seed)
+        if bs:
+            out["pairs"][pair_key(a, b)] = bs
+            print(f"{a} - {b}: FID {bs['delta']:+.3f} [{bs['lo']:+.3f}, {bs['hi']:+.3f}]", flush=True)
     write_text_atomic(Path(args.run) / "bootstrap.json", json.dumps(out, indent=1))
     return out
 
