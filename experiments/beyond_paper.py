@@ -45,9 +45,7 @@ from lazydit.assets import default_gates, default_model, default_model_name
 from lazydit.cpu import tune_allocator
 from lazydit.data.sources import gate_training_data
 from lazydit.evaluation.driver import EvalConfig, evaluate_config
-from lazydit.evaluation.features import extract_features
 from lazydit.evaluation.fmnist import default_classifier, default_reference
-from lazydit.evaluation.metrics import load_npz_samples, paired_bootstrap_fid
 from lazydit.files import savefig_atomic, write_text_atomic
 from lazydit.lazy import LazyConfig, LazyGates, apply_lazy, policy_for
 from lazydit.pipeline import calibrate_threshold, class_grid_labels
@@ -234,8 +232,26 @@ def command(args, names: list) -> str:
     return " ".join(parts)
 
 
+def committed(args) -> tuple:
+    """The rows recorded by earlier runs with this run's samples, guidance, seed, fine reference and gate training
+    budget, and their pairings: (name -> record, pair key -> interval), from <docs>/beyond_paper.json. Its DDIM rows
+    give way to those of the paper table (<docs>/paper_tables.json: the same labels, noise and settings), which
+    carry bootstrap draws (lazydit.evaluation.records) and so pair with new rows."""
+    from lazydit.evaluation.records import read_committed
+
+    settings = dict(num_samples=args.num_samples, cfg=args.cfg, seed=args.seed, fine_ref_samples=args.fine_ref_samples)
+    own = read_committed(Path(args.docs) / "beyond_paper.json", iters=args.iters, batch_size=args.batch_size,
+                         pool=args.pool, **settings)  # gates trained with this budget
+    table = read_committed(Path(args.docs) / "paper_tables.json", **settings)
+    ddim = {k: v for k, v in table.items() if k.startswith("DDIM-")}
+    pairs = json.loads((Path(args.docs) / "beyond_paper.json").read_text())["pairs"] if own else {}
+    return {**own, **ddim}, pairs
+
+
 def write_up(done: dict, args) -> dict:
-    from lazydit.evaluation.metrics import paired_psnr
+    """The write-up of the rows sampled under --run (`done`, completed here into records: bootstrap draws, PSNR,
+    skip runs) and the committed ones; a pairing of two committed rows without draws keeps its recorded interval."""
+    from lazydit.evaluation import records
 
     run, extractor, ref = Path(args.run), default_classifier(), default_reference()
     model = default_model()
@@ -243,26 +259,26 @@ def write_up(done: dict, args) -> dict:
     pairs_all = plan_pairs(rows_all)
     fine = fine_reference(model, args)
     for r in rows_all:
-        if r.name in done and fine is not None:
-            images = load_npz_samples(run / f"{r.name}.npz")[: len(fine)]
-            done[r.name]["psnr_vs_ref"] = paired_psnr(images, fine)["psnr"]
-    for r in rows_all:
-        if r.variant and r.name in done:
-            done[r.name]["skip_runs"] = skip_runs(r, done[r.name], model, args)
-    feats, pairs = {}, {}
+        if r.name not in done:
+            continue
+        changed = records.complete(done[r.name], run / f"{r.name}.npz", reps=args.bootstrap, seed=args.seed,
+                                   fine=fine, extractor=extractor, ref=ref)
+        if r.variant and "skip_runs" not in done[r.name]:
+            done[r.name]["skip_runs"], changed = skip_runs(r, done[r.name], model, args), True
+        if changed:
+            write_text_atomic(run / f"{r.name}.json", json.dumps(done[r.name], indent=1))
+    recorded, recorded_pairs = committed(args)
+    sampled, done = set(done), {**recorded, **done}
+    pairs = {}
     for a, b in pairs_all:
+        key = f"{a.name} vs {b.name}"
         if a.name not in done or b.name not in done:
             continue
-        if not args.bootstrap:  # --bootstrap 0: the FID difference without an interval
-            pairs[f"{a.name} vs {b.name}"] = dict(delta=done[a.name]["fid"] - done[b.name]["fid"])
-            continue
-        for r in (a, b):
-            if r.name not in feats:
-                feats[r.name] = extract_features(extractor, load_npz_samples(run / f"{r.name}.npz"),
-                                                 progress=False)["pool"]
-        pairs[f"{a.name} vs {b.name}"] = paired_bootstrap_fid(feats[a.name], feats[b.name], ref["mu"], ref["sigma"],
-                                                              reps=args.bootstrap, seed=args.seed)
-    out = dict(plan=args.plan, num_samples=args.num_samples, cfg=args.cfg, iters=args.iters,
+        bs = records.pair(done[a.name], done[b.name], args.bootstrap, args.seed) if args.bootstrap else None
+        if bs is None and key in recorded_pairs and not {a.name, b.name} & sampled:
+            bs = recorded_pairs[key]  # both rows as recorded: the interval of the run that sampled them
+        pairs[key] = bs or dict(delta=done[a.name]["fid"] - done[b.name]["fid"])  # no draws: no interval
+    out = dict(plan=args.plan, num_samples=args.num_samples, cfg=args.cfg, seed=args.seed, iters=args.iters,
                batch_size=args.batch_size, pool=args.pool, fine_ref=args.fine_ref,
                fine_ref_samples=args.fine_ref_samples, rows=[done[r.name] for r in rows_all if r.name in done],
                pairs=pairs)
@@ -343,9 +359,10 @@ def main(argv=None):
     rows = [r for r in plan_rows(args) if not args.only or r.name in args.only.split(",")]
     if not args.write_only:
         model, extractor, ref = default_model(), default_classifier(), default_reference()
+        recorded = committed(args)[0]
         for row in rows:
             path = run / f"{row.name}.json"
-            if path.exists():
+            if path.exists() or row.name in recorded:
                 continue
             t0 = time.time()
             res = run_row(row, model, extractor, ref, args)
@@ -354,9 +371,9 @@ def main(argv=None):
                   flush=True)
     done = {p.stem: json.loads(p.read_text()) for p in run.glob("*.json")}
     done = {k: v for k, v in done.items() if v.get("n") == args.num_samples}
-    if done:
-        write_up(done, args)
-        print(f"wrote {args.docs}/beyond_paper.md ({len(done)} rows)")
+    if done or committed(args)[0]:
+        out = write_up(done, args)
+        print(f"wrote {args.docs}/beyond_paper.md ({len(out['rows'])} rows)")
 
 
 if __name__ == "__main__":

@@ -310,6 +310,17 @@ def test_beyond_paper_small_run(tmp_path):
     assert set(table) == set(rows) and float(table["Lazy[forecast]-20@50"]["fid"]) == lazy["fid"]
     assert table["DDIM-10"]["variant"] == "" and table["Lazy[forecast]-20@50"]["skip_run_max"] == "1"
 
+    # a clean checkout samples nothing: the committed records (with their draws) pair as before
+    shutil.rmtree(run)
+    md = (docs / "beyond_paper.md").read_text()
+    bp.main(["--num-samples", "8", "--iters", "2", "--batch-size", "4", "--bootstrap", "3", "--run",
+             str(tmp_path / "fresh"), "--docs", str(docs),
+             "--only", "DDIM-10,Lazy[forecast]-20@50", "--fine-ref", "ddim-12", "--fine-ref-samples", "4", "--quiet",
+             "--no-fine-ref"])
+    assert json.loads((docs / "beyond_paper.json").read_text()) == out
+    assert (docs / "beyond_paper.md").read_text() == md
+    assert not (tmp_path / "fresh" / "gates-forecast-T20").exists()  # no gates trained, no row sampled
+
 
 def test_beyond_paper_frontier_plan():
     """Every variant at every T and ratio (parity variants to 50%), each against DDIM of equal TMACs."""
