@@ -171,12 +171,18 @@ def skip_runs(row: Row, res: dict, model, args) -> dict:
 
 def fine_reference(model, args):
     """The fine reference's images (--fine-ref on the first --fine-ref-samples labels and noises; sampled once,
-    resumable), or None with --no-fine-ref and none sampled yet."""
+    resumable, or the paper table's committed copy), or None with --no-fine-ref and none sampled yet."""
     from lazydit.evaluation.compare import CompareConfig, parse_spec, reference_samples
 
     cfg = CompareConfig(num_samples=args.num_samples, cfg_scale=args.cfg, seed=args.seed, batch_size=250,
                         micro_batch=16, reference=args.fine_ref, ref_samples=args.fine_ref_samples)
-    path = Path(args.run) / f"reference-{parse_spec(args.fine_ref).filename}-n{args.fine_ref_samples}.npz"
+    from lazydit.evaluation.records import mirror, read_committed
+
+    name = f"reference-{parse_spec(args.fine_ref).filename}-n{args.fine_ref_samples}.npz"
+    path = Path(args.run) / name
+    if read_committed(Path(args.docs) / "paper_tables.json", num_samples=args.num_samples, cfg=args.cfg,
+                      seed=args.seed):  # the paper table's, of the same labels and noise
+        mirror(path, Path(args.docs) / f"paper_tables_{name}")
     if args.no_fine_ref and not path.exists():
         return None
     return reference_samples(model, cfg, Path(args.run), progress=not args.quiet)  # sampled once, then read

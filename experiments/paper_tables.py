@@ -257,9 +257,15 @@ def fine_reference_config(args):
 
 
 def fine_reference_path(args) -> Path:
+    """The fine reference's images under --run, restored from their committed copy (<docs>/paper_tables_<name>,
+    sampled once: 250 steps cost as much as five DDIM-50 rows of its size) where the run lacks them."""
     from lazydit.evaluation.compare import parse_spec
+    from lazydit.evaluation.records import mirror
 
-    return Path(args.run) / f"reference-{parse_spec(args.fine_ref).filename}-n{args.fine_ref_samples}.npz"
+    name = f"reference-{parse_spec(args.fine_ref).filename}-n{args.fine_ref_samples}.npz"
+    if committed_rows(args) or not (Path(args.docs) / "paper_tables.json").exists():  # same samples, cfg and seed
+        mirror(Path(args.run) / name, Path(args.docs) / f"paper_tables_{name}")
+    return Path(args.run) / name
 
 
 def write_up(rows, boot, args, meta):
@@ -496,7 +502,7 @@ def main(argv=None):
             write_text_atomic(path, json.dumps(res, indent=1))
             print(f"{row.name}: FID {res['fid']:.3f} lazy {res['lazy_ratio']:.1%} ({time.time() - t0:.0f} s)",
                   flush=True)
-        if not args.no_fine_ref:
+        if not args.no_fine_ref and not fine_reference_path(args).exists():
             from lazydit.evaluation.compare import reference_samples
 
             reference_samples(model, fine_reference_config(args), run, progress=not args.quiet)

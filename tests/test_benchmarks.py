@@ -234,10 +234,13 @@ def test_paper_tables_small_run_writes_markdown_csv_and_plot(tmp_path, capsys, m
     record = json.loads((docs / "paper_tables.json").read_text())
     assert (record["num_samples"], record["cfg"], record["seed"]) == (4, 1.5, 0)
     assert all(len(r["fid_draws"]) == 5 and "psnr_vs_ref" in r for r in record["rows"])
+    fine_bytes = fine.read_bytes()
     shutil.rmtree(run)
     monkeypatch.setattr(pt, "run_row", lambda *a, **k: pytest.fail("a recorded row was sampled again"))
     fresh = [a if a != str(run) else str(tmp_path / "fresh") for a in args]
     pt.main(fresh + ["--no-fine-ref"])
+    committed_fine = docs / "paper_tables_reference-ddim-12-n4.npz"  # restored: later rows get their PSNR
+    assert (tmp_path / "fresh" / fine.name).read_bytes() == committed_fine.read_bytes() == fine_bytes
     assert json.loads((tmp_path / "fresh" / "bootstrap.json").read_text())["pairs"] == b
     assert (docs / "paper_tables.md").read_text() == md
 

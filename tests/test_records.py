@@ -58,3 +58,13 @@ def test_read_committed_only_with_the_same_settings(tmp_path):
     path.write_text(json.dumps(dict(cfg=1.5, num_samples=10, rows=[dict(sampler="DDIM-7", fid=3.0)])))
     assert records.read_committed(path, cfg=1.5, num_samples=10) == {"DDIM-7": dict(sampler="DDIM-7", fid=3.0)}
     assert records.read_committed(path, cfg=2.0, num_samples=10) == {}
+
+
+def test_mirror_restores_or_commits(tmp_path):
+    run, kept = tmp_path / "run" / "ref.npz", tmp_path / "docs" / "ref.npz"
+    assert not records.mirror(run, kept) and not kept.exists()  # neither: nothing to do
+    kept.parent.mkdir()
+    kept.write_bytes(b"committed")
+    assert records.mirror(run, kept) and run.read_bytes() == b"committed"  # a clean checkout: restored
+    kept.unlink()
+    assert records.mirror(run, kept) and kept.read_bytes() == b"committed"  # sampled here: committed

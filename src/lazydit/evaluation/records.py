@@ -6,12 +6,15 @@ record is its JSON (metrics) plus what pairing it with rows sampled elsewhere ne
   resampled rows depend only on (N, reps, seed), so two records' draws pair exactly (`pair`), on any day or machine.
 - `psnr_vs_ref`: PSNR against a fine reference sampler's images of the same labels and noise (first
   `psnr_vs_ref_samples` images).
-Experiments commit their records (e.g. docs/paper_tables.json) and read them back with `read_committed`.
+Experiments commit their records (e.g. docs/paper_tables.json) and read them back with `read_committed`; the fine
+reference's images, which every later row needs for its PSNR, travel with them (`mirror`).
 """
 
 import json
+import shutil
 from pathlib import Path
 
+from lazydit.files import atomic_write
 from lazydit.evaluation.metrics import bootstrap_fid_draws, load_npz_samples, paired_interval, paired_psnr
 
 
@@ -62,3 +65,18 @@ def read_committed(path: Path, key: str = "sampler", **settings) -> dict:
     if any(doc.get(k) != v for k, v in settings.items()):
         return {}
     return {r[key]: r for r in doc["rows"]}
+
+
+def mirror(run_file: Path, committed_file: Path) -> bool:
+    """Keep a run's file and its committed copy alike: restore the run's file from the copy where the run lacks it
+    (a clean checkout), else commit the run's file where the copy is missing. Both writes are atomic.
+
+    Returns:
+        Whether the run has the file now.
+    """
+    run_file, committed_file = Path(run_file), Path(committed_file)
+    if not run_file.exists() and committed_file.exists():
+        atomic_write(run_file, lambda tmp: shutil.copyfile(committed_file, tmp))
+    elif run_file.exists() and not committed_file.exists():
+        atomic_write(committed_file, lambda tmp: shutil.copyfile(run_file, tmp))
+    return run_file.exists()
