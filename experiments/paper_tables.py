@@ -482,7 +482,8 @@ def main(argv=None):
         ap.error(f"--only: {e}")
     meta = dict(command="python experiments/paper_tables.py" + (f" --num-samples {args.num_samples}"
                                                                  if args.num_samples != 5000 else "")
-                + (f" --model {args.model}" if args.model != "default" else ""),
+                + (f" --model {args.model}" if args.model != "default" else "")
+                + (f" --fine-ref-samples {args.fine_ref_samples}" if args.fine_ref_samples != 1000 else ""),
                 machine=platform.processor() or platform.machine(), torch=torch.__version__,
                 threads=torch.get_num_threads())
     recorded = committed_rows(args)
