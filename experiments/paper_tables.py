@@ -28,7 +28,9 @@ compares every DDIM row with the next step count (STEP_PAIRS: does each step cou
 Writes <docs>/paper_tables.md, <docs>/paper_tables.csv and <docs>/images/quality_vs_tmacs.png from the rows that
 are done, and <docs>/paper_tables.json: every finished row's record (metrics, bootstrap draws, PSNRs) and the timing
 run. The rows of that record are not sampled again: on a clean checkout the command samples only the rows it lacks
-(5,000 images a row take 5-40 CPU-minutes), pairs them with the recorded ones and rewrites the tables.
+(5,000 images a row take 5-40 CPU-minutes), pairs them with the recorded ones and rewrites the tables. A recorded
+row's images are not committed; `--images-of DDIM-50` samples them again (its record stays) where a new row needs
+them for its PSNR in the reuse / step-count split, and prints the FID they reproduce next to the recorded one.
 """
 
 import argparse
@@ -469,6 +471,9 @@ def main(argv=None):
                     help="fine reference sampler of the PSNR column (a bare sampler: ddim-250)")
     ap.add_argument("--fine-ref-samples", type=int, default=1000,
                     help="images of the fine reference: the first ones of every row's labels and noise")
+    ap.add_argument("--images-of", default=None,
+                    help="comma-separated committed rows whose images to sample again (not their records), for the "
+                         "image-by-image PSNR of the rows sampled now against them (the reuse / step-count split)")
     ap.add_argument("--no-fine-ref", action="store_true", help="do not sample the fine reference in this call")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
@@ -480,6 +485,10 @@ def main(argv=None):
         rows = select_rows(args.only)
     except ValueError as e:
         ap.error(f"--only: {e}")
+    try:
+        select_rows(args.images_of)
+    except ValueError as e:
+        ap.error(f"--images-of: {e}")
     meta = dict(command="python experiments/paper_tables.py" + (f" --num-samples {args.num_samples}"
                                                                  if args.num_samples != 5000 else "")
                 + (f" --model {args.model}" if args.model != "default" else "")
@@ -503,6 +512,11 @@ def main(argv=None):
             write_text_atomic(path, json.dumps(res, indent=1))
             print(f"{row.name}: FID {res['fid']:.3f} lazy {res['lazy_ratio']:.1%} ({time.time() - t0:.0f} s)",
                   flush=True)
+        for row in select_rows(args.images_of) if args.images_of else ():
+            if row.name in recorded and not (run / f"{row.name}.npz").exists():
+                res = run_row(row, model, extractor, ref, args)  # the images only: the record stays as committed
+                print(f"{row.name} images sampled again: FID {res['fid']:.4f}, recorded {recorded[row.name]['fid']:.4f}",
+                      flush=True)
         if not args.no_fine_ref and not fine_reference_path(args).exists():
             from lazydit.evaluation.compare import reference_samples
 

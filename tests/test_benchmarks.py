@@ -123,7 +123,7 @@ def test_paper_tables_only_unknown_row_is_a_usage_error(tmp_path, capsys):
 
 def test_paper_tables_small_run_writes_markdown_csv_and_plot(tmp_path, capsys, monkeypatch):
     pt = load("paper_tables", "experiments")
-    calls = []
+    sample_row, calls = pt.run_row, []
 
     def calibrate(model, gates, target, y, **kw):  # the bisection itself is not what this test is about
         calls.append((gates.steps, target, len(y), kw["cfg_scale"]))
@@ -243,6 +243,21 @@ def test_paper_tables_small_run_writes_markdown_csv_and_plot(tmp_path, capsys, m
     assert (tmp_path / "fresh" / fine.name).read_bytes() == committed_fine.read_bytes() == fine_bytes
     assert json.loads((tmp_path / "fresh" / "bootstrap.json").read_text())["pairs"] == b
     assert (docs / "paper_tables.md").read_text() == md
+
+    # a row sampled on a later day next to a committed one: --images-of samples the committed row's images again
+    # (not its record), the same images, so the new row gets its PSNR against them in the split
+    record["rows"] = [r for r in record["rows"] if r["sampler"] != "Lazy-10@30"]
+    (docs / "paper_tables.json").write_text(json.dumps(record))
+    monkeypatch.setattr(pt, "run_row", sample_row)
+    later = [a if a != str(run) else str(tmp_path / "later") for a in args]
+    pt.main(later + ["--no-fine-ref", "--images-of", "DDIM-10"])
+    out = capsys.readouterr().out
+    fid10 = f"{rows['DDIM-10']['fid']:.4f}"
+    assert f"DDIM-10 images sampled again: FID {fid10}, recorded {fid10}" in out
+    assert not (tmp_path / "later" / "DDIM-10.json").exists()  # the record stays the committed one
+    again = json.loads((tmp_path / "later" / "Lazy-10@30.json").read_text())
+    assert again["psnr_to"]["DDIM-10"] == pytest.approx(to10[0], abs=1e-9)
+    assert table(docs.joinpath("paper_tables.md").read_text(), "Lazy-T")["Lazy-10@30"] == decomp
 
 
 def test_evaluator_evidence_degradations_do_what_they_say():
