@@ -425,7 +425,8 @@ def plot(rows, path, ref="DDIM-50"):
     fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.8), dpi=120)
     for ax, (key, label) in zip(axes, panels):
         ddim = sorted((r for r in rows if r.get("target") is None and key in r), key=lambda r: r["tmacs"])
-        lazy = [r for r in rows if r.get("target") is not None and key in r]
+        lazy = [r for r in rows if r.get("target") is not None and key in r and not r["sampler"].startswith("LazyLA")]
+        ahead = [r for r in rows if r["sampler"].startswith("LazyLA") and key in r]  # on the reference rows: no labels
         ax.plot([r["tmacs"] * 1e3 for r in ddim], [r[key] for r in ddim], "o-", color="tab:blue", label="DDIM")
         for r in ddim:
             ax.annotate(str(r["steps"]), (r["tmacs"] * 1e3, r[key]), fontsize=7, xytext=(3, 3),
@@ -434,10 +435,13 @@ def plot(rows, path, ref="DDIM-50"):
         for r in lazy:
             ax.annotate(r["sampler"].replace("Lazy-", ""), (r["tmacs"] * 1e3, r[key]), fontsize=7, xytext=(3, -9),
                         textcoords="offset points", color="tab:red")
+        if ahead:
+            ax.plot([r["tmacs"] * 1e3 for r in ahead], [r[key] for r in ahead], "D", mfc="none", ms=9,
+                    color="tab:purple", label="LazyDiT, look-ahead gates")
         ax.set_xlabel("GMACs per image")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0].legend()
+    axes[0].legend(fontsize=8)
     fig.suptitle("Quality vs cost on the embedded default (lower FID/sFID, higher IS and PSNR are better)",
                  fontsize=10)
     fig.tight_layout()
