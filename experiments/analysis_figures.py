@@ -198,6 +198,7 @@ def ablation(model, args):
     dense = done.get("DDIM-20") or evaluate_config(model, EvalConfig(**base_cfg, name="DDIM-20"), extractor, ref,
                                                    out=run / "DDIM-20.npz", progress=not args.quiet)
     done["DDIM-20"] = dense
+    write_text_atomic(rows_path, json.dumps(done, indent=1))  # an interrupted run does not sample it again
     for vname, (branches, rhos) in variants.items():
         if rhos is None:
             gates = default_gates(T)
