@@ -23,6 +23,8 @@ Variants (gates trained here with the same budget: --iters optimiser steps of --
   every+ro3    every-step gates trained chain-aware (--rollout 3: the 3 steps before each trained one sample with
                the gates' own decisions), sampled with at most 3 consecutive skips (the chains training saw)
   every+fc+ro3 every+ro3 with first-order forecast reuse (trained and sampled with it)
+  every+fc+ro6 every+fc+ro3 with a rollout (and skip cap) of 6: runs of 3 skips cap the lazy ratio at 75% (T = 20),
+               runs of 6 let it reach 80% and beyond
   every+router+fc+ro3  every+fc+ro3 with Learning-to-Cache's router in place of the gates: one input-independent
                score per step, layer and branch, so decisions are known before the step and a skipped module costs
                no norm, modulation or host sync (the same decision for every row)
@@ -61,6 +63,7 @@ VARIANTS = {  # name -> GateTrainConfig fields (None: the shipped reference gate
     "every+fc+df": dict(every_step=True, forecast=1, data_free=True),
     "every+ro3": dict(every_step=True, rollout=3),
     "every+fc+ro3": dict(every_step=True, forecast=1, rollout=3),
+    "every+fc+ro6": dict(every_step=True, forecast=1, rollout=6),
     "every+router+fc+ro3": dict(every_step=True, forecast=1, rollout=3, router=True),
 }
 SAMPLING = {  # variants that sample another variant's gates with a LazyConfig option: name -> (gates, options)
@@ -296,9 +299,9 @@ def write_up(done: dict, args) -> dict:
              f"{args.batch_size} (data-free: a pool of {args.pool} trajectories); each Lazy row calibrated to its "
              "target ratio on the 40-image class grid. Variants: `ref` the shipped reference gates; `forecast` "
              "first-order forecast reuse; `every` gates on every step; `fc` forecast, `df` data-free; `cap2` at "
-             "most 2 consecutive skips per module and row; `ro3` trained chain-aware (`--rollout 3`) and sampled with "
-             "at most 3; `router` Learning-to-Cache's input-independent scores in place of the gates (one decision "
-             "per step, layer and branch for every row). Longest skip run: of every module and row on the class grid, "
+             "most 2 consecutive skips per module and row; `roN` trained chain-aware (`--rollout N`) and sampled "
+             "with at most N consecutive skips; `router` Learning-to-Cache's input-independent scores in place of the "
+             "gates (one decision per step, layer and branch for every row). Longest skip run: of every module and row on the class grid, "
              "mean / max (how stale a reused output gets). "
              f"PSNR: against {args.fine_ref.upper()} on the first {args.fine_ref_samples:,} images of "
              "the same labels and noise.", "",
