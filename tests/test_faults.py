@@ -158,8 +158,11 @@ def test_figures_are_written_atomically(tmp_path, monkeypatch):
 def _start(argv, cwd):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("LAZYDIT_DEBUG", None)
+    # SIGINT back to its default in the child: a shell starting pytest in the background (`pytest &` in a script)
+    # hands it on ignored, and Python then never raises KeyboardInterrupt
     return subprocess.Popen([sys.executable, "-m", "lazydit.cli", *argv], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _interrupt(proc):
