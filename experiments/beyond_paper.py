@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from lazydit.assets import default_gates, default_model, default_model_name
+from lazydit.assets import SHIPPED_GATES, default_gates, default_model, default_model_name
 from lazydit.cpu import tune_allocator
 from lazydit.data.sources import gate_training_data
 from lazydit.evaluation.driver import EvalConfig, evaluate_config
@@ -52,7 +52,7 @@ from lazydit.files import savefig_atomic, write_text_atomic
 from lazydit.lazy import LazyConfig, LazyGates, apply_lazy, policy_for
 from lazydit.pipeline import calibrate_threshold, class_grid_labels
 from lazydit.sampling.ddim import ddim_sample
-from lazydit.training.gates import GateTrainConfig, train_gates
+from lazydit.training.gates import RESULT_FIELDS, GateTrainConfig, train_gates
 from lazydit.training.trajectories import trajectory_data
 
 VARIANTS = {  # name -> GateTrainConfig fields (None: the shipped reference gates)
@@ -126,12 +126,31 @@ def gates_for(row: Row, model, args):
     cfg = GateTrainConfig(steps=row.steps, iters=args.iters, batch_size=args.batch_size, rho_attn=1e-2,
                           rho_mlp=1e-2, seed=args.seed, out=str(out), ckpt_every=50,
                           resume=(out / "checkpoint.pt").exists(), **fields)
+    shipped = shipped_equal(cfg)
+    if shipped is not None:
+        return shipped
     if cfg.data_free:
         data, source = trajectory_data(model, row.steps, args.batch_size, size=args.pool, cfg_scale=args.cfg,
                                        seed=args.seed, progress=not args.quiet)
     else:
         data, source = gate_training_data(model, args.batch_size, seed=args.seed)  # through a latent model's autoencoder
     return train_gates(model, data, cfg, progress=not args.quiet, extra_meta=source)
+
+
+def shipped_equal(cfg: GateTrainConfig):
+    """The shipped gate set that `cfg` would train again, or None: the same fields that shape the gates
+    (lazydit.training.gates.RESULT_FIELDS) and iterations, on the same model and data (`forecast` is the shipped kind
+    `forecast`, `every+fc+ro3` is `every-forecast`: calibrated here, they give the thresholds of the gates this
+    script trained, to every digit). Its threshold is calibrated again for each row like any other."""
+    want = {f: getattr(cfg, f) for f in RESULT_FIELDS}
+    for kind, steps in SHIPPED_GATES.items():
+        if cfg.steps not in steps:
+            continue
+        gates = default_gates(cfg.steps, kind=kind)
+        have = gates.meta.get("training", {})
+        if have.get("final_iter") == cfg.iters and all(have.get(f) == v for f, v in want.items()):
+            return gates
+    return None
 
 
 def run_row(row: Row, model, extractor, ref, args) -> dict:
