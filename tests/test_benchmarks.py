@@ -9,7 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from lazydit.assets import default_gates
 from lazydit.evaluation.metrics import load_npz_samples, paired_psnr
 from lazydit.lazy import LazyGates
 
@@ -338,6 +340,23 @@ def test_beyond_paper_small_run(tmp_path):
     assert json.loads((docs / "beyond_paper.json").read_text()) == out
     assert (docs / "beyond_paper.md").read_text() == md
     assert not (tmp_path / "fresh" / "gates-forecast-T20").exists()  # no gates trained, no row sampled
+
+
+def test_beyond_paper_samples_a_shipped_gate_set_trained_the_same_way():
+    """A variant's gates are not trained again where a shipped file was trained with every field that shapes them."""
+    from dataclasses import replace
+
+    from lazydit.training.gates import GateTrainConfig
+
+    bp = load("beyond_paper", "experiments")
+    budget = dict(iters=500, batch_size=64, rho_attn=1e-2, rho_mlp=1e-2, seed=0, ckpt_every=50, out="elsewhere")
+    fc = GateTrainConfig(steps=10, **budget, **bp.VARIANTS["forecast"])
+    assert torch.equal(bp.shipped_equal(fc).weight, default_gates(10, kind="forecast").weight)
+    every = GateTrainConfig(steps=20, **budget, **bp.VARIANTS["every+fc+ro3"])
+    assert torch.equal(bp.shipped_equal(every).weight, default_gates(20, kind="every-forecast").weight)
+    for other in (replace(fc, iters=400), replace(fc, seed=1), replace(fc, rho_mlp=2e-2), replace(fc, forecast=2),
+                  replace(fc, steps=40), replace(every, rollout=6), replace(fc, data_free=True)):
+        assert bp.shipped_equal(other) is None
 
 
 def test_beyond_paper_frontier_plan():
