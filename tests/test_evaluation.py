@@ -75,6 +75,30 @@ def test_resume_reuses_written_parts(setup, tmp_path, monkeypatch):
     assert np.array_equal(resumed["images"], generate(model, cfg, progress=False)["images"])
 
 
+def test_evaluate_config_interrupted_while_scoring_samples_nothing_again(setup, tmp_path, monkeypatch):
+    model, ext, ref = setup
+    cfg = EvalConfig(steps=4, num_samples=8, batch_size=4)
+    out = tmp_path / "s.npz"
+    import lazydit.evaluation.driver as ev
+
+    real_score, real_sample = ev.score, ev.sample
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ev, "score", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_config(model, cfg, ext, ref, out=out, progress=False)
+    assert out.exists() and len(list((tmp_path / "s.npz.parts").glob("part_*.npz"))) == 2  # kept until scored
+    monkeypatch.setattr(ev, "score", real_score)
+    monkeypatch.setattr(ev, "sample", interrupted)  # a second sampling would raise
+    row = evaluate_config(model, cfg, ext, ref, out=out, progress=False)
+    assert not (tmp_path / "s.npz.parts").exists()  # scored: the parts are gone
+    monkeypatch.setattr(ev, "sample", real_sample)
+    assert row["fid"] == evaluate_config(model, cfg, ext, ref, progress=False)["fid"]
+    assert row["lazy_ratio"] == 0 and row["n"] == 8
+
+
 def test_evaluate_config_row_has_every_column(setup):
     model, ext, ref = setup
     gates = LazyGates.for_model(model, 4, threshold=0.75)  # skip every even step

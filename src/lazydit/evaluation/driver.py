@@ -2,7 +2,8 @@
 
 Every configuration sees the same labels and the same initial noise (batch i is seeded with seed * 1_000_003 + i),
 so rows of a table differ only by the sampler. Generation is written batch by batch into `<out>.parts/` and an
-interrupted run continues where it stopped.
+interrupted run continues where it stopped; `evaluate_config` removes the parts only once the row is scored, so an
+interruption while scoring costs no sampling either.
 """
 
 import time
@@ -13,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lazydit.data.vae import own_decoder
-from lazydit.sampling.parts import SampleParts
+from lazydit.sampling.parts import SampleParts, remove_parts
 from lazydit.evaluation.cost import sampling_macs
 from lazydit.images import save_npz, to_uint8
 from lazydit.lazy import LazyConfig, LazyStats, policy_for
@@ -40,7 +41,7 @@ def eval_labels(num_samples: int, num_classes: int, seed: int = 0) -> torch.Tens
 
 
 def generate(model, cfg: EvalConfig, gates=None, out=None, progress: bool = True, policy=None,
-             first: int | None = None, decode=None) -> dict:
+             first: int | None = None, decode=None, keep_parts: bool = False) -> dict:
     """Sample cfg.num_samples images with one configuration, batch by batch, resumable.
 
     Args:
@@ -53,6 +54,8 @@ def generate(model, cfg: EvalConfig, gates=None, out=None, progress: bool = True
         first: sample only the first `first` images (whole batches) of the run, with the labels and noise they have
             in the whole run (a fidelity reference for the rows' first images).
         decode: latents -> images for a latent model (default: the autoencoder its file names, if any).
+        keep_parts: leave `<out>.parts/` in place after writing `out` (the caller removes it when it has used the
+            samples: `evaluate_config` scores them first, so an interrupted scoring samples nothing again).
     Returns:
         dict(images (N, H, W, C) uint8, labels (N,), name, steps, lazy_ratio, tmacs, seconds, seconds_per_image,
         stats (LazyStats or None)).
@@ -107,7 +110,8 @@ def generate(model, cfg: EvalConfig, gates=None, out=None, progress: bool = True
     overhead = run_policy.overhead_macs(model.config) if run_policy is not None else None
     if out:
         save_npz(images, out, labels=labels)
-        parts.remove()
+        if not keep_parts:
+            parts.remove()
     return dict(images=images, labels=labels, name=name, steps=cfg.steps,
                 lazy_ratio=stats.lazy_ratio if stats else 0.0,
                 tmacs=sampling_macs(model.config, cfg.steps, stats, overhead=overhead) / 1e12, seconds=seconds,
@@ -134,8 +138,10 @@ def evaluate_config(model, cfg: EvalConfig, extractor, ref: dict, gates=None, ou
         seconds, seconds_per_image).
     """
     t0 = time.time()
-    g = generate(model, cfg, gates, out, progress, policy)
+    g = generate(model, cfg, gates, out, progress, policy, keep_parts=True)
     metrics = score(extractor, g["images"], ref, progress=progress)
+    if out:  # scored: the parts have served (until here a rerun reads them instead of sampling again)
+        remove_parts(out)
     row = dict(sampler=g["name"], steps=cfg.steps, n=len(g["images"]), **{k: float(v) for k, v in metrics.items()},
                lazy_ratio=round(g["lazy_ratio"], 4), tmacs=g["tmacs"], seconds=round(g["seconds"], 2),
                seconds_per_image=round(g["seconds_per_image"], 5), cfg_scale=cfg.cfg_scale, seed=cfg.seed,

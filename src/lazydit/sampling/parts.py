@@ -16,6 +16,16 @@ class PartsMismatchError(LazyditError, ValueError):
     """A parts folder holds samples of another run."""
 
 
+def parts_folder(out) -> Path:
+    """The parts folder of an output file: `<out>.parts/`."""
+    return Path(str(out) + ".parts")
+
+
+def remove_parts(out):
+    """Remove the parts folder of `out` (nothing if there is none)."""
+    shutil.rmtree(parts_folder(out), ignore_errors=True)
+
+
 class SampleParts:
     """The parts folder of an output file `out`: `<out>.parts/`, with `config.json` and one .npz per batch.
 
@@ -25,7 +35,7 @@ class SampleParts:
     """
 
     def __init__(self, out, meta: dict):
-        self.folder = Path(str(out) + ".parts")
+        self.folder = parts_folder(out)
         self.meta = json.loads(json.dumps(meta, sort_keys=True))  # tuples -> lists, as read back
 
     def prepare(self, write: bool = True):
