@@ -167,7 +167,12 @@ def _start(argv, cwd):
 
 def _interrupt(proc):
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:  # it ignored the signal: do not leave it running after the test fails
+        proc.kill()
+        proc.communicate()
+        raise
     return proc.returncode, err
 
 
