@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rebuild the embedded default shipped in src/lazydit/assets/ (docs/embedded.md says what each step gives):
 # a small autoencoder, a latent DiT on its 4x14x14 latents, and LazyDiT gates for T = 10, 20, 40, 50 (+ look-ahead 50,
-# forecast 10, 20, 50, every-step forecast 20).
+# forecast 10, 20, 50, every-step forecast 20, 50).
 #   bash scripts/build_embedded.sh [RUN_DIR]                 everything; needs: apt-get install -y dataset-fashion-mnist
 #   bash scripts/build_embedded.sh RUN_DIR gate 50 1e-2 0.48 lookahead     one stage only
 # Steps are resumable: rerun the script after an interruption and each stage continues from its checkpoint.
@@ -51,5 +51,6 @@ gate 20 "${RHO_20:-1e-2}" 0.50 forecast   # forecast reuse (beyond the paper; do
 gate 10 "${RHO_10:-1e-2}" 0.30 forecast
 gate 50 "${RHO_50:-1e-2}" 0.48 forecast
 gate 20 "${RHO_20:-1e-2}" 0.70 every-forecast  # every step, chain-aware, forecast: past the parity's 50%
+gate 50 "${RHO_50:-1e-2}" 0.70 every-forecast
 python scripts/embedded_curves.py "$run"  # docs/images/embedded_training.png
 ls -l "$assets"

@@ -14,7 +14,7 @@ SHIPPED_GATES = {  # kind -> the T values it is shipped for (`--gates default` /
     "reference": (10, 20, 40, 50),  # the paper's recipe (docs/method-notes.md)
     "lookahead": (50,),  # look-ahead gates: decide one step ahead (docs/method-notes.md)
     "forecast": (10, 20, 50),  # first-order forecast reuse (beyond the paper; docs/beyond_paper_notes.md)
-    "every-forecast": (20,),  # gates on every step, chain-aware (rollout 3), forecast reuse: past 50% (same notes)
+    "every-forecast": (20, 50),  # gates on every step, chain-aware (rollout 3), forecast reuse: past 50% (same notes)
 }
 SHIPPED_STEPS = SHIPPED_GATES["reference"]
 TRAIN_FLAGS = {  # kind -> the `lazydit train-gates` options that train it (as scripts/build_embedded.sh does)
@@ -79,7 +79,7 @@ def default_gates(steps: int, device="cpu", kind: str = "reference") -> LazyGate
         kind: which set (SHIPPED_GATES): "reference" (the paper's recipe; T = 10, 20, 40, 50), "lookahead" (T = 50),
             "forecast" (a skipped module receives the first-order extrapolation of its last two computed outputs;
             T = 10, 20, 50), "every-forecast" (gates on every step, trained on their own skip chains, with forecast
-            reuse, so lazy ratios past 50%; T = 20).
+            reuse, so lazy ratios past 50%; T = 20, 50).
     Returns:
         LazyGates, calibrated (their threshold is stored in the file).
     """
