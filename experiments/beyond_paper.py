@@ -320,8 +320,8 @@ def write_up(done: dict, args) -> dict:
              "first-order forecast reuse; `every` gates on every step; `fc` forecast, `df` data-free; `cap2` at "
              "most 2 consecutive skips per module and row; `roN` trained chain-aware (`--rollout N`) and sampled "
              "with at most N consecutive skips; `router` Learning-to-Cache's input-independent scores in place of the "
-             "gates (one decision per step, layer and branch for every row). Longest skip run: of every module and row on the class grid, "
-             "mean / max (how stale a reused output gets). "
+             "gates (one decision per step, layer and branch for every row). Longest skip run: of every module and "
+             "row on the class grid, mean / max (how stale a reused output gets). "
              f"PSNR: against {args.fine_ref.upper()} on the first {args.fine_ref_samples:,} images of "
              "the same labels and noise.", "",
              "| row | lazy ratio | TMACs | FID | sFID | precision | recall | PSNR (dB) | longest skip run |",

@@ -36,7 +36,7 @@ def test_bench_fast_tiny(capsys, tmp_path):
 
 
 def test_bench_fast_pairs_each_shipped_gate_set_with_ddim_of_equal_tmacs():
-    from lazydit.assets import default_gates, default_model
+    from lazydit.assets import default_model
 
     bench, model = load("bench_fast"), default_model()
     rows = [bench.TimedRow("dense-11", model, 11)]
@@ -49,7 +49,7 @@ def test_bench_fast_pairs_each_shipped_gate_set_with_ddim_of_equal_tmacs():
 
 
 def test_bench_fast_pairs_a_calibrated_gate_file_and_refuses_an_uncalibrated_one(tmp_path):
-    from lazydit.assets import default_gates, default_model
+    from lazydit.assets import default_model
 
     bench, model = load("bench_fast"), default_model()
     gates = default_gates(20, kind="every-forecast")  # a calibrated file, saved under a folder of its own
