@@ -210,12 +210,17 @@ def fine_reference(model, args):
     return reference_samples(model, cfg, Path(args.run), progress=not args.quiet)  # sampled once, then read
 
 
+MARKERS = {10: "v", 20: "s", 50: "^"}  # the frontier plot's marker of each T
+
+
 def frontier_plot(rows: list, path: Path):
     """FID against TMACs: the DDIM curve and one curve per variant and T (over its lazy ratios)."""
     from lazydit.evaluation.compare import frontier_figure
 
     fam = [dict(r, family="DDIM" if not r.get("variant") else f"Lazy[{r['variant']}]-{r['steps']}",
-                method="none" if not r.get("variant") else r["variant"]) for r in rows]
+                method="none" if not r.get("variant") else r["variant"], color_group=r.get("variant") or "DDIM",
+                marker=None if not r.get("variant") else MARKERS.get(r["steps"], "s"))
+           for r in rows]  # a colour per variant, a marker per T
     fig = frontier_figure(fam, "tmacs", "TMACs per image", "FID vs TMACs on the embedded default (lower left is better)")
     path.parent.mkdir(parents=True, exist_ok=True)
     savefig_atomic(fig, path)

@@ -139,3 +139,22 @@ def test_report_compares_each_row_with_ddim_at_equal_tmacs(tmp_path):
     write_report(rows, CompareConfig(), tmp_path / "r")
     assert [r["fid_vs_ddim"] for r in rows] == [0.0, 0.0, -0.5, None, 1.0]
     assert "| x | 0.0% | 1.50000 | 0.750 | 6.500 | -0.500 |" in (tmp_path / "r.md").read_text()
+
+
+def test_frontier_figure_colours_groups_apart_and_scales_wide_costs():
+    """Thirteen curves (past tab10's ten colours) get thirteen colours unless they share a colour group, and costs
+    spanning more than a decade get a log axis (the beyond-the-paper frontier: T = 10 to 50)."""
+    rows = [dict(family="DDIM", method="none", fid=f, tmacs=t) for f, t in ((18.5, 2.6e-4), (2.3, 1.3e-3),
+                                                                            (1.5, 6.6e-3))]
+    rows += [dict(family=f"m{i}", method=f"m{i}", fid=2.0 + i / 10, tmacs=1e-3 + i * 1e-4) for i in range(12)]
+    fig = cmp.frontier_figure(rows, "tmacs", "TMACs", "t")
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
+    assert len({line.get_color() for line in ax.get_lines()}) == 13
+    grouped = [dict(r, color_group="g" if r["method"] != "none" else "DDIM", marker="v") for r in rows]
+    ax = cmp.frontier_figure(grouped, "tmacs", "TMACs", "t").axes[0]
+    assert len({line.get_color() for line in ax.get_lines()}) == 2
+    assert {line.get_marker() for line in ax.get_lines()} == {"v"}
+    narrow = [r for r in rows if r["tmacs"] < 2e-3 and r["fid"] < 5]  # within a decade and 3x: linear axes
+    ax = cmp.frontier_figure(narrow, "tmacs", "TMACs", "t").axes[0]
+    assert ax.get_xscale() == "linear" and ax.get_yscale() == "linear"

@@ -328,24 +328,45 @@ def write_report(rows: list, cfg: CompareConfig, out, title: str = "Comparison",
 
 
 def frontier_figure(rows: list, x_key: str, x_label: str, title: str):
-    """FID against cost, one curve per method family (bare samplers dashed)."""
+    """FID against cost, one curve per method family (bare samplers dashed).
+
+    Args:
+        rows: dicts with `family` (one curve each), `method` ("none": a bare sampler), `fid` and `x_key`; optional
+            `color_group` (families of one group share a colour; default: the family) and `marker`.
+        x_key, x_label: the cost column and its axis label.
+        title: the figure's title.
+    Returns:
+        the matplotlib figure (log axes where the values span more than 3x in FID or 10x in cost).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=130)
     families = {}
     for r in rows:
         families.setdefault(r["family"], []).append(r)
+    groups = list(dict.fromkeys(r.get("color_group", r["family"]) for r in rows))
+    cmap = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20")  # no two groups share a colour
     for fam, rs in families.items():
         rs = sorted(rs, key=lambda r: r[x_key])
         bare = rs[0]["method"] == "none"
-        ax.plot([r[x_key] for r in rs], [r["fid"] for r in rs], "--" if bare else "-", marker="o" if bare else "s",
-                label=fam, lw=1.2 if bare else 1.6)
-    fids = [r["fid"] for r in rows]
+        color = cmap(groups.index(rs[0].get("color_group", fam)) % cmap.N)
+        ax.plot([r[x_key] for r in rs], [r["fid"] for r in rs], "--" if bare else "-", color=color,
+                marker=rs[0].get("marker") or ("o" if bare else "s"), label=fam, lw=1.2 if bare else 1.6)
+    fids, xs = [r["fid"] for r in rows], [r[x_key] for r in rows]
+    plain = FuncFormatter(lambda v, _: f"{v:g}")  # 0.002, not 2x10^-3
     if max(fids) > 3 * min(fids):  # an outlier would flatten the frontier: log scale
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
+    if min(xs) > 0 and max(xs) > 10 * min(xs):  # costs over more than a decade: log scale, ticks at 1, 2, 5
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(x_label)
     ax.set_ylabel("FID (lower is better)")
     ax.set_title(title, fontsize=9)
