@@ -58,6 +58,20 @@ def test_a_forecast_with_one_computed_point_is_plain_reuse_bit_for_bit(model):
         assert torch.equal(x, plain)
 
 
+def test_order_zero_forecast_is_plain_reuse_bit_for_bit_where_first_order_is_not(model):
+    """With two and more computed points behind each skip (where a first-order forecast extrapolates), order 0 is
+    still the plain copy of the last output, bit for bit."""
+    T = 8
+    plan = torch.zeros(T, len(model.blocks), 2, dtype=torch.bool)
+    plan[torch.arange(T - 3, -1, -2)] = True  # (reversed index) skip every other step after two computed ones
+    y = torch.tensor([0, 1])
+    plain, _ = sample(model, y, T, policy=ForcedPlan(plan, parity=False), progress=False)
+    zero, _ = sample(model, y, T, policy=ForcedPlan(plan, parity=False, config=LazyConfig(forecast=0)), progress=False)
+    first, _ = sample(model, y, T, policy=ForcedPlan(plan, parity=False, config=LazyConfig(forecast=1)), progress=False)
+    assert torch.equal(zero, plain)
+    assert not torch.allclose(first, plain)
+
+
 def test_skipped_step_receives_the_first_order_extrapolation(model):
     """Two computed steps, then a skip: the branch output at the skip is y0 + (y0 - y1) / (t0 - t1) (t - t0)."""
     T = 5
