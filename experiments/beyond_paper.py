@@ -217,11 +217,14 @@ def frontier_plot(rows: list, path: Path):
     """FID against TMACs: the DDIM curve and one curve per variant and T (over its lazy ratios)."""
     from lazydit.evaluation.compare import frontier_figure
 
-    fam = [dict(r, family="DDIM" if not r.get("variant") else f"Lazy[{r['variant']}]-{r['steps']}",
-                method="none" if not r.get("variant") else r["variant"], color_group=r.get("variant") or "DDIM",
-                marker=None if not r.get("variant") else MARKERS.get(r["steps"], "s"))
-           for r in rows]  # a colour per variant, a marker per T
-    fig = frontier_figure(fam, "tmacs", "TMACs per image", "FID vs TMACs on the embedded default (lower left is better)")
+    def curve(r):  # a curve per variant and T: a colour per variant, a marker per T
+        v = r.get("variant")
+        if not v:
+            return dict(r, family="DDIM", method="none")
+        return dict(r, family=f"Lazy[{v}]-{r['steps']}", method=v, color_group=v, marker=MARKERS.get(r["steps"], "s"))
+
+    fig = frontier_figure([curve(r) for r in rows], "tmacs", "TMACs per image",
+                          "FID vs TMACs on the embedded default (lower left is better)")
     path.parent.mkdir(parents=True, exist_ok=True)
     savefig_atomic(fig, path)
 
