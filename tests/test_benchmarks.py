@@ -308,7 +308,7 @@ def test_time_interleaved_warms_up_then_rotates_the_order(monkeypatch):
     assert all(o["times"] == [1.0] * 3 for o in out.values())
 
 
-def test_beyond_paper_small_run(tmp_path):
+def test_beyond_paper_small_run(tmp_path, fake_fmnist):
     """Two rows with tiny settings: gates trained for the variant, calibrated, sampled, paired, written up."""
     bp = load("beyond_paper", "experiments")
     run, docs = tmp_path / "run", tmp_path / "docs"
@@ -383,7 +383,7 @@ def test_bench_methods_tiny(tmp_path, capsys):
     assert "TMACs/dense" in capsys.readouterr().out
 
 
-def test_compare_methods_small_run(tmp_path):
+def test_compare_methods_small_run(tmp_path, fake_fmnist):
     """Three configurations with tiny settings: the learned methods trained, the rows sampled, the report written."""
     cm = load("compare_methods", "experiments")
     run, docs = tmp_path / "run", tmp_path / "docs"
