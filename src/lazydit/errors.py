@@ -22,6 +22,11 @@ class UsageError(LazyditError, ValueError):
     """Options that do not fit together or lie out of range."""
 
 
+class OptionRangeError(UsageError):
+    """An option's value out of its range or unparsable (a method spec's `interval=0`): the CLI exits 2, as argparse
+    does for its own options."""
+
+
 class NonFiniteError(LazyditError, FloatingPointError):
     """Sampling or training produced NaN or Inf: nothing is written from such a run."""
 

@@ -123,6 +123,11 @@ def load_reference(path) -> dict:
             meta = json.loads(str(f["meta"]))
     except (OSError, EOFError) as e:
         raise ValueError(f"{path}: cannot be read as .npz ({type(e).__name__}: {e})") from e
+    except ValueError as e:
+        if "pickle" not in str(e):
+            raise
+        raise ValueError(f"{path}: not an .npz file (reference statistics are an .npz written by lazydit, e.g. "
+                         "scripts/build_fmnist_eval.py, or an ADM reference batch)") from None
     if meta.get("format") != REF_FORMAT:
         raise ValueError(f"{path}: not a lazydit reference-statistics file (format {meta.get('format')!r})")
     out["meta"] = meta

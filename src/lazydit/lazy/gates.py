@@ -168,20 +168,29 @@ class LazyGates(nn.Module):
                 weight = f.get_tensor("weight")
         except Exception as e:
             raise GateMismatchError(f"{path}: not a lazydit gate file ({type(e).__name__}: {e})") from e
-        meta = {k: json.loads(v) for k, v in header.items()}
+        meta = _read_header(path, header)
         if meta.pop("format", None) != GATE_FORMAT:
             raise GateMismatchError(f"{path}: not a lazydit gate file (format {header.get('format')!r})")
         if not bool(torch.isfinite(weight).all()):
             raise GateMismatchError(f"{path}: the gate bank holds non-finite (NaN or Inf) weights: the file is damaged "
                                     "or training diverged")
+        if weight.dim() != 4:
+            raise GateMismatchError(f"{path}: the gate bank has shape {tuple(weight.shape)}, not (layers, branches, "
+                                    "steps, width)")
         L, nb, T, D = weight.shape
-        router = bool(meta.get("router", False))
+        router, parity, lookahead = (_flag(path, meta, k, d) for k, d in
+                                     (("router", False), ("parity", True), ("lookahead", False)))
+        threshold = meta.get("threshold", 0.5)
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+            raise GateMismatchError(f"{path}: threshold {threshold!r} is not a number in [0, 1]: "
+                                    "recalibrate the file (lazydit calibrate) or set it with --threshold")
         kinds = meta.get("branch_kinds", ["attn", "mlp"])
         tmap = meta.get("timestep_map") or respaced_timesteps(T)
-        if nb != len(kinds) or T != meta.get("steps") or (router and D != 1) or len(tmap) != T:
+        if (not isinstance(kinds, list) or not isinstance(tmap, list) or nb != len(kinds) or T != meta.get("steps")
+                or (router and D != 1) or len(tmap) != T):
             raise GateMismatchError(f"{path}: gate bank of shape {tuple(weight.shape)} does not match its metadata")
-        gates = cls(L, D, T, float(meta.get("threshold", 0.5)), meta, parity=bool(meta.get("parity", True)),
-                    lookahead=bool(meta.get("lookahead", False)), router=router, branches=nb, timestep_map=tmap)
+        gates = cls(L, D, T, float(threshold), meta, parity=parity, lookahead=lookahead, router=router, branches=nb,
+                    timestep_map=tmap)
         gates.weight.data.copy_(weight)
         return gates
 
@@ -214,3 +223,23 @@ class LazyGates(nn.Module):
                 f"gates were trained for T={self.steps} sampling steps, not {steps}: "
                 f"sample with {self.steps} steps or train gates for {steps} (lazydit train-gates --steps {steps})"
             )
+
+
+def _read_header(path, header: dict) -> dict:
+    """The JSON values of a gate file's metadata; a value that is not JSON names the file and the key."""
+    meta = {}
+    for k, v in header.items():
+        try:
+            meta[k] = json.loads(v)
+        except ValueError:
+            raise GateMismatchError(f"{path}: metadata {k!r} is not JSON ({v[:40]!r}): not a lazydit gate file, or "
+                                    "a damaged one") from None
+    return meta
+
+
+def _flag(path, meta: dict, key: str, default: bool) -> bool:
+    """A true/false field of the header: JSON true or false only ("no" or 1 is refused, not read as true)."""
+    v = meta.get(key, default)
+    if not isinstance(v, bool):
+        raise GateMismatchError(f"{path}: metadata {key!r} is {v!r}, not true or false")
+    return v

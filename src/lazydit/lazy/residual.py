@@ -5,10 +5,12 @@ output of the last block minus the input of the first cached one); a skipped ste
 running those blocks. The decision is taken once per step for the whole batch, as diffusers and TeaCache do.
 """
 
+import math
+
 import numpy as np
 import torch
 
-from lazydit.errors import UsageError
+from lazydit.errors import OptionRangeError, UsageError
 from lazydit.lazy.config import LazyConfig
 from lazydit.lazy.policies import Policy, register_policy
 
@@ -19,8 +21,8 @@ def relative_l1(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _check_threshold(threshold):
-    if not isinstance(threshold, (int, float)) or not threshold >= 0:
-        raise UsageError(f"threshold must be a number >= 0, got {threshold!r}")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < math.inf:
+        raise OptionRangeError(f"threshold must be a finite number >= 0, got {threshold!r}")
     return float(threshold)
 
 
@@ -77,7 +79,7 @@ class TeaCache(Policy):
             try:
                 coefficients = [float(c) for c in coefficients.split("/")]
             except ValueError as e:
-                raise UsageError(f"coefficients must be numbers separated by '/', got {coefficients!r}") from e
+                raise OptionRangeError(f"coefficients must be numbers separated by '/', got {coefficients!r}") from e
         elif isinstance(coefficients, (int, float)):
             coefficients = [float(coefficients)]
         self.coefficients = None if coefficients is None else tuple(float(c) for c in coefficients)

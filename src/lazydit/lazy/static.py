@@ -9,14 +9,14 @@ import math
 
 import torch
 
-from lazydit.errors import UsageError
+from lazydit.errors import OptionRangeError
 from lazydit.lazy.config import LazyConfig
 from lazydit.lazy.policies import Policy, register_policy
 
 
 def _count(name: str, value, lo: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < lo:
-        raise UsageError(f"{name} must be an integer >= {lo}, got {value!r}")
+        raise OptionRangeError(f"{name} must be an integer >= {lo}, got {value!r}")
     return value
 
 

@@ -81,6 +81,11 @@ def load_dit(path, name: str | None = None, **overrides) -> DiT:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     meta = read_model_metadata(path) if path.suffix == ".safetensors" else {}
+    if meta.get("kind") == "lazydit-autoencoder":
+        raise CheckpointError(f"{path} is an autoencoder (lazydit train-autoencoder), not a DiT: pass a DiT as --model "
+                              "(its autoencoder goes to --vae, or to --autoencoder when pretraining)")
+    if "config" in meta and not isinstance(meta["config"], dict):
+        raise CheckpointError(f"{path}: its metadata 'config' is not a JSON object: not a lazydit model file")
     if "config" in meta:
         cfg = DiTConfig(**{**meta["config"], **overrides})
         model, name = DiT(cfg), meta.get("name") or name
@@ -181,6 +186,7 @@ def load_model(spec, *, name: str | None = None, image_size: int | None = None, 
         name = f"DiT-{released[1]}/{released[2]}"
         overrides.setdefault("input_size", int(released[3]) // 8)
     if name is None and path.suffix != ".safetensors":
+        read_state_dict(path)  # a file that is no checkpoint at all says so, not that it lacks a config
         raise CheckpointError(f"{path} carries no model config: pass --model-name (e.g. DiT-XL/2) and --image-size "
                               "(256 or 512)")
     return load_dit(path, name, **overrides).to(device)
