@@ -11,7 +11,7 @@ _EXPORTS = {
     "DIT_MODELS": "lazydit.models.dit", "DiT": "lazydit.models.dit", "DiTConfig": "lazydit.models.dit",
     "create_model": "lazydit.models.dit", "ddim_sample": "lazydit.sampling.ddim",
     "respaced_timesteps": "lazydit.sampling.schedule", "load_default": "lazydit.assets",
-    "default_gates": "lazydit.assets", "tune_allocator": "lazydit.cpu",
+    "default_gates": "lazydit.assets", "default_autoencoder": "lazydit.assets", "tune_allocator": "lazydit.cpu",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -21,4 +21,9 @@ def __getattr__(name):
         import importlib
 
         return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if not name.startswith("_"):  # a subpackage or module (`lazydit.data.vae.decode` after a plain `import lazydit`)
+        import importlib.util
+
+        if importlib.util.find_spec(f"{__name__}.{name}") is not None:
+            return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'lazydit' has no attribute {name!r}")

@@ -240,7 +240,7 @@ def sample_sharded(model, num_samples: int, steps: int, *, gates=None, policy=No
         sampler: "ddim" or "dpm++2m" (`lazydit.sampling.SAMPLERS`).
         progress: progress bar (rank 0).
         decode: a callable from the model's samples to images in [-1, 1] (B, 3, H, W), applied to every batch before
-            it is written (latent models: the VAE decoder, e.g. `functools.partial(lazydit.vae.decode, vae)`); None
+            it is written (latent models: the VAE decoder, e.g. `functools.partial(lazydit.data.vae.decode, vae)`); None
             writes the samples as they are. Its `fingerprint` attribute (JSON), when it has one, joins the resume check.
     Returns:
         dict(out, num_samples, world_size, batches_per_rank, lazy_ratio, tmacs (per image), seconds (wall-clock of

@@ -286,7 +286,7 @@ class InceptionV3FID(nn.Module):
         x = x.to(device=w.device, dtype=w.dtype)
         if x.numel() and float(x.min()) < 0:
             raise ValueError("InceptionV3FID.features takes images in [0, 255] (uint8 range) and got negative values;"
-                             " images in [-1, 1]? convert uint8 images with lazydit.inception.preprocess")
+                             " images in [-1, 1]? convert uint8 images with lazydit.evaluation.inception.preprocess")
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         if x.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
