@@ -288,6 +288,8 @@ def test_pixart_pipeline():
     try:
         run()
         assert only_mlp.stats().ratio(2).tolist() == [0.0, 0.0, 0.5]
+        # the report names each of the three branches by its kind: the FFN is "mlp", cross-attention "cross"
+        assert only_mlp.stats().as_dict()["per_branch"] == {"attn": 0.0, "cross": 0.0, "mlp": 0.5}
     finally:
         disable_lazy(pipe)
     for spec in ("fora:interval=2", "teacache:threshold=10,coefficients=1/0"):

@@ -108,7 +108,7 @@ def test_parity_odd_steps_always_compute(parity):
 
     def per_step(gates, **kw):
         _, rep = sample(model, labels(4), T, gates=gates, progress=False, **kw)
-        return rep, torch.tensor(rep.stats["per_step"], dtype=torch.float64)
+        return rep, torch.tensor(rep.stats["per_step"][::-1], dtype=torch.float64)  # sampling order -> index k
 
     # every module wants to skip at every step: zero gates (p = 0.5) under threshold 0.75, or a forced plan
     _, ratio = per_step(LazyGates(L, D, T, threshold=0.75, parity=parity))
@@ -211,3 +211,13 @@ def test_micro_batches_give_the_samples_and_counts_of_one_batch(lookahead):
     with pytest.raises(ValueError, match="per-row skip plan"):
         sample(model, y, T, policy=ForcedPlan(torch.zeros(T, 3, 2, 14, dtype=torch.bool)), progress=False,
                micro_batch=3)
+
+
+def test_stats_name_their_branches_and_refuse_a_count_that_does_not_fit():
+    from lazydit.lazy import LazyStats
+
+    skipped, total = torch.tensor([[[0, 1, 2]]]), torch.tensor([[[4, 4, 4]]])
+    stats = LazyStats(skipped, total, ("attn", "cross", "mlp"))
+    assert stats.as_dict()["per_branch"] == {"attn": 0.0, "cross": 0.25, "mlp": 0.5}
+    with pytest.raises(ValueError, match="3 branches counted, 2 kinds"):
+        LazyStats(skipped, total)  # the two DiT branch names do not fit a three-branch count

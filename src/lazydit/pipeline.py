@@ -162,7 +162,8 @@ def _sample_chunked(model, y, steps, micro_batch, *, policy, seed, x, progress, 
         reports.append(rep)
     lazy = None
     if reports[0].lazy is not None:
-        lazy = LazyStats(sum(r.lazy.skipped for r in reports), sum(r.lazy.total for r in reports))
+        lazy = LazyStats(sum(r.lazy.skipped for r in reports), sum(r.lazy.total for r in reports),
+                         reports[0].lazy.kinds)
     return torch.cat(outs), _report(model, steps, policy, lazy, sum(r.seconds for r in reports), name)
 
 

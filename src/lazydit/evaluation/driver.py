@@ -18,6 +18,7 @@ from lazydit.sampling.parts import SampleParts, remove_parts
 from lazydit.evaluation.cost import sampling_macs
 from lazydit.images import save_npz, to_uint8
 from lazydit.lazy import LazyConfig, LazyStats, policy_for
+from lazydit.models.registry import BRANCH_NAMES
 from lazydit.pipeline import sample
 
 
@@ -93,7 +94,8 @@ def generate(model, cfg: EvalConfig, gates=None, out=None, progress: bool = True
             img, lab = to_uint8(x if decode is None else decode(x)), y.numpy()
             info = dict(name=rep.name, seconds=rep.seconds)
             if rep.lazy is not None:
-                info.update(skipped=rep.lazy.skipped.tolist(), total=rep.lazy.total.tolist())
+                info.update(skipped=rep.lazy.skipped.tolist(), total=rep.lazy.total.tolist(),
+                            kinds=list(rep.lazy.kinds))
             if parts is not None:
                 parts.write(f"part_{i:05d}", img, lab, info)
         name = name or info["name"]
@@ -102,10 +104,11 @@ def generate(model, cfg: EvalConfig, gates=None, out=None, progress: bool = True
         seconds += info["seconds"]
         if "skipped" in info:
             s, t = torch.tensor(info["skipped"]), torch.tensor(info["total"])
+            kinds = info.get("kinds", BRANCH_NAMES[: s.shape[-1]])  # parts written before kinds were recorded
             skipped = s if skipped is None else skipped + s
             total = t if total is None else total + t
     images, labels = np.concatenate(images), np.concatenate(labels)
-    stats = LazyStats(skipped, total) if skipped is not None else None
+    stats = LazyStats(skipped, total, tuple(kinds)) if skipped is not None else None
     run_policy = policy_for(gates, cfg.lazy) if gates is not None else policy  # what sample() ran
     overhead = run_policy.overhead_macs(model.config) if run_policy is not None else None
     if out:
@@ -149,5 +152,5 @@ def evaluate_config(model, cfg: EvalConfig, extractor, ref: dict, gates=None, ou
                                                      else gates.threshold),
                wall_s=round(time.time() - t0, 1))
     if g["stats"] is not None:
-        row["per_branch"] = dict(zip(("attn", "mlp"), g["stats"].ratio(2).tolist()))
+        row["per_branch"] = g["stats"].as_dict()["per_branch"]
     return row

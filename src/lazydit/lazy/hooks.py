@@ -57,7 +57,7 @@ class LazyRun(_Transient):
         self.k = 0  # current respaced step index
         self.timesteps = policy.timesteps  # k -> original timestep
         self.timestep_index = {t: k for k, t in enumerate(self.timesteps)}
-        self.collector = StatsCollector(policy.steps, depth, len(kinds), self.config.record_decisions)
+        self.collector = StatsCollector(policy.steps, depth, kinds, self.config.record_decisions)
         self.probs: list = []  # soft mode: (branch, p (B,)) per branch evaluation, for the training penalty
         self.skippable = self.config.skippable(kinds)
         self.caller = None  # a function naming the sampler that calls the model, for the mismatch error (diffusers)

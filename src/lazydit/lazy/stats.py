@@ -1,6 +1,6 @@
 """What a caching policy computed: counts of module evaluations per (respaced step, layer, branch)."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -12,8 +12,13 @@ from lazydit.models.registry import BRANCH_NAMES
 class LazyStats:
     """Counts of module evaluations per (respaced step, layer, branch): skipped and total rows."""
 
-    skipped: torch.Tensor  # (T, L, 2) int64
-    total: torch.Tensor  # (T, L, 2) int64
+    skipped: torch.Tensor  # (T, L, branches) int64
+    total: torch.Tensor  # (T, L, branches) int64
+    kinds: tuple = field(default=BRANCH_NAMES)  # the kind of each branch (the registry's BlockSpec.kinds)
+
+    def __post_init__(self):
+        if len(self.kinds) != self.skipped.shape[-1]:
+            raise ValueError(f"{self.skipped.shape[-1]} branches counted, {len(self.kinds)} kinds named: {self.kinds}")
 
     @property
     def lazy_ratio(self) -> float:
@@ -28,11 +33,14 @@ class LazyStats:
         return skipped.double() / total.clamp(min=1).double()
 
     def as_dict(self) -> dict:
+        """The ratios as plain lists: `per_step` in sampling order (the first sampling step, respaced index k = T-1,
+        first; the heat map's columns); `per_layer` by layer; `per_branch` by branch name; `per_step_layer_branch`
+        (T, L, nb) indexed by respaced index k as the counters are (k = 0 is the last sampling step)."""
         return {
             "lazy_ratio": self.lazy_ratio,
-            "per_step": self.ratio(0).tolist(),
+            "per_step": self.ratio(0).flip(0).tolist(),  # sampling order, as the heat map
             "per_layer": self.ratio(1).tolist(),
-            "per_branch": dict(zip(BRANCH_NAMES, self.ratio(2).tolist())),
+            "per_branch": dict(zip(self.kinds, self.ratio(2).tolist())),
             "per_step_layer_branch": self.ratio((0, 1, 2)).tolist(),
         }
 
@@ -40,8 +48,8 @@ class LazyStats:
 class StatsCollector:
     """Counts every branch evaluation of a run, for every policy alike (and, optionally, each row's decision)."""
 
-    def __init__(self, steps: int, depth: int, branches: int = 2, record_decisions: bool = False):
-        self.shape = (steps, depth, branches)
+    def __init__(self, steps: int, depth: int, kinds: tuple = BRANCH_NAMES, record_decisions: bool = False):
+        self.shape, self.kinds = (steps, depth, len(kinds)), tuple(kinds)
         self.record_decisions = record_decisions
         self.reset()
 
@@ -67,4 +75,4 @@ class StatsCollector:
             self.decisions[k, layer, branch] = True if decision is None else decision.cpu()
 
     def stats(self) -> LazyStats:
-        return LazyStats(self.skipped.clone(), self.total.clone())
+        return LazyStats(self.skipped.clone(), self.total.clone(), self.kinds)
