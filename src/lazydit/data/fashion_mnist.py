@@ -1,8 +1,10 @@
 """Data: the embedded Fashion-MNIST default (Debian's `dataset-fashion-mnist` IDX files)."""
 
 import gzip
+import hashlib
 import os
 import struct
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -26,9 +28,11 @@ def _find(root: Path, stem: str) -> Path:
         if (root / name).is_file():
             return root / name
     raise DataMissingError(
-        f"Fashion-MNIST file {stem}(.gz) not found in {root}.\n"
-        "Install the Debian package:  sudo apt-get install -y dataset-fashion-mnist\n"
-        f"(it puts the IDX files in {FASHION_MNIST_DIR}), or pass --data DIR with the four IDX files."
+        f"Fashion-MNIST file {stem}(.gz) not found in {root}\n"
+        "the dataset is needed by lazydit pretrain, train-autoencoder, train-gates (without --data-free), "
+        "scripts/build_fmnist_eval.py and the experiments that train on it\n"
+        "get it in one of three ways: sudo apt-get install -y dataset-fashion-mnist "
+        f"(IDX files in {FASHION_MNIST_DIR}), or pass --data DIR, or set LAZYDIT_DATA=DIR (DIR: the four IDX files)"
     )
 
 
@@ -107,22 +111,81 @@ class InfiniteSampler:
 
 
 @torch.no_grad()
-def encode_posterior(ae, x, batch_size: int = 1000) -> torch.Tensor:
+def encode_posterior(ae, x, batch_size: int = 1000, progress: bool = False,
+                     desc: str = "encoding Fashion-MNIST latents") -> torch.Tensor:
     """Images -> their scaled posterior moments under a lazydit autoencoder, for latent training.
 
     Args:
         ae: a TinyAutoencoder (lazydit.models.autoencoder), on the device that should encode.
         x: (N, 1, 28, 28) images in [-1, 1] (any device).
         batch_size: images per encoder call.
+        progress: a progress bar over the images, named `desc`.
     Returns:
         (N, 2C, h, w) float32 on the CPU: scale * posterior mean, then scale * posterior std, along channels.
     """
+    from tqdm.auto import tqdm
+
     device = next(ae.parameters()).device
     parts = []
-    for i in range(0, len(x), batch_size):
-        mean, logvar = ae.posterior(x[i : i + batch_size].to(device))
-        parts.append(torch.cat([mean, (0.5 * logvar).exp()], dim=1).float().cpu() * ae.scale)
+    with tqdm(total=len(x), desc=desc, unit="img", disable=not progress) as bar:
+        for i in range(0, len(x), batch_size):
+            mean, logvar = ae.posterior(x[i : i + batch_size].to(device))
+            parts.append(torch.cat([mean, (0.5 * logvar).exp()], dim=1).float().cpu() * ae.scale)
+            bar.update(len(parts[-1]))
     return torch.cat(parts)
+
+
+def cache_dir() -> Path:
+    """lazydit's cache folder: $LAZYDIT_CACHE, else ~/.cache/lazydit."""
+    return Path(os.environ.get("LAZYDIT_CACHE") or Path.home() / ".cache" / "lazydit")
+
+
+def _digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().cpu().contiguous().numpy().data).hexdigest()
+
+
+def cached_posterior(ae, x, batch_size: int = 1000, progress: bool = True) -> torch.Tensor:
+    """`encode_posterior(ae, x)`, encoded once and kept in `cache_dir()` for the next run (Fashion-MNIST's 60,000
+    images take a minute or more on a CPU; the file of the embedded default's latents is about 380 MB).
+
+    The cache file is named by a fingerprint of the autoencoder (its weights, `lazydit.files.weights_fingerprint`,
+    and scale), of the images (a sha256 of `x`), of the encoding device type and batch size; it stores a sha256 of
+    its moments, checked on every read. A file that does not match (stale, truncated, corrupt) is encoded again and
+    replaced (atomically); a cache folder that cannot be written only costs the encoding.
+
+    Args:
+        ae, x, batch_size: as `encode_posterior`.
+        progress: a progress bar while encoding.
+    Returns:
+        The moments, bit-identical to `encode_posterior`'s.
+    """
+    from lazydit.files import atomic_write, weights_fingerprint
+
+    device = next(ae.parameters()).device
+    key = hashlib.sha256(f"posterior-v1|{weights_fingerprint(ae)}|{float(ae.scale)!r}|{device.type}|{batch_size}|"
+                         f"{tuple(x.shape)}|{x.dtype}|{_digest(x)}".encode()).hexdigest()[:24]
+    path = cache_dir() / f"fmnist-posterior-{key}.npz"
+    if path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                moments, stored_key, digest = f["moments"], str(f["key"]), str(f["sha256"])
+            moments = torch.from_numpy(moments)
+            if (stored_key == key and moments.dtype == torch.float32 and moments.ndim == 4
+                    and moments.shape[0] == x.shape[0] and _digest(moments) == digest):
+                return moments
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error):
+            pass  # unreadable: encode again
+    moments = encode_posterior(ae, x, batch_size, progress=progress)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, moments=moments.numpy(), key=np.array(key), sha256=np.array(_digest(moments)))
+
+    try:
+        atomic_write(path, write)
+    except OSError:
+        pass  # a read-only or full cache folder: the next run encodes again
+    return moments
 
 
 class PosteriorSampler:

@@ -184,7 +184,7 @@ def extract_latents(vae, dataset: ImageFolder, out_dir, batch_size: int = 64, fl
     after every batch, so a rerun with the same arguments continues where the last one stopped, with the same result.
 
     Args:
-        vae: a diffusers AutoencoderKL (see `lazydit.vae.load_vae`).
+        vae: a diffusers AutoencoderKL (see `lazydit.data.vae.load_vae`).
         dataset: the ImageFolder (its image_size sets the crop).
         out_dir: output folder.
         batch_size: images per VAE call.
@@ -359,7 +359,7 @@ class EncodedLoader:
 
     Args:
         loader: an ImageFolderLoader (this rank's shard; its dataset's image_size = latent size x the VAE factor).
-        vae: a diffusers AutoencoderKL (see `lazydit.vae.load_vae`), on the device that should encode.
+        vae: a diffusers AutoencoderKL (see `lazydit.data.vae.load_vae`), on the device that should encode.
         seed: for the posterior noise.
     """
 

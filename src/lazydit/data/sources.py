@@ -6,7 +6,7 @@ from lazydit.errors import UsageError
 
 
 def gate_training_data(model, batch_size: int, *, data=None, latents=None, vae=None, workers: int = 4,
-                       seed: int = 0):
+                       seed: int = 0, progress: bool = True):
     """The batch iterator for `train_gates` and a description of the source for the gate file's metadata.
 
     Args:
@@ -18,6 +18,8 @@ def gate_training_data(model, batch_size: int, *, data=None, latents=None, vae=N
         vae: AutoencoderKL folder encoding `data` on the fly.
         workers: threads decoding images (`data` with `vae`).
         seed: data order (and flips).
+        progress: a progress bar while Fashion-MNIST is encoded for the embedded default (process 0; the latents
+            are cached between runs, `lazydit.data.fashion_mnist.cached_posterior`).
     Returns:
         (iterator of (x0, y), dict describing the source)
     Raises:
@@ -59,14 +61,15 @@ def gate_training_data(model, batch_size: int, *, data=None, latents=None, vae=N
         return it, {"data": str(data), "vae": str(vae)}
     if getattr(model, "autoencoder_file", None):  # a latent model with its own autoencoder (the embedded default):
         # Fashion-MNIST encoded once, posterior sampled per batch; every rank slices the same global batches
-        from lazydit.data.fashion_mnist import PosteriorSampler, encode_posterior, load_fashion_mnist
+        from lazydit.data.fashion_mnist import PosteriorSampler, cached_posterior, load_fashion_mnist
         from lazydit.data.vae import decoder_for
 
         ae = decoder_for(model)
         x, y = load_fashion_mnist("train", data)
         if ae.factor * cfg.input_size != x.shape[-1]:
             raise UsageError(f"{model.autoencoder_file} does not make the model's {shape} latents of Fashion-MNIST")
-        it = PosteriorSampler(encode_posterior(ae, x), y, batch_size, seed=seed)
+        moments = cached_posterior(ae, x, progress=progress and dist.is_main())  # encoded once, then cached
+        it = PosteriorSampler(moments, y, batch_size, seed=seed)
         return dist.RankSlice(it), {"autoencoder": str(model.autoencoder_file)}
     if (cfg.in_channels, cfg.input_size) == (1, 28):  # Fashion-MNIST: every rank slices the same global batches
         from lazydit.data.fashion_mnist import InfiniteSampler, load_fashion_mnist

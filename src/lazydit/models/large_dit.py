@@ -319,7 +319,9 @@ def read_model_args(path, trust: bool = False) -> dict:
 
     Args:
         path: the file.
-        trust: unpickle with weights_only=False (only for files you trust) when the safe loader refuses them.
+        trust: when the safe loader refuses the file, unpickle it with weights_only=False, which runs whatever code
+            the pickle names: only for files you trust (the released `model_args.pth` from its source). Default
+            False: refused with a CheckpointError.
     Returns:
         The arguments as a dict (at least `model`; usually `image_size`, `num_classes`, `qk_norm`).
     """

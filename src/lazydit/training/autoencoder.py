@@ -10,9 +10,9 @@ import torch
 from tqdm.auto import tqdm
 
 from lazydit.data.fashion_mnist import InfiniteSampler, load_fashion_mnist
-from lazydit.training.resume import check_resume_settings
+from lazydit.training.resume import check_resume_settings, load_checkpoint, restoring, save_checkpoint
 from lazydit.errors import NonFiniteError
-from lazydit.files import torch_save_atomic, write_text_atomic
+from lazydit.files import write_text_atomic
 from lazydit.models.autoencoder import AutoencoderConfig, TinyAutoencoder, save_autoencoder
 
 
@@ -69,16 +69,17 @@ def train_autoencoder(cfg: AutoencoderTrainConfig, device="cpu", progress=True) 
     step, log = 0, []
     ckpt = out / "checkpoint.pt"
     if cfg.resume and ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        state = load_checkpoint(ckpt, "train-autoencoder")  # never unpickles code: refused with one CheckpointError
         check_resume_settings(ckpt, state["args"], cfg, RESULT_FIELDS)
-        ae.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        sampler.load_state_dict(state["sampler"])
-        gen.set_state(state["gen"])
-        step, log = state["step"], state["log"]
+        with restoring(ckpt):  # a state that does not fit this run: one CheckpointError, not a traceback
+            ae.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+            sampler.load_state_dict(state["sampler"])
+            gen.set_state(state["gen"])
+            step, log = int(state["step"]), list(state["log"])
 
     def save(final: bool):
-        torch_save_atomic(dict(model=ae.state_dict(), opt=opt.state_dict(), sampler=sampler.state_dict(),
+        save_checkpoint(dict(model=ae.state_dict(), opt=opt.state_dict(), sampler=sampler.state_dict(),
                                gen=gen.get_state(), step=step, args=asdict(cfg), log=log), ckpt)
         write_text_atomic(out / "log.json", json.dumps(log))
         if final:

@@ -11,9 +11,8 @@ import torch
 from tqdm.auto import tqdm
 
 from lazydit import distributed as dist
-from lazydit.training.resume import check_resume_settings
+from lazydit.training.resume import check_resume_settings, load_checkpoint, plain, restoring, save_checkpoint
 from lazydit.errors import NonFiniteError, UsageError
-from lazydit.files import torch_save_atomic
 from lazydit.sampling.schedule import Schedule
 from lazydit.lazy import LazyGates, apply_lazy
 
@@ -191,27 +190,28 @@ def train_gates(model, data, cfg: GateTrainConfig, threshold: float = 0.5, progr
                      config=asdict(cfg), world_size=world)
         if states is not None:
             state["data"], state["data_ranks"] = states[0], states
-        torch_save_atomic(state, ckpt)
+        save_checkpoint(state, ckpt)  # plain data: --resume reads it with torch's safe loader
 
     if cfg.resume:
         if ckpt is None or not ckpt.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt}")
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        state = load_checkpoint(ckpt, "train-gates")  # never unpickles code: refused with one CheckpointError
         check_resume_settings(ckpt, {"rollout": 0, **state["config"]}, cfg, RESULT_FIELDS)  # rollout: newer
         saved_world = state.get("world_size", 1)
-        if "data" in state and hasattr(data, "load_state_dict"):
-            ranks = state.get("data_ranks", [state["data"]])
-            if saved_world == world:
-                data.load_state_dict(ranks[rank])
-            elif all(_same(r, ranks[0]) for r in ranks):  # a rank-independent state (RankSlice of one iterator)
-                data.load_state_dict(ranks[0])
-            else:
-                raise ValueError(f"checkpoint {ckpt} was written by {saved_world} process(es) with per-rank data "
-                                 f"states: resume with {saved_world} process(es), not {world}")
-        gates.load_state_dict(state["gates"])
-        opt.load_state_dict(state["opt"])
-        gen.set_state(state["gen"])
-        it, log = state["iter"], state["log"]
+        with restoring(ckpt):  # a state that does not fit this run: one CheckpointError, not a traceback
+            if "data" in state and hasattr(data, "load_state_dict"):
+                ranks = state.get("data_ranks", [state["data"]])
+                if saved_world == world:
+                    data.load_state_dict(ranks[rank])
+                elif all(_same(r, ranks[0]) for r in ranks):  # a rank-independent state (RankSlice of one iterator)
+                    data.load_state_dict(ranks[0])
+                else:
+                    raise UsageError(f"checkpoint {ckpt} was written by {saved_world} process(es) with per-rank "
+                                     f"data states: resume with {saved_world} process(es), not {world}")
+            gates.load_state_dict(state["gates"])
+            opt.load_state_dict(state["opt"])
+            gen.set_state(state["gen"])
+            it, log = int(state["iter"]), list(state["log"])
 
     handle = apply_lazy(model, gates, mode="soft")
     loss_fn = GateLoss(gates, model, handle, sched, cfg)
@@ -266,7 +266,8 @@ def train_gates(model, data, cfg: GateTrainConfig, threshold: float = 0.5, progr
     finally:
         handle.remove()
         bar.close()
-    gates.meta["training"] = {**asdict(cfg), "final_iter": it, "seconds": time.time() - t0, "world_size": world}
+    gates.meta["training"] = {**plain(asdict(cfg)), "final_iter": it, "seconds": time.time() - t0,
+                              "world_size": world}
     gates.meta.update(extra_meta or {})
     if out is not None and main:
         gates.save(out / "gates.safetensors")

@@ -11,11 +11,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from lazydit.training.resume import check_resume_settings
+from lazydit.training.resume import check_resume_settings, load_checkpoint, restoring, save_checkpoint
 from lazydit.errors import NonFiniteError, UsageError
 from lazydit.models.checkpoint import save_model
-from lazydit.files import torch_save_atomic, write_text_atomic
-from lazydit.data.fashion_mnist import InfiniteSampler, PosteriorSampler, encode_posterior, load_fashion_mnist
+from lazydit.files import write_text_atomic
+from lazydit.data.fashion_mnist import InfiniteSampler, PosteriorSampler, cached_posterior, load_fashion_mnist
 from lazydit.sampling.schedule import NUM_TRAIN_TIMESTEPS, TrainingLoss
 from lazydit.sampling.ddim import ddim_sample
 from lazydit.images import save_grid
@@ -23,14 +23,15 @@ from lazydit.models.dit import create_model
 from lazydit.models.autoencoder import load_autoencoder
 
 
-def _latent_data(path, x, y, model, cfg, device):
-    """(autoencoder, PosteriorSampler over its latents of the images x) for a latent model."""
+def _latent_data(path, x, y, model, cfg, device, progress=False):
+    """(autoencoder, PosteriorSampler over its latents of the images x, encoded once and cached) for a latent
+    model."""
     ae = load_autoencoder(path, device)
     C, size = model.config.in_channels, model.config.input_size
     if ae.config.latent_channels != C or x.shape[-1] // ae.factor != size:
         raise UsageError(f"--autoencoder {path} makes {ae.config.latent_channels}x{x.shape[-1] // ae.factor}^2 "
                          f"latents, the model takes {C}x{size}^2")
-    return ae, PosteriorSampler(encode_posterior(ae, x), y, cfg.batch_size, seed=cfg.seed)
+    return ae, PosteriorSampler(cached_posterior(ae, x, progress=progress), y, cfg.batch_size, seed=cfg.seed)
 
 
 @dataclass
@@ -88,7 +89,7 @@ def pretrain(cfg: PretrainConfig, device="cpu", progress=True) -> Path:
     model = create_model(cfg.model).to(device)
     ae = None
     if cfg.autoencoder:  # latents: the posterior (mean, std) of every image, sampled afresh in each step
-        ae, sampler = _latent_data(cfg.autoencoder, x, y, model, cfg, device)
+        ae, sampler = _latent_data(cfg.autoencoder, x, y, model, cfg, device, progress)
     elif model.config.in_channels != x.shape[1]:
         raise UsageError(f"{cfg.model} takes {model.config.in_channels}-channel inputs: pass the autoencoder whose "
                          "latents it models (--autoencoder FILE)")
@@ -100,20 +101,22 @@ def pretrain(cfg: PretrainConfig, device="cpu", progress=True) -> Path:
     step, log = 0, []
     ckpt = out / "checkpoint.pt"
     if cfg.resume and ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        state = load_checkpoint(ckpt, "pretrain")  # never unpickles code: refused with one CheckpointError
         check_resume_settings(ckpt, state.get("args", {}), cfg, RESULT_FIELDS, missing_ok=True)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        sampler.load_state_dict(state["sampler"])
-        torch.set_rng_state(state["rng"])
-        step, log = state["step"], state.get("log", [])
+        with restoring(ckpt):  # a state that does not fit this run: one CheckpointError, not a traceback
+            model.load_state_dict(state["model"])
+            ema.load_state_dict(state["ema"])
+            opt.load_state_dict(state["opt"])
+            sampler.load_state_dict(state["sampler"])
+            torch.set_rng_state(state["rng"])
+            step, log = int(state["step"]), list(state.get("log", []))
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)  # timesteps and noise
     if cfg.resume and ckpt.exists():
-        gen.set_state(state["gen"])
+        with restoring(ckpt):
+            gen.set_state(state["gen"])
 
     def save():
-        torch_save_atomic(dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
+        save_checkpoint(dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
                                sampler=sampler.state_dict(), rng=torch.get_rng_state(), gen=gen.get_state(), step=step,
                                args=asdict(cfg), log=log), ckpt)
         extra = {"pretrain": asdict(cfg), "step": step}
