@@ -31,16 +31,16 @@ def test_example_policy_equals_the_equivalent_forced_plan(model):
     cls = load_example()
     assert POLICIES["every-second-step"] is cls
     T, y = 10, torch.tensor([0, 1, 2, 3])
-    x, rep = sample(model, y, T, policy=cls(T), cfg_scale=2.0, seed=0, progress=False)
+    x, rep = sample(model, y, T, policy=cls(T), cfg_scale=2.0, seed=0, progress=False)  # per_step[::-1]: by k
     # T = 10: k = 9, 7, ... compute (odd), the even steps reuse: the forced all-skip plan under the parity
     plan = torch.ones(T, len(model.blocks), 2, dtype=torch.bool)
     x_forced, rep_forced = sample(model, y, T, policy=ForcedPlan(plan), cfg_scale=2.0, seed=0, progress=False)
     assert torch.equal(x, x_forced)
-    assert rep.lazy_ratio == 0.5 and rep.stats["per_step"] == [float(k % 2 == 0) for k in range(T)]
+    assert rep.lazy_ratio == 0.5 and rep.stats["per_step"][::-1] == [float(k % 2 == 0) for k in range(T)]
     assert rep.name == "EverySecond-10"
     assert rep.tmacs * 1e12 == sampling_macs(model.config, T, rep.lazy, overhead=0) < 0.6 * sampling_macs(model.config, T)
     _, shifted = sample(model, y, T, policy=cls(T, offset=1), cfg_scale=2.0, seed=0, progress=False)
-    assert shifted.stats["per_step"] == [float(k % 2 == 1 and k != T - 1) for k in range(T)]
+    assert shifted.stats["per_step"][::-1] == [float(k % 2 == 1 and k != T - 1) for k in range(T)]
 
 
 def test_example_policy_from_the_cli(tmp_path, monkeypatch, capsys):

@@ -50,7 +50,7 @@ def test_neutral_settings_are_the_bare_model(model, sampler):
 def test_fora_computes_exactly_every_nth_step(model):
     T, N = 10, 3
     x, rep = run(model, FORA(T, interval=N), T)
-    per_step = rep.stats["per_step"]  # lazy ratio per respaced index k
+    per_step = rep.stats["per_step"][::-1]  # per_step is in sampling order; reversed: per respaced index k
     assert [k for k in range(T) if per_step[k] == 0.0] == [0, 3, 6, 9]  # k % 3 == 0 (and k = T - 1)
     assert all(per_step[k] == 1.0 for k in range(T) if k % N and k != T - 1)
     assert rep.lazy_ratio == pytest.approx(6 / 10)
@@ -87,8 +87,8 @@ def test_taylorseer_of_order_zero_is_fora(model):
 def test_taylorseer_schedule_and_cost(model):
     T = 12
     _, rep = run(model, TaylorSeer(T, interval=4, order=2, warmup=2), T)
-    per_step = rep.stats["per_step"]
-    full = [T - 1 - k for k in range(T) if per_step[k] == 0.0]  # in sampling order j
+    per_step = rep.stats["per_step"]  # in sampling order j
+    full = [j for j in range(T) if per_step[j] == 0.0]
     assert sorted(full) == [0, 1, 2, 6, 10]  # the warm-up, then every 4th step
     m = model.config
     assert rep.tmacs * 1e12 == sampling_macs(m, T, rep.lazy, overhead=2 * 2 * m.depth * m.num_tokens * m.hidden_size)
@@ -115,7 +115,7 @@ def test_taylor_history_matches_taylorseer_rule():
 def test_fbcache_skips_when_the_first_block_residual_barely_moves(model):
     T = 10
     x, rep = run(model, FirstBlockCache(T, threshold=1e9), T)  # every step after the first reuses
-    per_step = rep.stats["per_step"]
+    per_step = rep.stats["per_step"][::-1]  # per respaced index k
     assert per_step[T - 1] == 0.0 and all(per_step[k] == pytest.approx(2 / 3) for k in range(T - 1))
     per_layer = rep.lazy.ratio(1)  # block 0 always runs
     assert per_layer[0] == 0.0 and torch.allclose(per_layer[1:], torch.tensor(0.9, dtype=torch.float64))
@@ -146,7 +146,7 @@ def test_teacache_accumulates_the_rescaled_distance(model):
     # coefficients (1, 0): the raw distance; a threshold far above any step-to-step change skips all but the
     # first and last steps
     x, rep = run(model, TeaCache(T, threshold=1e9, coefficients=(1.0, 0.0)), T)
-    per_step = rep.stats["per_step"]
+    per_step = rep.stats["per_step"][::-1]  # per respaced index k
     assert per_step[T - 1] == 0.0 and per_step[0] == 0.0
     assert all(per_step[k] == 1.0 for k in range(1, T - 1))
     # a middling threshold computes some steps: the accumulation resets on each computed step
@@ -174,7 +174,7 @@ def test_teacache_accumulates_the_rescaled_distance(model):
         else:
             want.append(True)
             acc = 0.0
-    got = [rep.stats["per_step"][T - 1 - i] == 0.0 for i in range(1, T)]
+    got = [rep.stats["per_step"][i] == 0.0 for i in range(1, T)]  # per_step: sampling order i
     assert got == want and not all(want) and any(want[:-1])
 
 

@@ -61,6 +61,7 @@ def _at_least(lo: int, hi: int | None = None):
 
 
 _positive, _count = _at_least(1), _at_least(0)
+_seed = _at_least(0, 2**63 - 1)  # torch generators take 64-bit seeds; DDP sampling adds the rank to seed * world
 _steps = _at_least(1, 1000)  # T: the respacing picks T of the 1000 training timesteps
 
 
@@ -104,37 +105,62 @@ def _fraction(text: str) -> float:
 
 
 def _finite(text: str) -> float:
-    """argparse type: a finite number (guidance scales)."""
+    """argparse type: a finite number >= 0 (guidance scales: 1 is none, below 1 weakens the condition)."""
     import math
 
     try:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (1: no guidance), got {text}")
     return v
 
 
-def _check_out(path, folder: bool = False):
+_OUTPUT_LOCKS = []  # main's ExitStack while a command runs: the output locks `_check_out(lock=True)` takes
+
+
+def _check_out(path, folder: bool = False, ext: tuple = (), flag: str = "--out", apart_from=None, lock: bool = False):
     """Refuse an output path that cannot be written, before any work: a folder where a file goes (or the reverse),
-    a parent that is a file, or a parent without write permission."""
+    a parent that is a file or a symlink loop, a parent without write permission, a file that exists and is not a
+    regular one (device, FIFO, socket), a name whose extension is not one of `ext` (lower case, e.g. (".npz",):
+    the format written; compared case-insensitively), the same file as `apart_from` (--out; symlinks resolved).
+
+    lock=True (under `main`): hold `lazydit.files.output_lock` on the output until the command ends, so a second
+    run writing it is refused (under torchrun only rank 0 takes it: the other ranks write parts of the same run)."""
     from pathlib import Path
 
     from lazydit.errors import UsageError
+    from lazydit.files import output_lock, output_target, refuse_symlink_loop
 
     if path is None:
         return
     p = Path(path)
-    if p.exists() and p.is_dir() != folder:
-        raise UsageError(f"{p} is {'a file' if folder else 'a folder'}: give a {'folder' if folder else 'file'} path")
+    if folder:
+        refuse_symlink_loop(p)
+        if p.exists() and not p.is_dir():
+            raise UsageError(f"{p} is a file: give a folder path")
+    else:
+        if p.is_dir():
+            raise UsageError(f"{p} is a folder: give a file path")
+        p = output_target(p)  # loops; an existing device, FIFO, socket; a symlink: its target
     anc = p.parent
     while not anc.exists():
         anc = anc.parent
     if not anc.is_dir():
-        raise UsageError(f"cannot write {p}: {anc} is a file, not a folder")
+        raise UsageError(f"cannot write {path}: {anc} is a file, not a folder")
     if not os.access(anc, os.W_OK):
-        raise UsageError(f"cannot write {p}: no write permission in {anc}")
+        raise UsageError(f"cannot write {path}: no write permission in {anc}")
+    if ext and not str(path).lower().endswith(tuple(ext)):
+        names = " or ".join(ext)
+        raise UsageError(f"{flag} {path}: lazydit writes {names} here (the extension names the format): give a name "
+                         f"ending in {names}")
+    if apart_from is not None and (Path(path).resolve() == Path(apart_from).resolve() or (
+            Path(path).exists() and Path(apart_from).exists() and os.path.samefile(path, apart_from))):
+        raise UsageError(f"{flag} {path} is the same file as --out {apart_from}: one would overwrite the other; give "
+                         "them different names")
+    if lock and _OUTPUT_LOCKS and os.environ.get("RANK", "0") == "0":
+        _OUTPUT_LOCKS[-1].enter_context(output_lock(path, what=str(path)))
 
 
 # ---------------------------------------------------------------- arguments -> library objects
@@ -152,6 +178,8 @@ def _device(args):
         dev = torch.device(args.device)
     except RuntimeError:
         raise UsageError(f"--device {args.device}: not a torch device (e.g. cpu, cuda, cuda:1, mps, auto)") from None
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {args.device}: lazydit runs on cpu, cuda[:N] or mps (or auto), not {dev.type}")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise UsageError(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA GPU; use "
@@ -202,7 +230,7 @@ def _policy(args):
     if args.method:
         from lazydit.lazy import make_policy
 
-        return None, make_policy(args.method, args.steps, _lazy_config(args))  # apply_lazy checks it fits
+        return None, make_policy(args.method, args.steps, _lazy_config(args), device=args.device)  # apply_lazy checks it fits
     if args.gates in (None, "none"):
         return None, None
     from lazydit.assets import resolve_gates
@@ -229,18 +257,35 @@ def cmd_compare(args):
     for s in args.configs:
         parse_spec(s)  # every configuration is checked before the model loads
     parse_spec(args.reference)
-    _check_out(args.out, folder=True)
+    _check_out(args.out, folder=True, lock=True)
     extractor, ref = _extractor_and_ref(args)
     model = _model(args)
     cfg = CompareConfig(num_samples=args.num_samples, cfg_scale=args.cfg, seed=args.seed, batch_size=args.batch_size,
                         micro_batch=args.micro_batch, reference=args.reference, ref_samples=args.ref_samples)
+
+    def command_line():
+        """`lazydit compare` with the configurations and every option that shapes the results (all of them but
+        --json and --device; --ref-samples resolved), so that the report says how to regenerate it."""
+        import shlex
+
+        parser = build_parser()
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["compare"]
+        words = ["lazydit", "compare", *args.configs]
+        for a in sub._actions:
+            if not a.option_strings or a.help == argparse.SUPPRESS or a.dest in ("help", "json", "device"):
+                continue
+            v = cfg.reference_count if a.dest == "ref_samples" else getattr(args, a.dest, None)
+            if v is not None and v is not False:
+                words += [a.option_strings[0]] + ([] if v is True else [str(v)])
+        return " ".join(shlex.quote(w) for w in words)
+
     rows = compare(model, args.configs, cfg, extractor, ref, Path(args.out) / "rows", progress=not args.json,
                    log=(lambda m: None) if args.json else (lambda m: print(m, flush=True)))
-    write_report(rows, cfg, Path(args.out) / "compare", command="lazydit compare " + " ".join(args.configs))
+    write_report(rows, cfg, Path(args.out) / "compare", command=command_line())
     for r in rows:
         r["config"] = r["sampler"]
-    _emit(args, rows, ["config", "lazy_ratio", "tmacs", "fid", "sfid", "precision", "recall", "psnr_vs_ref",
-                       "seconds_per_image"])
+    _emit(args, rows, ["config", "lazy_ratio", "tmacs", "fid", "sfid", "inception_score", "precision", "recall",
+                       "psnr_vs_ref", "seconds_per_image"])
     if not args.json:
         print(f"wrote {args.out}/compare.md, .csv, .json, compare_tmacs.png, compare_seconds.png")
 
@@ -286,18 +331,32 @@ def cmd_demo(args):
 
 
 def cmd_pretrain(args):
+    from lazydit.models.dit import model_config
     from lazydit.training.pretrain import PretrainConfig, pretrain
+    from lazydit.training.resume import check_run_folder
 
+    check_run_folder(args.out, args.resume, missing_ok=True)  # before any data work; --resume: continue when there
+    _check_out(args.out, folder=True, lock=True)  # one run at a time in a run folder
+
+    autoencoder = args.autoencoder
+    if autoencoder is None and model_config(args.model_name).in_channels == 4:  # a latent model: the shipped one
+        from lazydit.assets import DEFAULT_AUTOENCODER
+
+        autoencoder = str(DEFAULT_AUTOENCODER)
     cfg = PretrainConfig(model=args.model_name, data=args.data, out=args.out, iters=args.iters,
                          batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay, seed=args.seed,
                          ckpt_every=args.ckpt_every, max_minutes=args.max_minutes, bf16=args.bf16,
-                         resume=args.resume, flip=args.flip, autoencoder=args.autoencoder, warmup=args.warmup)
+                         resume=args.resume, flip=args.flip, autoencoder=autoencoder, warmup=args.warmup)
     path = pretrain(cfg, device=_device(args))
     print(json.dumps({"model": str(path)}) if args.json else f"EMA model written to {path}")
 
 
 def cmd_train_autoencoder(args):
     from lazydit.training.autoencoder import AutoencoderTrainConfig, train_autoencoder
+    from lazydit.training.resume import check_run_folder
+
+    check_run_folder(args.out, args.resume, missing_ok=True)  # before any data work; --resume: continue when there
+    _check_out(args.out, folder=True, lock=True)  # one run at a time in a run folder
 
     cfg = AutoencoderTrainConfig(data=args.data, out=args.out, latent_channels=args.latent_channels,
                                  width=args.width, downsample=args.downsample, iters=args.iters, batch_size=args.batch_size, lr=args.lr,
@@ -322,7 +381,10 @@ def cmd_train_gates(args):
     from lazydit.data.sources import gate_training_data
     from lazydit.errors import UsageError
     from lazydit.training.gates import GateTrainConfig, train_gates
+    from lazydit.training.resume import check_run_folder
 
+    check_run_folder(args.out, args.resume)  # before any data work (encoding Fashion-MNIST takes a while)
+    _check_out(args.out, folder=True, lock=True)  # one run at a time in a run folder
     if not args.every_step:
         _check_parity_cap(args.target_ratio)
     if args.every_step and args.lookahead:
@@ -330,6 +392,9 @@ def cmd_train_gates(args):
     if args.rollout and args.lookahead:
         raise UsageError("--rollout and --lookahead do not go together: look-ahead gates always compute the step "
                          "after a skip, so their skips never chain")
+    if args.rollout and not args.every_step:
+        raise UsageError(f"--rollout {args.rollout} trains the skip chains of every-step gates: add --every-step "
+                         "(under the reference parity every other step computes)")
     if args.data_free and (args.data or args.latents or args.vae):
         raise UsageError("--data-free trains on the model's own trajectories: drop --data / --latents / --vae")
     args.device = distributed.init_distributed(_device(args))  # torchrun: one GPU per process; else a no-op
@@ -401,6 +466,7 @@ def cmd_extract_latents(args):
     from lazydit.data.imagefolder import ImageFolder, LatentSet, extract_latents
     from lazydit.data.vae import load_vae
 
+    _check_out(args.out, folder=True, lock=True)  # one run at a time in a latent folder
     ds = ImageFolder(args.data, image_size=args.image_size)
     vae = load_vae(args.vae, _device(args))
     out = extract_latents(vae, ds, args.out, batch_size=args.batch_size, flip=args.flip, posterior=args.posterior,
@@ -418,7 +484,7 @@ def cmd_sample_ddp(args):
     from lazydit.data.vae import decode, decoder_for
     from lazydit.files import weights_fingerprint
 
-    _check_out(args.out)
+    _check_out(args.out, ext=(".npz",), lock=True)
     args.device = distributed.init_distributed(_device(args))  # torchrun: one GPU per process; else a no-op
     if args.tf32:
         distributed.set_tf32(True)
@@ -454,18 +520,29 @@ def _calibrate_and_save(model, gates, args, out):
     return th, ratio
 
 
+def _is_shipped_file(path) -> bool:
+    """Whether `path` names a file in lazydit's shipped assets (symlinks resolved)."""
+    from pathlib import Path
+
+    from lazydit.assets import ASSETS
+
+    return Path(path).resolve().parent == ASSETS.resolve()
+
+
 def cmd_calibrate(args):
     from lazydit.assets import resolve_gates, shipped_kind
     from lazydit.errors import GateMismatchError, UsageError
 
-    shipped = shipped_kind(args.gates) is not None
+    shipped = shipped_kind(args.gates) is not None or _is_shipped_file(args.gates)
     if args.in_place and (shipped or args.out):
         raise UsageError("--in-place rewrites a gate file of yours: not the shipped gates, and not with --out")
     if not args.in_place and not args.out:
         raise UsageError("calibrate writes a new gate file: pass --out FILE (or --in-place to rewrite --gates)")
     if shipped and args.steps is None:
         raise UsageError("--gates default needs --steps T: which shipped set (10, 20, 40 or 50)")
-    _check_out(args.out)
+    if args.out and _is_shipped_file(args.out):
+        raise UsageError(f"--out {args.out} is a file shipped with lazydit: write the calibrated gates elsewhere")
+    _check_out(args.out, ext=(".safetensors",), lock=True)
     model = _model(args)
     gates = resolve_gates(args.gates, args.steps, args.device)
     if gates.parity:
@@ -484,8 +561,8 @@ def cmd_sample(args):
     from lazydit.images import save_grid, save_npz
     from lazydit.pipeline import sample
 
-    _check_out(args.out)
-    _check_out(args.heatmap)
+    _check_out(args.out, ext=(".png", ".npz"), lock=True)
+    _check_out(args.heatmap, ext=(".png",), flag="--heatmap", apart_from=args.out, lock=True)
     if (args.heatmap or args.report) and args.gates in (None, "none") and not args.method:
         raise UsageError("--heatmap and --report show where a caching method skips: pass --gates or --method")
     if args.report and not args.json:
@@ -500,7 +577,7 @@ def cmd_sample(args):
                     progress=not args.json, sampler=args.sampler)
     if vae is not None:
         x = decode(vae, x, batch_size=DECODE_BATCH)
-    if args.out.endswith(".npz"):
+    if args.out.lower().endswith(".npz"):
         save_npz(x, args.out, labels=y.cpu().numpy())
     else:
         scale = args.scale if args.scale is not None else (3 if x.shape[-1] < 64 else 1)
@@ -540,13 +617,36 @@ def _extractor_and_ref(args):
             return ext, features.reference_stats(ext, f["arr_0"], progress=not args.json)
 
 
+EVAL_SAMPLING_OPTIONS = ("model", "model_name", "image_size", "model_config", "steps", "cfg", "sampler", "gates",
+                         "method", "threshold", "uniform", "tie_cfg", "max_skips", "forecast", "num_samples",
+                         "batch_size", "micro_batch", "name", "out")
+
+
+def _check_eval_options(args):
+    """`eval --samples` scores a file, so options that shape sampling would be ignored: refuse them; precision and
+    recall take k = 3 neighbours, so fewer than 4 samples cannot be scored (refused before sampling)."""
+    from lazydit.errors import UsageError
+
+    if args.samples:
+        defaults = vars(build_parser().parse_args(["eval"]))
+        given = [k for k in EVAL_SAMPLING_OPTIONS if getattr(args, k) != defaults.get(k)]
+        if given:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise UsageError(f"eval --samples scores an existing .npz: {flags} would be ignored; drop "
+                             f"{'it' if len(given) == 1 else 'them'}, or sample with eval without --samples")
+    elif args.num_samples < 4:
+        raise UsageError(f"--num-samples {args.num_samples}: precision and recall need at least 4 samples (k = 3 "
+                         "neighbours); FID needs thousands to rank samplers")
+
+
 def cmd_eval(args):
     from lazydit.errors import LazyditError
     from lazydit.evaluation.driver import EvalConfig, evaluate_config, score
     from lazydit.evaluation.metrics import load_npz_samples
 
     _device(args)
-    _check_out(args.out)
+    _check_eval_options(args)
+    _check_out(args.out, ext=(".npz",), lock=True)
     extractor, ref = _extractor_and_ref(args)
     if args.samples:  # score an existing ADM .npz
         images = load_npz_samples(args.samples)
@@ -576,6 +676,12 @@ def cmd_cost(args):
 
     name = default_model_name() if args.model == "default" else args.model  # 'default': the shipped model
     factor = IMAGE_PER_LATENT.get(name, 8) if model_config(name).in_channels == 4 else 1  # image / input size
+    multiple = factor * model_config(name).patch_size  # an image of whole patches of whole latents
+    if args.image_size is not None and args.image_size % multiple:
+        print(f"lazydit cost: error: --image-size {args.image_size} does not fit {name}: image sizes are multiples "
+              f"of {multiple} (image/latent factor {factor} x patch {multiple // factor}) (see lazydit cost --help)",
+              file=sys.stderr)
+        raise SystemExit(2)
     cfg = model_config(name, **({"input_size": args.image_size // factor} if args.image_size else {}))
 
     def tmacs(macs):  # 3 decimals, as the paper; small models keep 4 significant digits
@@ -593,7 +699,7 @@ def cmd_cost(args):
 
 def _common(sp, model=True):
     sp.add_argument("--device", default="auto", help="torch device; auto: cuda when available, else cpu")
-    sp.add_argument("--seed", type=int, default=0, help="labels, noise and data order")
+    sp.add_argument("--seed", type=_seed, default=0, help="labels, noise and data order")
     sp.add_argument("--json", action="store_true", help="print the figures as JSON")
     if model:
         sp.add_argument("--model", default="default",
@@ -603,7 +709,7 @@ def _common(sp, model=True):
         sp.add_argument("--model-name", default=None,
                         help="zoo name (DiT-XL/2, ...) for DiT files without a config (a released file's name, "
                              "DiT-XL-2-256x256.pt, gives it); Large-DiT: only without model_args.pth")
-        sp.add_argument("--image-size", type=int, default=None,
+        sp.add_argument("--image-size", type=_positive, default=None,
                         help="image size of the model (256 or 512; latent = size / 8) for files without a config "
                              "(default: a released file's name, else the zoo's 256)")
         sp.add_argument("--model-config", default=None,
@@ -618,12 +724,23 @@ def _sampling(sp, steps=50, gates=True, compile_flag=False):
                     help="DDIM, or DPM-Solver++(2M) at the same timesteps (gates and methods attach to either)")
     if not gates:
         return
-    sp.add_argument("--gates", default=None, help="gate file, or 'default' / 'default-<kind>' for a shipped set of "
-                                                  "--steps (kinds: lazydit.assets.SHIPPED_GATES, e.g. "
-                                                  "default-lookahead; none: plain DDIM)")
-    sp.add_argument("--method", default=None,
-                    help="another caching policy instead of gates: a registered name[:key=value,...] or "
-                         "package.module:Class[:key=value,...] (see docs/architecture.md)")
+
+    class method_text(argparse.Action):
+        """--method: refuse an empty one at once (it would otherwise mean plain sampling)."""
+
+        def __call__(self, parser, namespace, values, option_string=None):
+            if not values.strip():
+                parser.error("--method is empty: name a method, e.g. fora:interval=2")
+            setattr(namespace, self.dest, values)
+
+    sp.add_argument("--gates", default=None,
+                    help="gate file, or a shipped set for --steps: default (the paper's recipe), default-lookahead, "
+                         "default-forecast, default-every-forecast; or none: plain sampling (default: none)")
+    sp.add_argument("--method", default=None, action=method_text,
+                    help="another caching policy instead of gates: a registered name[:key=value,...] (fora:interval=2, "
+                         "teacache:threshold=0.1, ...), lazy:gates=FILE|default[-KIND][,threshold=P] or "
+                         "l2c:router=FILE[,threshold=P] (as compare's configurations; target= calibration is "
+                         "compare's), or package.module:Class[:key=value,...] (see docs/architecture.md)")
     sp.add_argument("--threshold", type=_fraction, default=None, help="gate compute threshold (default: the gates')")
     sp.add_argument("--uniform", action="store_true", help="one skip decision per module for the whole batch")
     sp.add_argument("--tie-cfg", action="store_true", help="cond and uncond rows of a pair decide together")
@@ -652,7 +769,25 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser():
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    import re
+
+    class fmt(argparse.ArgumentDefaultsHelpFormatter):
+        """Appends '(default: X)' unless the help already says its default ('default: ...') or there is none to
+        show (None, an off switch)."""
+
+        def _get_help_string(self, action):
+            text = action.help or ""
+            if action.default is None or action.default is False or re.search(r"\bdefault:", text, re.I):
+                return text
+            return super()._get_help_string(action)
+
+    class deprecated(argparse.Action):
+        """A renamed option still accepted (hidden from --help) with a one-line warning."""
+
+        def __call__(self, parser, namespace, values, option_string=None):
+            print(f"warning: {option_string} is deprecated: use {self.metavar}", file=sys.stderr)
+            setattr(namespace, self.dest, values)
+
     p = _Parser(prog="lazydit", description="LazyDiT: learned lazy gates for diffusion transformers")
     p.add_argument("--debug", action="store_true", help="show tracebacks (also LAZYDIT_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -668,12 +803,14 @@ def build_parser():
     sp.add_argument("--per-class", type=_positive, default=4, help="images per class")
     sp.add_argument("--cfg", type=_finite, default=DEFAULT_CFG, help="classifier-free guidance scale")
     sp.add_argument("--gates", default="reference",
-                    help="kind of the shipped T=50 gates the Lazy-50 row uses (lazydit.assets.SHIPPED_GATES: "
-                         "reference, lookahead, ...)")
+                    help="kind of the shipped T=50 gates the Lazy-50 row uses: reference, lookahead, forecast or "
+                         "every-forecast")
 
     sp = add("pretrain", cmd_pretrain, "train a class-conditional DiT on Fashion-MNIST (with EMA)")
     _common(sp, model=False)
-    sp.add_argument("--model-name", default="DiT-FMNIST", help="zoo name of the model to train")
+    sp.add_argument("--model-name", default="DiT-FMNIST-Latent",
+                    help="zoo name of the model to train: the embedded default's latent model (on the shipped "
+                         "autoencoder unless --autoencoder says otherwise), or DiT-FMNIST on pixels")
     sp.add_argument("--data", default=None, help="folder with the Fashion-MNIST IDX files (default: Debian's)")
     sp.add_argument("--out", default="runs/pretrain", help="run folder (checkpoint, EMA model, previews)")
     sp.add_argument("--iters", type=_positive, default=20000, help="optimiser steps")
@@ -688,8 +825,8 @@ def build_parser():
     sp.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     sp.add_argument("--warmup", type=_positive, default=200, help="linear lr warm-up, in optimiser steps")
     sp.add_argument("--autoencoder", default=None,
-                    help="train a latent model on this autoencoder's latents (train-autoencoder's file; "
-                         "e.g. --model-name DiT-FMNIST-Latent); the model then decodes with it")
+                    help="the autoencoder whose latents a latent model learns (a train-autoencoder file; default for a "
+                         "latent model: the shipped one); the model then decodes with it")
 
     sp = add("train-autoencoder", cmd_train_autoencoder,
              "train the small Fashion-MNIST autoencoder a latent DiT (DiT-FMNIST-Latent) models")
@@ -799,7 +936,9 @@ def build_parser():
     sp.add_argument("--scale", type=_positive, default=None, help="PNG upscaling (default: 3 below 64 px, else 1)")
     sp.add_argument("--vae", default=None, help="AutoencoderKL folder (or a train-autoencoder file) decoding the "
                     "latents of a latent model (default: the autoencoder its file names, as the embedded default's)")
-    sp.add_argument("--report", action="store_true", help="add per-step/layer/branch lazy ratios (with --json)")
+    sp.add_argument("--report", action="store_true",
+                    help="add per-step (sampling order: the first sampling step first, as the heat map), per-layer "
+                         "and per-branch lazy ratios to the row (with --json)")
     sp.add_argument("--heatmap", default=None, help="also write the layer x step laziness heat map (PNG)")
     sp.add_argument("--out", default="samples.png", help="a .png grid or an ADM .npz")
 
@@ -809,8 +948,10 @@ def build_parser():
     _sampling(sp)
     sp.add_argument("--num-samples", type=_positive, default=5000, help="images sampled and scored")
     sp.add_argument("--batch-size", type=_positive, default=250, help="images per sampling batch")
-    sp.add_argument("--micro-batch", type=_positive, default=None,
-                    help="images per sampler call inside a batch (on CPU 16 is ~1.4x faster than 250; same samples)")
+    sp.add_argument("--micro-batch", type=_positive, default=16,
+                    help="images per sampler call inside a batch, as compare's: the same samples as one call (on CPU "
+                         "16 is ~1.4x faster than 250); batch-wide decisions (--uniform, fbcache, teacache) are "
+                         "taken per call")
     sp.add_argument("--name", default=None, help="row label")
     sp.add_argument("--out", default=None, help="also keep the samples as an ADM .npz (resumable parts meanwhile)")
     sp.add_argument("--samples", default=None, help="score this ADM .npz instead of sampling")
@@ -826,23 +967,38 @@ def build_parser():
     sp.add_argument("--cfg", type=_finite, default=DEFAULT_CFG, help="classifier-free guidance scale (1: none)")
     sp.add_argument("--num-samples", type=_positive, default=5000, help="images per configuration")
     sp.add_argument("--batch-size", type=_positive, default=250, help="images per sampling batch (resumable part)")
-    sp.add_argument("--micro-batch", type=_positive, default=16, help="images per sampler call inside a batch")
-    sp.add_argument("--reference", default="ddim-50", help="fine sampler the PSNR is measured against")
-    sp.add_argument("--ref-samples", type=_positive, default=1000, help="images of the reference")
+    sp.add_argument("--micro-batch", type=_positive, default=16,
+                    help="images per sampler call inside a batch, as eval's: the same samples as one call (on CPU "
+                         "16 is ~1.4x faster than 250); batch-wide decisions (fbcache, teacache) are taken per call")
+    sp.add_argument("--fine-sampler", dest="reference", default="ddim-50", metavar="SAMPLER-T",
+                    help="fine sampler (SAMPLER-T) the PSNR is measured against (not --ref, the FID statistics)")
+    sp.add_argument("--reference", dest="reference", action=deprecated, metavar="--fine-sampler",
+                    default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    sp.add_argument("--ref-samples", type=_positive, default=None,
+                    help="images the fine sampler samples for the PSNR, the first of every row's (default: "
+                         "min(--num-samples, 1000))")
     sp.add_argument("--out", default="runs/compare-cli", help="folder: rows/ (resumable) and the report")
     _evaluator(sp)
 
     sp = add("cost", cmd_cost, "TMACs per image the paper's way (Linear+Conv, CFG not doubled)")
-    sp.add_argument("--model", default="DiT-XL/2", help="zoo name, or 'default' (the shipped Fashion-MNIST DiT)")
-    sp.add_argument("--image-size", type=int, default=None, help="image size; latent = size / 8")
+    sp.add_argument("--model", default="default",
+                    help="zoo name (DiT-XL/2, DiT-FMNIST, ...), or 'default' (the shipped Fashion-MNIST DiT, as "
+                         "every command)")
+    sp.add_argument("--image-size", type=_positive, default=None,
+                    help="image size, a multiple of the latent factor (8: SD-VAE models, 2: DiT-FMNIST-Latent, 1: "
+                         "pixel models) x the patch size (default: the zoo model's)")
     sp.add_argument("--steps", type=_step_list, default="50", help="comma-separated step counts")
     sp.add_argument("--json", action="store_true", help="print the figures as JSON")
     return p
 
 
+def _one_line(message: str) -> str:
+    return "; ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
 def _fail(message: str):
     """One line on stderr and exit status 1 (SystemExit carries the message)."""
-    sys.exit("error: " + "; ".join(line.strip() for line in message.splitlines() if line.strip()))
+    sys.exit(_one_line("error: " + message))
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
@@ -852,22 +1008,42 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    from contextlib import ExitStack
+
     from lazydit.cpu import tune_allocator
+    from lazydit.files import Terminated, terminating_signals
 
     tune_allocator()  # the CPU's malloc keeps activation-sized blocks (see lazydit.cpu); process-wide, so here
+
+    def run():
+        # SIGTERM / SIGHUP raise Terminated, so temporary files go and locks are released as on Ctrl-C; `held`:
+        # the output locks the command takes (_check_out(lock=True)), released when it ends, however it ends
+        with terminating_signals(), ExitStack() as held:
+            _OUTPUT_LOCKS.append(held)
+            try:
+                return args.func(args)
+            finally:
+                _OUTPUT_LOCKS.remove(held)
+
     if args.debug or os.environ.get("LAZYDIT_DEBUG"):
-        return args.func(args)
+        return run()
     import warnings
 
-    from lazydit.errors import LazyditError
+    from lazydit.errors import LazyditError, OptionRangeError
 
     try:
         with warnings.catch_warnings():  # restores the usual warning display when the command returns
             warnings.showwarning = _one_line_warning
-            return args.func(args)
+            return run()
+    except Terminated as e:  # before KeyboardInterrupt, its base class
+        print("terminated", file=sys.stderr)
+        raise SystemExit(128 + e.signum) from None
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+    except OptionRangeError as e:  # an option's value out of range: exit 2, as the parser's own refusals
+        print(_one_line("error: " + str(e)), file=sys.stderr)
+        raise SystemExit(2) from None
     except (LazyditError, OSError, ValueError, ImportError, EOFError) as e:  # EOFError: a truncated torch file
         _fail(str(e) or type(e).__name__)
     except RuntimeError as e:  # torch: an unavailable or unknown device

@@ -26,7 +26,10 @@ def laziness_heatmap(per_step_layer_branch, path, title: str = "", kinds=("attn"
 
     r = np.asarray(per_step_layer_branch, dtype=float)[::-1]  # sampling order: k = T-1 first
     T, L, nb = r.shape
-    fig, axes = plt.subplots(1, nb, figsize=(2 + 0.12 * T * nb, 1.2 + 0.25 * L), dpi=130, sharey=True)
+    # constrained layout: the figure title gets its own row above the panel titles (they overlapped at small T)
+    # and panels at least 1.6 inches wide, so that their axis labels do not run into each other
+    fig, axes = plt.subplots(1, nb, figsize=(max(2 + 0.12 * T * nb, 1.2 + 1.6 * nb), 1.2 + 0.25 * L), dpi=130,
+                             sharey=True, layout="constrained")
     names = [BRANCH_TITLES.get(k, k) for k in kinds] if len(kinds) == nb else [f"branch {b}" for b in range(nb)]
     for ax, b, name in zip(np.atleast_1d(axes), range(nb), names):
         im = ax.imshow(r[:, :, b].T, aspect="auto", cmap="viridis", vmin=0, vmax=1, origin="lower",

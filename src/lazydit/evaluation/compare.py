@@ -12,9 +12,10 @@ Calibration (`target`) bisects the method's threshold on the class grid (4 image
 then every configuration samples the same `num_samples` labels and initial noise (`lazydit.evaluation.driver`).
 
 Per configuration: FID / sFID / IS / precision / recall / KID, PSNR against a fine reference sampler (the first
-`ref_samples` images of the same noise sampled with `reference`), lazy ratio, TMACs, seconds. Rows are resumable
-(one JSON and one .npz per row in the run folder); `write_report` writes markdown, CSV, JSON and the two frontier
-plots (quality vs TMACs, quality vs seconds: one curve per method).
+`ref_samples` images of the same noise sampled with `reference`; default min(num_samples, 1000)), lazy ratio, TMACs,
+seconds. Rows are resumable (one JSON and one .npz per row in the run folder; a rerun with other settings is refused
+naming them, except the reference's, which rows do not depend on); `write_report` writes markdown, CSV, JSON and the
+two frontier plots (quality vs TMACs, quality vs seconds: one curve per method).
 """
 
 import json
@@ -28,11 +29,9 @@ import numpy as np
 
 from lazydit.errors import UsageError
 from lazydit.files import write_text_atomic
-from lazydit.lazy import LazyConfig, make_policy, policy_for
-from lazydit.lazy.policies import POLICIES, _value
+from lazydit.lazy import LazyConfig, make_policy
+from lazydit.lazy.policies import GATE_METHODS, POLICIES, _value, gate_policy  # GATE_METHODS: lazy, l2c (banks)
 from lazydit.sampling import SAMPLER_LABELS, SAMPLERS
-
-GATE_METHODS = ("lazy", "l2c")  # methods whose policy is a gate bank read from a file
 
 
 @dataclass(frozen=True)
@@ -46,8 +45,28 @@ class CompareConfig:
     micro_batch: int | None = 16  # images per sampler call (CPU cache; the same samples; batch-level methods decide
     # per call, as they would for a user's batch of this size)
     reference: str = "ddim-50"  # fine sampler the PSNR is measured against
-    ref_samples: int = 1000  # images of the reference (the first ones of every row's noise)
+    ref_samples: int | None = None  # images of the reference (the first ones of every row's noise); None:
+    # min(num_samples, 1000), no more reference images than a row has
     calib_per_class: int = 4  # class-grid images per class for calibrating a `target`
+
+    @property
+    def reference_count(self) -> int:
+        """Images of the reference: ref_samples, or min(num_samples, 1000) when it is None."""
+        return min(self.num_samples, 1000) if self.ref_samples is None else self.ref_samples
+
+
+# settings a finished row does not depend on (the reference is a file of its own, named by both)
+REFERENCE_SETTINGS = ("reference", "ref_samples")
+CLI_FLAGS = {"num_samples": "--num-samples", "cfg_scale": "--cfg", "seed": "--seed", "batch_size": "--batch-size",
+             "micro_batch": "--micro-batch", "model": "--model"}  # how `lazydit compare` sets each setting
+
+
+def settings_diff(saved: dict, now: dict) -> list:
+    """The settings a finished row was made with that differ from this run's, as 'name (--flag): saved X, now Y'
+    (the reference's settings are left out: rows do not depend on them)."""
+    keys = [k for k in dict.fromkeys([*now, *saved]) if k not in REFERENCE_SETTINGS]
+    return [f"{k}{f' ({CLI_FLAGS[k]})' if k in CLI_FLAGS else ''}: saved {saved.get(k)!r}, now {now.get(k)!r}"
+            for k in keys if saved.get(k) != now.get(k)]
 
 
 @dataclass(frozen=True)
@@ -123,17 +142,10 @@ def build_policy(spec: MethodSpec, model, threshold: float | None = None, device
     if spec.method is None:
         return None
     opts = dict(spec.options)
-    if spec.method in GATE_METHODS:
-        from lazydit.assets import resolve_gates
-
-        path = opts.pop("gates" if spec.method == "lazy" else "router")
-        gates = resolve_gates(str(path), spec.steps, device)
-        gates.check_steps(spec.steps)
-        if (spec.method == "l2c") != gates.router:
-            raise UsageError(f"{spec.text}: {path} is {'a router' if gates.router else 'a gate'} bank: use "
-                             f"{'l2c:router' if gates.router else 'lazy:gates'}=")
-        cfg = LazyConfig(threshold=threshold if threshold is not None else opts.pop("threshold", None))
-        return policy_for(gates, cfg)
+    if spec.method in GATE_METHODS:  # the same code as `--method lazy:...` / `l2c:...` (lazydit.lazy.policies)
+        if threshold is not None:
+            opts["threshold"] = threshold
+        return gate_policy(spec.method, opts, spec.steps, LazyConfig(), device, what=spec.text)
     if threshold is not None:
         opts["threshold"] = threshold
     text = spec.method + (":" + ",".join(f"{k}={v}" for k, v in opts.items()) if opts else "")
@@ -192,18 +204,18 @@ def _eval_config(spec: MethodSpec, cfg: CompareConfig, name: str):
 
 
 def reference_samples(model, cfg: CompareConfig, run: Path, progress: bool = True) -> np.ndarray:
-    """The fine reference's images of the first cfg.ref_samples labels and noises (sampled once, resumable)."""
+    """The fine reference's images of the first cfg.reference_count labels and noises (sampled once, resumable)."""
     from lazydit.evaluation.driver import generate
     from lazydit.evaluation.metrics import load_npz_samples
 
     spec = parse_spec(cfg.reference)
     if spec.method is not None:
         raise UsageError(f"the reference must be a bare sampler (e.g. ddim-50), not {cfg.reference!r}")
-    path = run / f"reference-{spec.filename}-n{cfg.ref_samples}.npz"
+    n = cfg.reference_count
+    path = run / f"reference-{spec.filename}-n{n}.npz"
     if not path.exists():
-        generate(model, _eval_config(spec, cfg, f"reference {spec.text}"), out=path, progress=progress,
-                 first=cfg.ref_samples)
-    return load_npz_samples(path)[: cfg.ref_samples]
+        generate(model, _eval_config(spec, cfg, f"reference {spec.text}"), out=path, progress=progress, first=n)
+    return load_npz_samples(path)[:n]
 
 
 def run_row(spec: MethodSpec, model, extractor, ref: dict, cfg: CompareConfig, run: Path,
@@ -255,14 +267,18 @@ def compare(model, specs: list, cfg: CompareConfig, extractor, ref: dict, run, p
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
     meta = {**asdict(cfg), "model": getattr(model, "name", "")}
+    for s in parsed:  # every finished row is checked before any work
+        path = run / f"{s.filename}.json"
+        if path.exists():
+            diff = settings_diff(json.loads(path.read_text()).get("compare") or {}, meta)
+            if diff:
+                raise UsageError(f"{path} was made with other settings: {'; '.join(diff)}: use another --out (run "
+                                 "folder), or the saved settings to resume it")
     rows = []
     for s in parsed:
         path = run / f"{s.filename}.json"
         if path.exists():
             row = json.loads(path.read_text())
-            if row.get("compare") != meta:
-                raise UsageError(f"{path} was made with other settings ({row.get('compare')}): use another run "
-                                 "folder")
         else:
             t0 = time.time()
             row = {**run_row(s, model, extractor, ref, cfg, run, progress), "compare": meta}
@@ -297,9 +313,9 @@ def write_report(rows: list, cfg: CompareConfig, out, title: str = "Comparison",
     lines += [f"{cfg.num_samples:,} samples per configuration, the same labels and initial noise, CFG {cfg.cfg_scale}; "
               "FID − DDIM at equal TMACs: against the DDIM rows' FID interpolated linearly in TMACs (blank outside "
               "their range; negative: better than DDIM with fewer steps); "
-              f"PSNR against {cfg.reference} on the first {cfg.ref_samples:,} images of the same noise; seconds per "
-              f"image of sampling in micro-batches of {cfg.micro_batch}, measured while the rows sampled unless a "
-              "note below says otherwise.", ""]
+              f"PSNR against {cfg.reference} on the first {cfg.reference_count:,} images of the same noise; "
+              f"seconds per image of sampling in micro-batches of {cfg.micro_batch}, measured while the rows sampled "
+              "unless a note below says otherwise.", ""]
     curve = sorted((r["tmacs"], r["fid"]) for r in rows if r["method"] == "none" and r["sampler_name"] == "ddim")
     for r in rows:  # FID of DDIM at the same TMACs, linear between the DDIM rows (None outside their range)
         inside = len(curve) > 1 and curve[0][0] <= r["tmacs"] <= curve[-1][0]

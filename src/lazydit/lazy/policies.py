@@ -298,13 +298,72 @@ def _value(text: str):
     return text
 
 
-def make_policy(spec: str, steps: int, config: LazyConfig | None = None) -> Policy:
-    """Build a policy from `name[:key=value,...]` (a registered name) or `module:Class[:key=value,...]`.
+GATE_METHODS = {"lazy": "gates", "l2c": "router"}  # pseudo-methods: a gate / router bank read from a file (its key)
+
+
+def gate_policy(method: str, options: dict, steps: int, config: LazyConfig | None = None, device="cpu",
+                what: str = "") -> Policy:
+    """The policy of a gate bank named like a method: `lazy` (gates=FILE, or default / default-<kind>: the shipped
+    sets, `lazydit.assets.resolve_gates`) or `l2c` (router=FILE), with an optional `threshold` option; the same
+    for `--method` and `lazydit compare`'s configurations.
+
+    Args:
+        method: "lazy" or "l2c".
+        options: the parsed key=value options (no `target`: calibration is `lazydit compare`'s).
+        steps: T (the bank must be for T steps).
+        config: LazyConfig of the sampling; `threshold=` in the options overrides its threshold.
+        what: how errors name the request (e.g. "--method lazy:gates=x").
+    Raises:
+        UsageError: a missing file key, an unknown option, a router bank for `lazy` or a gate bank for `l2c`.
+        GateMismatchError: a bank for another T.
+    """
+    from lazydit.assets import resolve_gates
+
+    need, opts = GATE_METHODS[method], dict(options)
+    if need not in opts:
+        raise UsageError(f"{what}: {method} needs {need}=FILE" + (" (or gates=default)" if method == "lazy" else ""))
+    path = str(opts.pop(need))
+    threshold = opts.pop("threshold", None)
+    if opts:
+        raise UsageError(f"{what}: unknown option(s) {', '.join(sorted(opts))} of {method} (it takes {need}= and "
+                         "threshold=)")
+    gates = resolve_gates(path, steps, device)
+    gates.check_steps(steps)
+    if (method == "l2c") != gates.router:
+        raise UsageError(f"{what}: {path} is {'a router' if gates.router else 'a gate'} bank: use "
+                         f"{'l2c:router' if gates.router else 'lazy:gates'}=")
+    config = config or LazyConfig()
+    if threshold is not None:
+        config = replace(config, threshold=float(threshold))
+    return policy_for(gates, config)
+
+
+def make_policy(spec: str, steps: int, config: LazyConfig | None = None, device="cpu") -> Policy:
+    """Build a policy from `name[:key=value,...]` (a registered name), `lazy:gates=FILE|default[-<kind>]` /
+    `l2c:router=FILE` (a gate or router bank, as `lazydit compare`'s configurations; `threshold=` optional; the
+    bank is loaded on `device`) or `module:Class[:key=value,...]`.
 
     Raises:
-        UsageError: unknown name, a class that is not a Policy, or bad options.
+        UsageError: an empty spec, unknown name, a class that is not a Policy, or bad options (`target=`, which
+            calibrates, belongs to `lazydit compare` and `lazydit calibrate`).
     """
+    if not spec.strip():
+        raise UsageError("--method is empty: name a method, e.g. fora:interval=2 (see lazydit sample --help)")
     head, _, rest = spec.partition(":")
+    if head in GATE_METHODS:
+        options = {}
+        for item in filter(None, rest.split(",")):
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise UsageError(f"--method {spec}: expected key=value, got {item!r}")
+            options[key.strip()] = _value(value.strip())
+        if "target" in options:
+            bank = options.get(GATE_METHODS[head], "FILE")
+            raise UsageError(f"--method {spec}: target= calibrates the threshold inside `lazydit compare` only; "
+                             f"here calibrate once (lazydit calibrate --gates {bank} --steps {steps} --target-ratio "
+                             f"{options['target']} --out calibrated.safetensors) and pass "
+                             f"{head}:{GATE_METHODS[head]}=calibrated.safetensors, or give threshold= / --threshold")
+        return gate_policy(head, options, steps, config, device, what=f"--method {spec}")
     if head in POLICIES:
         cls, opts = POLICIES[head], rest
     elif rest:  # module:Class[:options]
@@ -314,8 +373,8 @@ def make_policy(spec: str, steps: int, config: LazyConfig | None = None) -> Poli
         except (ImportError, AttributeError) as e:
             raise UsageError(f"--method {spec}: cannot import {head}:{name} ({e})") from e
     else:
-        raise UsageError(f"--method {spec}: unknown method; registered: {', '.join(sorted(POLICIES)) or 'none'} "
-                           "(or give package.module:Class)")
+        known = ", ".join(sorted([*POLICIES, *GATE_METHODS]))
+        raise UsageError(f"--method {spec}: unknown method; registered: {known} (or give package.module:Class)")
     if not (isinstance(cls, type) and issubclass(cls, Policy)):
         raise UsageError(f"--method {spec}: {cls!r} is not a lazydit Policy")
     options = {}
