@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from lazydit.assets import default_gates, default_model
+from lazydit.assets import default_model
+from lazydit.lazy.shipped import default_gates
 from lazydit.files import write_text_atomic
 from lazydit.bench import TimedRow, paired_ratio, random_model, time_interleaved
 from lazydit.cpu import tune_allocator

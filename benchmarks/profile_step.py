@@ -26,7 +26,8 @@ from collections import defaultdict
 import torch
 from torch.autograd.profiler import record_function
 
-from lazydit.assets import default_gates, default_model
+from lazydit.assets import default_model
+from lazydit.lazy.shipped import default_gates
 from lazydit.cpu import tune_allocator
 from lazydit.files import write_text_atomic
 from lazydit.lazy import apply_lazy, policy_for

@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lazydit.assets import default_gates, default_model
+from lazydit.assets import default_model
+from lazydit.lazy.shipped import default_gates
 from lazydit.files import savefig_atomic, write_text_atomic
 from lazydit.lazy import LazyConfig
 from lazydit.pipeline import calibrate_threshold, class_grid_labels, sample

@@ -43,7 +43,8 @@ from pathlib import Path
 
 import torch
 
-from lazydit.assets import SHIPPED_GATES, default_gates, default_model, default_model_name
+from lazydit.assets import SHIPPED_GATES, default_model, default_model_name
+from lazydit.lazy.shipped import default_gates
 from lazydit.cpu import tune_allocator
 from lazydit.data.sources import gate_training_data
 from lazydit.evaluation.driver import EvalConfig, evaluate_config

@@ -45,8 +45,8 @@ from pathlib import Path
 
 import torch
 
-from lazydit.assets import default_gates
-from lazydit.models.checkpoint import load_model
+from lazydit.lazy.shipped import default_gates
+from lazydit.loading import load_model
 from lazydit.bench import TimedRow, time_interleaved
 from lazydit.cpu import tune_allocator
 from lazydit.files import savefig_atomic, write_text_atomic

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from lazydit.cli import main
-from lazydit.evaluation.cost import sampling_macs
+from lazydit.models.cost import sampling_macs
 from lazydit.lazy import POLICIES, ForcedPlan
 from lazydit.pipeline import sample
 

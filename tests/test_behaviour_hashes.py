@@ -25,7 +25,8 @@ import numpy as np
 import pytest
 import torch
 
-from lazydit.assets import default_gates, default_model
+from lazydit.assets import default_model
+from lazydit.lazy.shipped import default_gates
 from lazydit.lazy import ForcedPlan, LazyConfig
 from lazydit.pipeline import sample
 

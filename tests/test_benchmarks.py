@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from lazydit.assets import default_gates
+from lazydit.lazy.shipped import default_gates
 from lazydit.evaluation.metrics import load_npz_samples, paired_psnr
 from lazydit.lazy import LazyGates
 

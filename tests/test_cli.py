@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from lazydit.assets import (DEFAULT_AUTOENCODER, SHIPPED_GATES, SHIPPED_STEPS, TRAIN_FLAGS, default_gates,
-                            default_model, gates_path)
+from lazydit.assets import DEFAULT_AUTOENCODER, SHIPPED_GATES, SHIPPED_STEPS, TRAIN_FLAGS, default_model, gates_path
+from lazydit.lazy.shipped import default_gates
 from lazydit.models.checkpoint import save_model
 from lazydit.cli import main
 from lazydit.lazy import LazyGates
@@ -52,7 +52,7 @@ def test_shipped_gates_refuse_the_previous_pixel_default(T, kind):
 
 
 def test_shipped_gate_kinds_are_named_and_refused_clearly():
-    from lazydit.assets import resolve_gates, shipped_kind
+    from lazydit.lazy.shipped import resolve_gates, shipped_kind
     from lazydit.errors import GateMismatchError
 
     assert shipped_kind("default") == "reference" and shipped_kind("default-lookahead") == "lookahead"

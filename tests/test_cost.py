@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lazydit.evaluation.cost import attention_matmul_macs, forward_macs, gate_macs, module_macs, sampling_macs
+from lazydit.models.cost import attention_matmul_macs, forward_macs, gate_macs, module_macs, sampling_macs
 from lazydit.lazy import LazyStats
 from lazydit.models.dit import model_config
 

@@ -312,7 +312,7 @@ def pipe_folder(tmp_path_factory):
 
 
 def test_load_model_reads_diffusers_folders(pipe_folder):
-    from lazydit.models.checkpoint import load_model
+    from lazydit.loading import load_model
 
     for spec in (pipe_folder, pipe_folder / "transformer",
                  pipe_folder / "transformer" / "diffusion_pytorch_model.safetensors"):
@@ -322,7 +322,7 @@ def test_load_model_reads_diffusers_folders(pipe_folder):
 
 def test_cli_train_gates_on_a_pipeline_folder(pipe_folder, tmp_path, capsys):
     from lazydit.cli import main
-    from lazydit.models.checkpoint import load_model
+    from lazydit.loading import load_model
 
     model = load_model(str(pipe_folder))
     y = torch.arange(8) % 5

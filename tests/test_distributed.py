@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from lazydit import distributed as dist
+from lazydit import distributed as sharded
+from lazydit import ranks as dist
 from lazydit.data.fashion_mnist import InfiniteSampler
 from lazydit.images import to_uint8
 from lazydit.lazy import LazyGates
@@ -28,7 +29,8 @@ WORKER = textwrap.dedent('''
     import torch
     torch.set_num_threads(1)
     from lazydit import create_model
-    from lazydit import distributed as dist
+    from lazydit import distributed as sharded
+    from lazydit import ranks as dist
     from lazydit.data.fashion_mnist import InfiniteSampler
     from lazydit.lazy import LazyGates
     from lazydit.training.gates import GateTrainConfig, train_gates
@@ -58,17 +60,17 @@ WORKER = textwrap.dedent('''
     train_gates(model, data(), GateTrainConfig(**base, out=str(out / "b"), resume=True), progress=False)
     train_gates(model, data(), GateTrainConfig(**{**base, "iters": 2}, out=str(out / "c")), progress=False)
     gates = LazyGates.load(out / "a" / "gates.safetensors")
-    res = dist.sample_sharded(model, gates=gates, out_npz=out / "s.npz", progress=False, **sampling)
+    res = sharded.sample_sharded(model, gates=gates, out_npz=out / "s.npz", progress=False, **sampling)
     if dist.is_main():
         (out / "res.json").write_text(json.dumps(res))
     # this rank's shard run alone, batch by batch, in this process: the .npz must hold exactly these images
     from lazydit.images import to_uint8
     from lazydit.pipeline import sample
     import numpy as np
-    gen = dist.rank_generator(sampling["seed"], dist.rank(), dist.world_size(), device)
+    gen = sharded.rank_generator(sampling["seed"], dist.rank(), dist.world_size(), device)
     alone = []
-    for b in range(dist.shard_plan(sampling["num_samples"], sampling["batch_size"], dist.world_size())):
-        z, y = dist.draw_batch(gen, sampling["batch_size"], model.config, model.config.num_classes, device)
+    for b in range(sharded.shard_plan(sampling["num_samples"], sampling["batch_size"], dist.world_size())):
+        z, y = sharded.draw_batch(gen, sampling["batch_size"], model.config, model.config.num_classes, device)
         x, _ = sample(model, y, sampling["steps"], gates=gates, cfg_scale=sampling["cfg_scale"], x=z, progress=False)
         alone.append(to_uint8(x))
     np.save(out / f"alone_rank{dist.rank()}.npy", np.concatenate(alone))
@@ -149,7 +151,7 @@ def test_single_process_sample_sharded_and_resume(tmp_path, monkeypatch):
 
     model = tiny_model(seed=1)
     kw = dict(num_samples=5, steps=4, cfg_scale=1.0, batch_size=2, seed=7)
-    res = dist.sample_sharded(model, out_npz=tmp_path / "a.npz", progress=False, **kw)
+    res = sharded.sample_sharded(model, out_npz=tmp_path / "a.npz", progress=False, **kw)
     assert res["world_size"] == 1 and res["batches_per_rank"] == 3 and res["lazy_ratio"] == 0.0
     assert not (tmp_path / "a.npz.parts").exists()
     with np.load(tmp_path / "a.npz") as f:
@@ -161,20 +163,20 @@ def test_single_process_sample_sharded_and_resume(tmp_path, monkeypatch):
     assert np.abs(full.astype(int) - to_uint8(x)[:5].astype(int)).max() <= 1
 
     # interrupted: parts of 2 batches exist, the third is missing; the rerun samples only that one
-    dist.sample_sharded(model, out_npz=tmp_path / "b.npz", progress=False, keep_parts=True, **kw)
+    sharded.sample_sharded(model, out_npz=tmp_path / "b.npz", progress=False, keep_parts=True, **kw)
     parts = tmp_path / "b.npz.parts"
     (parts / "rank00000" / "b000002.npz").unlink()
     (tmp_path / "b.npz").unlink()
     calls = []
     real = pipeline.sample
     monkeypatch.setattr(pipeline, "sample", lambda *a, **k: calls.append(1) or real(*a, **k))
-    dist.sample_sharded(model, out_npz=tmp_path / "b.npz", progress=False, keep_parts=True, **kw)
+    sharded.sample_sharded(model, out_npz=tmp_path / "b.npz", progress=False, keep_parts=True, **kw)
     assert len(calls) == 1
     with np.load(tmp_path / "b.npz") as f:
         np.testing.assert_array_equal(f["arr_0"], full)
         np.testing.assert_array_equal(f["arr_1"], labels)
     with pytest.raises(ValueError, match="another run"):  # parts of another configuration are not mixed in
-        dist.sample_sharded(model, out_npz=tmp_path / "b.npz", progress=False, **{**kw, "seed": 8})
+        sharded.sample_sharded(model, out_npz=tmp_path / "b.npz", progress=False, **{**kw, "seed": 8})
 
 
 def test_rank_slice_and_single_process_helpers(monkeypatch):
@@ -197,7 +199,7 @@ def test_rank_slice_and_single_process_helpers(monkeypatch):
         parts = [next(h) for h in halves]
         assert torch.equal(torch.cat([p[0] for p in parts]), gx) and torch.equal(torch.cat([p[1] for p in parts]), gy)
         assert all(torch.equal(a, b) for a, b in zip(next(whole), (gx, gy)))
-    assert dist.shard_plan(50000, 32, 8) == 196
+    assert sharded.shard_plan(50000, 32, 8) == 196
 
 
 def test_bf16_gate_training_keeps_fp32_gates():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lazydit.errors import GateMismatchError
-from lazydit.evaluation.cost import forecast_macs, sampling_macs
+from lazydit.models.cost import forecast_macs, sampling_macs
 from lazydit.lazy import ForcedPlan, LazyConfig, LazyGates, apply_lazy
 from lazydit.lazy.forecast import ForecastHistory
 from lazydit.pipeline import sample

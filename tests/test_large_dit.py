@@ -211,5 +211,5 @@ def test_macs_match_linear_layers():
     model(torch.randn(1, 4, 8, 8), torch.tensor([3]), torch.tensor([1]))
     for h in hooks:
         h.remove()
-    from lazydit.evaluation.cost import forward_macs
+    from lazydit.models.cost import forward_macs
     assert forward_macs(cfg) == sum(counted)

@@ -216,7 +216,7 @@ def test_compile_needs_lookahead_gates(model):
 
 
 def test_gates_attach_to_large_dit_unchanged():
-    from lazydit.evaluation.cost import sampling_macs
+    from lazydit.models.cost import sampling_macs
     from lazydit.models.large_dit import LargeDiT, LargeDiTConfig
 
     torch.manual_seed(0)

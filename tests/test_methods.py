@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lazydit.errors import UsageError
-from lazydit.evaluation.cost import forward_macs, module_macs, sampling_macs
+from lazydit.models.cost import forward_macs, module_macs, sampling_macs
 from lazydit.lazy import (FORA, POLICIES, FirstBlockCache, LazyConfig, LazyGates, Learning2Cache, TaylorSeer, TeaCache,
                           apply_lazy, make_policy, policy_for)
 from lazydit.lazy.static import TaylorHistory

@@ -11,7 +11,7 @@ _EXPORTS = {
     "DIT_MODELS": "lazydit.models.dit", "DiT": "lazydit.models.dit", "DiTConfig": "lazydit.models.dit",
     "create_model": "lazydit.models.dit", "ddim_sample": "lazydit.sampling.ddim",
     "respaced_timesteps": "lazydit.sampling.schedule", "load_default": "lazydit.assets",
-    "default_gates": "lazydit.assets", "default_autoencoder": "lazydit.assets", "tune_allocator": "lazydit.cpu",
+    "default_gates": "lazydit.lazy.shipped", "default_autoencoder": "lazydit.assets", "tune_allocator": "lazydit.cpu",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -208,7 +208,7 @@ def _overrides(args) -> dict:
 
 
 def _model(args):
-    from lazydit.models.checkpoint import load_model
+    from lazydit.loading import load_model
 
     return load_model(args.model, name=args.model_name, image_size=args.image_size, overrides=_overrides(args),
                       device=_device(args), captions=getattr(args, "captions", None))
@@ -233,7 +233,7 @@ def _policy(args):
         return None, make_policy(args.method, args.steps, _lazy_config(args), device=args.device)  # apply_lazy checks it fits
     if args.gates in (None, "none"):
         return None, None
-    from lazydit.assets import resolve_gates
+    from lazydit.lazy.shipped import resolve_gates
 
     return resolve_gates(args.gates, args.steps, args.device), None
 
@@ -377,7 +377,7 @@ def _check_parity_cap(target):
 
 
 def cmd_train_gates(args):
-    from lazydit import distributed
+    from lazydit import ranks
     from lazydit.data.sources import gate_training_data
     from lazydit.errors import UsageError
     from lazydit.training.gates import GateTrainConfig, train_gates
@@ -397,16 +397,16 @@ def cmd_train_gates(args):
                          "(under the reference parity every other step computes)")
     if args.data_free and (args.data or args.latents or args.vae):
         raise UsageError("--data-free trains on the model's own trajectories: drop --data / --latents / --vae")
-    args.device = distributed.init_distributed(_device(args))  # torchrun: one GPU per process; else a no-op
+    args.device = ranks.init_distributed(_device(args))  # torchrun: one GPU per process; else a no-op
     if args.tf32:
-        distributed.set_tf32(True)
+        ranks.set_tf32(True)
     model = _model(args)
     timesteps, schedule = _scheduler_schedule(args)
     if args.data_free:
         from lazydit.training.trajectories import trajectory_data
 
         data, source = trajectory_data(model, args.steps, args.batch_size, size=args.pool, cfg_scale=args.cfg,
-                                       seed=args.seed, progress=distributed.is_main() and not args.json,
+                                       seed=args.seed, progress=ranks.is_main() and not args.json,
                                        timesteps=timesteps)
     else:
         data, source = gate_training_data(model, args.batch_size, data=args.data, latents=args.latents,
@@ -419,8 +419,8 @@ def cmd_train_gates(args):
                           forecast=args.forecast, timesteps=timesteps, schedule=schedule, rollout=args.rollout)
     gates = train_gates(model, data, cfg, progress=not args.json,
                         extra_meta={"model_path": str(args.model or "default"), **source})
-    distributed.cleanup()
-    if not distributed.is_main():  # only rank 0 prints and writes
+    ranks.cleanup()
+    if not ranks.is_main():  # only rank 0 prints and writes
         return
     out = f"{args.out}/gates.safetensors"
     result = {"gates": out, "steps": args.steps, "threshold": gates.threshold}
@@ -480,14 +480,14 @@ def cmd_extract_latents(args):
 def cmd_sample_ddp(args):
     from functools import partial
 
-    from lazydit import distributed
+    from lazydit import distributed, ranks
     from lazydit.data.vae import decode, decoder_for
     from lazydit.files import weights_fingerprint
 
     _check_out(args.out, ext=(".npz",), lock=True)
-    args.device = distributed.init_distributed(_device(args))  # torchrun: one GPU per process; else a no-op
+    args.device = ranks.init_distributed(_device(args))  # torchrun: one GPU per process; else a no-op
     if args.tf32:
-        distributed.set_tf32(True)
+        ranks.set_tf32(True)
     model = _model(args)
     vae = decoder_for(model, args.vae, args.device)
     dec = None
@@ -500,10 +500,10 @@ def cmd_sample_ddp(args):
                                      cfg_scale=args.cfg, batch_size=args.batch_size, seed=args.seed,
                                      num_classes=args.num_classes, out_npz=args.out,
                                      lazy=_lazy_config(args) if gates is not None else None,
-                                     keep_parts=args.keep_parts, progress=distributed.is_main() and not args.json,
+                                     keep_parts=args.keep_parts, progress=ranks.is_main() and not args.json,
                                      decode=dec, sampler=args.sampler)
-    distributed.cleanup()
-    if distributed.is_main():
+    ranks.cleanup()
+    if ranks.is_main():
         _emit_dict(args, res)
 
 
@@ -530,7 +530,7 @@ def _is_shipped_file(path) -> bool:
 
 
 def cmd_calibrate(args):
-    from lazydit.assets import resolve_gates, shipped_kind
+    from lazydit.lazy.shipped import resolve_gates, shipped_kind
     from lazydit.errors import GateMismatchError, UsageError
 
     shipped = shipped_kind(args.gates) is not None or _is_shipped_file(args.gates)
@@ -671,7 +671,7 @@ def cmd_eval(args):
 
 def cmd_cost(args):
     from lazydit.assets import default_model_name
-    from lazydit.evaluation.cost import forward_macs
+    from lazydit.models.cost import forward_macs
     from lazydit.models.dit import IMAGE_PER_LATENT, model_config
 
     name = default_model_name() if args.model == "default" else args.model  # 'default': the shipped model

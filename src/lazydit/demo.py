@@ -4,7 +4,8 @@ from pathlib import Path
 
 import torch
 
-from lazydit.assets import default_gates, default_model
+from lazydit.assets import default_model
+from lazydit.lazy.shipped import default_gates
 from lazydit.data.vae import own_decoder
 from lazydit.files import savefig_atomic
 from lazydit.images import make_grid, save_grid, to_uint8

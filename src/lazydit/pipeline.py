@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from tqdm.auto import tqdm
 
-from lazydit.evaluation.cost import sampling_macs
+from lazydit.models.cost import sampling_macs
 from lazydit.sampling import SAMPLER_LABELS, SAMPLERS
 from lazydit.errors import GateMismatchError, NonFiniteError, UsageError
 from lazydit.lazy import ForcedPlan, LazyConfig, LazyGates, LazyStats, Policy, apply_lazy, policy_for

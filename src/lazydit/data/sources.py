@@ -1,7 +1,7 @@
 """Where gate training reads its data: Fashion-MNIST for Fashion-MNIST models (encoded by the autoencoder the model
 names, for the latent default), pre-extracted latents (fast) or an image folder encoded on the fly for latent DiTs. Each source yields this process's share of every global batch."""
 
-from lazydit import distributed as dist
+from lazydit import ranks as dist
 from lazydit.errors import UsageError
 
 

@@ -1,6 +1,6 @@
 """Evaluation: metric formulas (`metrics`), feature extractors (`inception`, the Fashion-MNIST classifier
-`fmnist`), feature statistics and scores (`features`), the one-configuration driver (`driver`), the paper's
-MAC accounting (`cost`) and the row records that let a table be sampled in parts (`records`)."""
+`fmnist`), feature statistics and scores (`features`), the one-configuration driver (`driver`) and the row records that let a table be sampled in parts
+(`records`). The paper's MAC accounting is `lazydit.models.cost`."""
 
 
 def __getattr__(name):  # `lazydit.evaluation.evaluate_config` without importing the driver with the package

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from lazydit.data.vae import own_decoder
 from lazydit.sampling.parts import SampleParts, remove_parts
-from lazydit.evaluation.cost import sampling_macs
+from lazydit.models.cost import sampling_macs
 from lazydit.images import save_npz, to_uint8
 from lazydit.lazy import LazyConfig, LazyStats, policy_for
 from lazydit.models.registry import BRANCH_NAMES

@@ -14,7 +14,7 @@ with one point the forecast is y0 itself, the plain reuse. Order 0 is the plain 
 
 Cost: a forecast of order n is n multiply-adds per output element of a skipped row, and keeping the history n
 subtract-and-scale operations per element of a computed row: about 2 n N D per branch evaluation and image, the
-size of the gate scores (`lazydit.evaluation.cost.forecast_macs`). Memory: n + 1 copies of each branch output.
+size of the gate scores (`lazydit.models.cost.forecast_macs`). Memory: n + 1 copies of each branch output.
 """
 
 import torch

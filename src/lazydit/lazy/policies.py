@@ -67,9 +67,9 @@ class Policy:
         """Raise unless this policy fits `model` (gate banks check depth and width)."""
 
     def overhead_macs(self, cfg) -> int:
-        """What the method adds to one forward of one image, in MACs (`lazydit.evaluation.cost`): the forecast's
+        """What the method adds to one forward of one image, in MACs (`lazydit.models.cost`): the forecast's
         elementwise work (forecast > 0); subclasses add their scores or probes."""
-        from lazydit.evaluation.cost import forecast_macs
+        from lazydit.models.cost import forecast_macs
 
         return forecast_macs(cfg, self.forecast)
 
@@ -160,7 +160,7 @@ class ReferenceGates(Policy):
         return self.gates.schedule_name()
 
     def overhead_macs(self, cfg) -> int:
-        from lazydit.evaluation.cost import gate_macs
+        from lazydit.models.cost import gate_macs
 
         return super().overhead_macs(cfg) + (0 if self.gates.router else gate_macs(cfg))
 
@@ -304,7 +304,7 @@ GATE_METHODS = {"lazy": "gates", "l2c": "router"}  # pseudo-methods: a gate / ro
 def gate_policy(method: str, options: dict, steps: int, config: LazyConfig | None = None, device="cpu",
                 what: str = "") -> Policy:
     """The policy of a gate bank named like a method: `lazy` (gates=FILE, or default / default-<kind>: the shipped
-    sets, `lazydit.assets.resolve_gates`) or `l2c` (router=FILE), with an optional `threshold` option; the same
+    sets, `lazydit.lazy.shipped.resolve_gates`) or `l2c` (router=FILE), with an optional `threshold` option; the same
     for `--method` and `lazydit compare`'s configurations.
 
     Args:
@@ -317,7 +317,7 @@ def gate_policy(method: str, options: dict, steps: int, config: LazyConfig | Non
         UsageError: a missing file key, an unknown option, a router bank for `lazy` or a gate bank for `l2c`.
         GateMismatchError: a bank for another T.
     """
-    from lazydit.assets import resolve_gates
+    from lazydit.lazy.shipped import resolve_gates
 
     need, opts = GATE_METHODS[method], dict(options)
     if need not in opts:

@@ -4,8 +4,8 @@ A caching method (`lazydit.lazy`) never reads a block's attributes by name: it a
 registers a `BlockSpec`: the names of its gated branches (the modules whose output can be reused) and their kinds,
 the norm in front of each, its adaLN modulation, and how its forward arguments split into the conditioning vector
 and the extra arguments of each branch. DiT's and Large-DiT's blocks register themselves where they are defined;
-diffusers' `BasicTransformerBlock` (DiT and PixArt transformers) is described in `lazydit.diffusers`, registered on
-first use; another model's block needs one `register_block` call.
+diffusers' `BasicTransformerBlock` (DiT and PixArt transformers) is described in `lazydit.models.diffusers_dit`,
+registered on first use; another model's block needs one `register_block` call.
 
 For a block whose spec is `fused` (DiT, Large-DiT), one branch b computes
     x = x + gate_b * F_b(modulate(norm_b(x), shift_b, scale_b), *extra_b)
@@ -66,7 +66,7 @@ def block_spec(block) -> BlockSpec:
         TypeError: the block type was never registered.
     """
     if type(block).__module__.startswith("diffusers."):
-        import lazydit.diffusers  # noqa: F401  (registers diffusers' blocks)
+        import lazydit.models.diffusers_dit  # noqa: F401  (registers diffusers' blocks)
     for cls in type(block).__mro__:
         if cls in _REGISTRY:
             spec = _REGISTRY[cls]

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from lazydit import distributed as dist
+from lazydit import ranks as dist
 from lazydit.training.resume import check_resume_settings, load_checkpoint, plain, restoring, save_checkpoint
 from lazydit.errors import NonFiniteError, UsageError
 from lazydit.sampling.schedule import Schedule
@@ -117,8 +117,8 @@ def train_gates(model, data, cfg: GateTrainConfig, threshold: float = 0.5, progr
                 extra_meta: dict | None = None, callback=None) -> LazyGates:
     """Train LazyDiT gates on a frozen model, in one process or data-parallel over a torchrun process group.
 
-    Data parallelism (when torch.distributed is initialised, see `lazydit.distributed.init_distributed`): `data`
-    yields this rank's share of the global batch (W ranks, equal shares in rank order: `distributed.RankSlice`
+    Data parallelism (when torch.distributed is initialised, see `lazydit.ranks.init_distributed`): `data`
+    yields this rank's share of the global batch (W ranks, equal shares in rank order: `ranks.RankSlice`
     of the same global-batch iterator on every rank, or `ImageFolderLoader` / `LatentSampler` with rank and
     world_size). Every rank draws the step index k, the label-drop mask and the noise of the GLOBAL batch from the
     same seeded generator and keeps its rank's rows, and the gradient of the one gate parameter is averaged by

@@ -10,7 +10,7 @@ user with only a checkpoint can train gates.
 import torch
 from tqdm.auto import tqdm
 
-from lazydit import distributed as dist
+from lazydit import ranks as dist
 from lazydit.data.fashion_mnist import InfiniteSampler
 from lazydit.errors import NonFiniteError, UsageError
 from lazydit.sampling.ddim import ddim_sample
