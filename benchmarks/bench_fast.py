@@ -38,7 +38,7 @@ from lazydit.lazy.shipped import default_gates
 from lazydit.files import write_text_atomic
 from lazydit.bench import TimedRow, paired_ratio, random_model, time_interleaved
 from lazydit.cpu import tune_allocator
-from lazydit.lazy import LazyConfig, LazyGates
+from lazydit.lazy import LazyConfig, LazyGates, policy_for
 
 PRESETS = {
     "cpu": dict(model="embedded", batch="16", steps=50, cfg=2.0, dtype="float32", gates="shipped", repeats=5),
@@ -95,7 +95,7 @@ def pair_rows(spec: str | None, rows: list, dense, model) -> dict:
         if partner not in {row.name for row in rows}:
             rows.append(TimedRow(partner, dense, steps))
         name = f"{kind}-lazy-{T}"
-        rows.append(TimedRow(name, model, T, gates))
+        rows.append(TimedRow(name, model, T, policy_for(gates)))
         partners[name] = partner
     return partners
 
@@ -150,7 +150,8 @@ def main(argv=None):
                     blk.compile(mode=args.compile_mode)
             la_cfg = LazyConfig(compile=setting == "compiled", compile_mode=args.compile_mode)
             rows = [TimedRow(f"dense-{T}", dense, T), TimedRow(f"dense-{half}", dense, half),
-                    TimedRow(f"ref-lazy-{T}", model, T, ref), TimedRow(f"la-lazy-{T}", model, T, la, la_cfg)]
+                    TimedRow(f"ref-lazy-{T}", model, T, policy_for(ref)),
+                    TimedRow(f"la-lazy-{T}", model, T, policy_for(la, la_cfg))]
             partners = pair_rows(args.pairs, rows, dense, model)
             t0 = time.time()
             timed = time_interleaved(rows, y, cfg_scale=args.cfg, repeats=args.repeats, vary_seed=True,

@@ -39,7 +39,7 @@ import torch
 
 from lazydit.bench import TimedRow, random_model, time_interleaved
 from lazydit.files import write_text_atomic
-from lazydit.lazy import LazyConfig, LazyGates
+from lazydit.lazy import LazyConfig, LazyGates, policy_for
 from lazydit.training.gates import GateTrainConfig, train_gates
 
 PRESETS = {
@@ -211,7 +211,7 @@ def main(argv=None):
 
     def add(sampler, kind, mode, setting, model_, gates=None, lazy=None):
         name = f"{sampler}/{setting}"
-        rows.append(TimedRow(name, model_, T, gates, lazy))
+        rows.append(TimedRow(name, model_, T, None if gates is None else policy_for(gates, lazy)))
         info[name] = dict(sampler=sampler, gates=kind, mode=mode, compile=setting)
 
     add("dense", "none", "dense", "eager", model)

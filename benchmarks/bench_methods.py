@@ -24,7 +24,7 @@ import torch
 
 from lazydit.bench import TimedRow, paired_ratio, random_model, time_interleaved
 from lazydit.cpu import tune_allocator
-from lazydit.evaluation.compare import CompareConfig, build_policy, calibrate, parse_spec
+from lazydit.evaluation.rows import RowSettings, build_policy, calibrate, parse_spec
 from lazydit.files import write_text_atomic
 from lazydit.pipeline import class_grid_labels
 
@@ -47,26 +47,27 @@ def rows_for(args, model):
 
         specs = comparison_specs(Path(args.rows))
     out = []
-    cfg = CompareConfig(cfg_scale=args.cfg)
+    cfg = RowSettings(cfg_scale=args.cfg)
     yc = class_grid_labels(model.config.num_classes, 4 if args.model != "tiny" else 1)
     for text in specs:
         spec = parse_spec(text)
         done = Path(args.rows) / f"{spec.filename}.json"
-        th = coef = None
-        if done.exists():
-            row = json.loads(done.read_text())
-            th, coef = row.get("threshold"), row.get("coefficients")
-        elif spec.target is not None:
-            th, _, coef = calibrate(spec, model, yc, cfg)
         bank = dict(spec.options).get("gates", dict(spec.options).get("router"))
         if bank is not None and not str(bank).startswith("default") and not Path(str(bank)).exists():
             print(f"  skipped {text}: {bank} is not trained yet", flush=True)
             continue
-        policy = build_policy(spec, model, th)
-        if policy is not None:
-            if coef is not None:
-                policy.coefficients = tuple(coef)
-            policy.prepare(model, yc, args.cfg, 0, spec.sampler)
+        if done.exists():  # the threshold (and fitted polynomial) the committed row sampled with
+            row = json.loads(done.read_text())
+            policy = build_policy(spec, model, row.get("threshold"), fitted={"coefficients": row["coefficients"]}
+                                  if row.get("coefficients") else None)
+            if policy is not None:
+                policy.prepare(model, yc, args.cfg, 0, spec.sampler)
+        elif spec.target is not None:
+            policy, _ = calibrate(spec, model, yc, cfg)
+        else:
+            policy = build_policy(spec, model)
+            if policy is not None:
+                policy.prepare(model, yc, args.cfg, 0, spec.sampler)
         out.append((spec, policy))
     return out
 

@@ -28,7 +28,7 @@ import torch
 from lazydit.assets import default_model
 from lazydit.lazy.shipped import default_gates
 from lazydit.files import savefig_atomic, write_text_atomic
-from lazydit.lazy import LazyConfig
+from lazydit.lazy import LazyConfig, policy_for
 from lazydit.pipeline import calibrate_threshold, class_grid_labels, sample
 from lazydit.sampling.ddim import ddim_sample
 
@@ -110,7 +110,7 @@ def heatmap(model, args):
     maps, out = [], dict(cfg=args.cfg, images=len(y), steps=50, rows=[])
     for target in targets:
         th, _ = calibrate_threshold(model, gates, target, y, cfg_scale=args.cfg, seed=args.seed, progress=False)
-        _, rep = sample(model, y, 50, gates=gates, lazy=LazyConfig(threshold=th), cfg_scale=args.cfg, seed=args.seed,
+        _, rep = sample(model, y, 50, policy=policy_for(gates, LazyConfig(threshold=th)), cfg_scale=args.cfg, seed=args.seed,
                         progress=False)
         r = np.asarray(rep.stats["per_step_layer_branch"])[0::2][::-1]  # gated steps k = 48, 46, ..., 0 (order run)
         maps.append((target, th, rep.lazy_ratio, r))
@@ -217,10 +217,11 @@ def ablation(model, args):
         for target in targets[vname]:
             key = f"{vname}@{target}"
             if key not in done:
-                th, reached = calibrate_threshold(model, gates, target, y, lazy=LazyConfig(branches=branches),
+                th, reached = calibrate_threshold(model, gates, target, y, lazy=LazyConfig(skippable_kinds=branches),
                                                   cfg_scale=args.cfg, seed=args.seed, progress=False)
-                ecfg = EvalConfig(**base_cfg, lazy=LazyConfig(threshold=th, branches=branches), name=key)
-                row = evaluate_config(model, ecfg, extractor, ref, gates=gates,
+                ecfg = EvalConfig(**base_cfg, name=key)
+                row = evaluate_config(model, ecfg, extractor, ref,
+                                      policy=policy_for(gates, LazyConfig(threshold=th, skippable_kinds=branches)),
                                       out=run / f"ablation_{tag}_{target}.npz", progress=not args.quiet)
                 done[key] = {**row, "variant": vname, "target": target, "calibration_ratio": reached}
                 write_text_atomic(rows_path, json.dumps(done, indent=1))

@@ -47,11 +47,12 @@ from lazydit.assets import SHIPPED_GATES, default_model, default_model_name
 from lazydit.lazy.shipped import default_gates
 from lazydit.cpu import tune_allocator
 from lazydit.data.sources import gate_training_data
-from lazydit.evaluation.driver import EvalConfig, evaluate_config
+from lazydit.evaluation import rows as row_engine
+from lazydit.evaluation.rows import RowSettings, parse_spec
 from lazydit.evaluation.fmnist import default_classifier, default_reference
 from lazydit.files import savefig_atomic, write_text_atomic
 from lazydit.lazy import LazyConfig, LazyGates, apply_lazy, policy_for
-from lazydit.pipeline import calibrate_threshold, class_grid_labels
+from lazydit.pipeline import class_grid_labels
 from lazydit.sampling.ddim import ddim_sample
 from lazydit.training.gates import RESULT_FIELDS, GateTrainConfig, train_gates
 from lazydit.training.trajectories import trajectory_data
@@ -115,31 +116,38 @@ def plan_pairs(rows) -> tuple:
 
 
 def gates_for(row: Row, model, args):
-    """The gate set of a row's variant (trained once per variant and T, resumable)."""
+    """The gate set of a row's variant (trained once per variant and T, resumable) and how the row engine names it
+    (`gates=`: 'default', 'default-<kind>' for a shipped set, or the trained file)."""
     variant = SAMPLING[row.variant][0] if row.variant in SAMPLING else row.variant
     fields = VARIANTS[variant]
     if fields is None:
-        return default_gates(row.steps)
+        return default_gates(row.steps), "default"
     out = Path(args.run) / f"gates-{variant}-T{row.steps}"
     path = out / "gates.safetensors"
     if path.exists():
-        return LazyGates.load(path)
+        return LazyGates.load(path), str(path)
     cfg = GateTrainConfig(steps=row.steps, iters=args.iters, batch_size=args.batch_size, rho_attn=1e-2,
                           rho_mlp=1e-2, seed=args.seed, out=str(out), ckpt_every=50,
                           resume=(out / "checkpoint.pt").exists(), **fields)
-    shipped = shipped_equal(cfg)
-    if shipped is not None:
-        return shipped
+    kind = shipped_match(cfg)
+    if kind is not None:
+        return default_gates(cfg.steps, kind=kind), "default" if kind == "reference" else f"default-{kind}"
     if cfg.data_free:
         data, source = trajectory_data(model, row.steps, args.batch_size, size=args.pool, cfg_scale=args.cfg,
                                        seed=args.seed, progress=not args.quiet)
     else:
         data, source = gate_training_data(model, args.batch_size, seed=args.seed)  # through a latent model's autoencoder
-    return train_gates(model, data, cfg, progress=not args.quiet, extra_meta=source)
+    return train_gates(model, data, cfg, progress=not args.quiet, extra_meta=source), str(path)
 
 
 def shipped_equal(cfg: GateTrainConfig):
-    """The shipped gate set that `cfg` would train again, or None: the same fields that shape the gates
+    """The shipped gate set that `cfg` would train again (`shipped_match`), or None."""
+    kind = shipped_match(cfg)
+    return None if kind is None else default_gates(cfg.steps, kind=kind)
+
+
+def shipped_match(cfg: GateTrainConfig):
+    """The kind of the shipped gate set that `cfg` would train again, or None: the same fields that shape the gates
     (lazydit.training.gates.RESULT_FIELDS) and iterations, on the same model and data (`forecast` is the shipped kind
     `forecast`, `every+fc+ro3` is `every-forecast`: calibrated here, they give the thresholds of the gates this
     script trained, to every digit). Its threshold is calibrated again for each row like any other."""
@@ -147,35 +155,38 @@ def shipped_equal(cfg: GateTrainConfig):
     for kind, steps in SHIPPED_GATES.items():
         if cfg.steps not in steps:
             continue
-        gates = default_gates(cfg.steps, kind=kind)
-        have = gates.meta.get("training", {})
+        have = default_gates(cfg.steps, kind=kind).meta.get("training", {})
         if have.get("final_iter") == cfg.iters and all(have.get(f) == v for f, v in want.items()):
-            return gates
+            return kind
     return None
 
 
+def row_spec(row: Row, gates_file) -> str:
+    """The row as a configuration of the row engine: DDIM-T, or the variant's gates (with its sampling options)
+    calibrated to the target."""
+    if not row.variant:
+        return f"ddim-{row.steps}"
+    opts = "".join(f",{k}={v}" for k, v in SAMPLING.get(row.variant, (None, {}))[1].items())
+    return f"ddim-{row.steps}+lazy:gates={gates_file},target={row.target}{opts}"
+
+
 def run_row(row: Row, model, extractor, ref, args) -> dict:
-    gates, lazy, extra = None, LazyConfig(), {}
+    """Sample and score one row on the row engine (its variant's gates trained first, its threshold calibrated)."""
+    extra, gates_file = {}, None
     if row.variant:
-        gates = gates_for(row, model, args)
-        opts = SAMPLING.get(row.variant, (None, {}))[1]
-        yc = class_grid_labels(model.config.num_classes, 4)
-        th, reached = calibrate_threshold(model, gates, row.target, yc, lazy=LazyConfig(**opts), cfg_scale=args.cfg,
-                                          seed=args.seed, progress=False)
-        lazy = LazyConfig(threshold=th, **opts)
-        extra = dict(variant=row.variant, target=row.target, calibration_ratio=round(reached, 4), threshold=th,
-                     forecast=gates.meta.get("forecast", 0), parity=gates.parity)
-    cfg = EvalConfig(steps=row.steps, cfg_scale=args.cfg, num_samples=args.num_samples, batch_size=250,
-                     seed=args.seed, lazy=lazy, name=row.name, micro_batch=16)
-    res = evaluate_config(model, cfg, extractor, ref, gates=gates, out=Path(args.run) / f"{row.name}.npz",
-                          progress=not args.quiet)
+        gates, gates_file = gates_for(row, model, args)
+        extra = dict(variant=row.variant, forecast=gates.meta.get("forecast", 0), parity=gates.parity)
+    settings = RowSettings(num_samples=args.num_samples, cfg_scale=args.cfg, seed=args.seed, batch_size=250,
+                           micro_batch=16, calib_per_class=4)
+    res = row_engine.run_row(parse_spec(row_spec(row, gates_file)), model, extractor, ref, settings,
+                             Path(args.run), progress=not args.quiet, name=row.name)
     return {**res, **extra}
 
 
 def skip_runs(row: Row, res: dict, model, args) -> dict:
     """How deep reuse chains go: the longest run of consecutive skips of every module and row, sampling the
     40-image class grid with the row's gates, threshold and options (mean and max over modules and rows)."""
-    gates = gates_for(row, model, args)
+    gates, _ = gates_for(row, model, args)
     opts = SAMPLING.get(row.variant, (None, {}))[1]
     y = class_grid_labels(model.config.num_classes, 4)
     handle = apply_lazy(model, policy_for(gates, LazyConfig(threshold=res["threshold"], record_decisions=True,
@@ -195,9 +206,9 @@ def skip_runs(row: Row, res: dict, model, args) -> dict:
 def fine_reference(model, args):
     """The fine reference's images (--fine-ref on the first --fine-ref-samples labels and noises; sampled once,
     resumable, or the paper table's committed copy), or None with --no-fine-ref and none sampled yet."""
-    from lazydit.evaluation.compare import CompareConfig, parse_spec, reference_samples
+    from lazydit.evaluation.rows import RowSettings, parse_spec, reference_samples
 
-    cfg = CompareConfig(num_samples=args.num_samples, cfg_scale=args.cfg, seed=args.seed, batch_size=250,
+    cfg = RowSettings(num_samples=args.num_samples, cfg_scale=args.cfg, seed=args.seed, batch_size=250,
                         micro_batch=16, reference=args.fine_ref, ref_samples=args.fine_ref_samples)
     from lazydit.evaluation.records import mirror, read_committed
 

@@ -23,7 +23,8 @@ from pathlib import Path
 from lazydit.assets import default_model
 from lazydit.cpu import tune_allocator
 from lazydit.data.sources import gate_training_data
-from lazydit.evaluation.compare import CompareConfig, compare, write_report
+from lazydit.evaluation.compare import compare, write_report
+from lazydit.evaluation.rows import RowSettings
 from lazydit.evaluation.fmnist import default_classifier, default_reference
 from lazydit.training.gates import GateTrainConfig, train_gates
 
@@ -82,11 +83,11 @@ def main(argv=None):
     run = Path(args.run)
     run.mkdir(parents=True, exist_ok=True)
     model = default_model()
-    cfg = CompareConfig(num_samples=args.num_samples, cfg_scale=args.cfg, seed=args.seed, ref_samples=args.ref_samples)
+    cfg = RowSettings(num_samples=args.num_samples, cfg_scale=args.cfg, seed=args.seed, ref_samples=args.ref_samples)
     every = specs(run)
     todo = every if args.only is None else [every[int(i)] for i in args.only.split(",")]
     if args.write_only:  # only the finished rows
-        from lazydit.evaluation.compare import parse_spec
+        from lazydit.evaluation.rows import parse_spec
 
         todo = [s for s in every if (run / f"{parse_spec(s).filename}.json").exists()]
     else:

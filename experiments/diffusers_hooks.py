@@ -146,7 +146,7 @@ def main(argv=None):
         ("PyramidAttentionBroadcastConfig", dict(spatial_attention_block_skip_range=2,
                                                  current_timestep_callback=lambda: 500)))
     add("lazydit fora:interval=2, self-attention only", with_lazydit, "fora:interval=2",
-        LazyConfig(branches=("attn",)))
+        LazyConfig(skippable_kinds=("attn",)))
     add("lazydit fora:interval=2", with_lazydit, "fora:interval=2")
     add("lazydit teacache:threshold=0.3,coefficients=1/0 (raw distance)", with_lazydit,
         "teacache:threshold=0.3,coefficients=1/0")

@@ -6,9 +6,9 @@
 Rows: DDIM 50, 40, 30, 25, 20, 14, 10, 7 and Lazy 50@20%, 50@40%, 50@50%, 40@50%, 20@30%, 20@50%, 10@30%, with the
 shipped gates of each T (reference gates, 3-pass recipe, rho 1e-2); plus LazyLA-50@50 and LazyLA-50@40, the
 shipped look-ahead gates (beyond the paper: the fast sampling path), next to the reference rows. The ratio of a
-Lazy row is reached by calibrating the compute threshold on a 40-image class grid
-(lazydit.pipeline.calibrate_threshold) at the table's guidance scale; the threshold, the calibration ratio and the
-ratio measured over all samples are recorded.
+Lazy row is reached by calibrating the compute threshold on a 40-image class grid at the table's guidance scale;
+rows run on the row engine (lazydit.evaluation.rows, calibration by lazydit.pipeline.calibrate); the threshold, the
+calibration ratio and the ratio measured over all samples are recorded.
 Every row samples the same labels and the same initial noise (lazydit.evaluation.driver), and is scored with the
 shipped Fashion-MNIST evaluator against the test-split statistics: FID, sFID, IS, precision, recall (k=3), KID.
 Rows are `Row(steps, target, lookahead)` values (named DDIM-25, Lazy-50@40, LazyLA-50@40); `--only` takes names.
@@ -50,10 +50,11 @@ from lazydit.loading import load_model
 from lazydit.bench import TimedRow, time_interleaved
 from lazydit.cpu import tune_allocator
 from lazydit.files import savefig_atomic, write_text_atomic
-from lazydit.evaluation.driver import EvalConfig, eval_labels, evaluate_config
+from lazydit.evaluation import rows as row_engine
+from lazydit.evaluation.driver import eval_labels
 from lazydit.evaluation.fmnist import default_classifier, default_reference
-from lazydit.lazy import LazyConfig
-from lazydit.pipeline import calibrate_threshold, class_grid_labels, sample
+from lazydit.evaluation.rows import RowSettings, parse_spec
+from lazydit.lazy import LazyConfig, policy_for
 
 
 @dataclass(frozen=True)
@@ -140,22 +141,23 @@ def row_gates(row: Row):
     return default_gates(row.steps, kind="lookahead" if row.lookahead else "reference")
 
 
+def row_spec(row: Row) -> str:
+    """The row as a configuration of the row engine: DDIM-T, or the shipped gates of T calibrated to the target."""
+    if not row.lazy:
+        return f"ddim-{row.steps}"
+    return f"ddim-{row.steps}+lazy:gates={'default-lookahead' if row.lookahead else 'default'},target={row.target}"
+
+
 def run_row(row: Row, model, extractor, ref, args):
-    """Sample and score one row (calibrating the threshold of a Lazy row first)."""
-    gates, lazy, extra = None, LazyConfig(), {}
+    """Sample and score one row on the row engine (calibrating the threshold of a Lazy row first)."""
+    settings = RowSettings(num_samples=args.num_samples, cfg_scale=args.cfg, seed=args.seed,
+                           batch_size=args.batch_size, micro_batch=args.micro_batch,
+                           calib_per_class=args.calib_per_class)
+    out = row_engine.run_row(parse_spec(row_spec(row)), model, extractor, ref, settings, Path(args.run),
+                       progress=not args.quiet, name=row.name)
     if row.lazy:
-        gates = row_gates(row)
-        yc = class_grid_labels(model.config.num_classes, args.calib_per_class)
-        th, reached = calibrate_threshold(model, gates, row.target, yc, cfg_scale=args.cfg, seed=args.seed,
-                                          progress=False)
-        lazy = LazyConfig(threshold=th)
-        extra = dict(target=row.target, calibration_ratio=round(reached, 4), rho=gates.meta.get("training", {}).get(
-            "rho_attn"))
-    cfg = EvalConfig(steps=row.steps, cfg_scale=args.cfg, num_samples=args.num_samples, batch_size=args.batch_size,
-                     seed=args.seed, lazy=lazy, name=row.name, micro_batch=args.micro_batch)
-    out = evaluate_config(model, cfg, extractor, ref, gates=gates, out=Path(args.run) / f"{row.name}.npz",
-                          progress=not args.quiet)
-    return {**out, **extra}
+        out["rho"] = row_gates(row).meta.get("training", {}).get("rho_attn")
+    return out
 
 
 def finished_thresholds(rows, args) -> dict:
@@ -184,8 +186,8 @@ def time_rows(rows, model, args) -> dict:
     if not done:
         raise SystemExit("--timing: no finished rows to time")
     y = eval_labels(args.num_samples, model.config.num_classes, args.seed)[: args.timing_images]
-    timed_rows = [TimedRow(r.name, model, r.steps, row_gates(r) if r.lazy else None,
-                           LazyConfig(threshold=th) if r.lazy else None) for r, th in done.items()]
+    timed_rows = [TimedRow(r.name, model, r.steps, policy_for(row_gates(r), LazyConfig(threshold=th)) if r.lazy
+                           else None) for r, th in done.items()]
     timed = time_interleaved(timed_rows, y, cfg_scale=args.cfg, repeats=args.timing_rounds,
                              micro_batch=args.micro_batch)
     out = dict(images=len(y), micro_batch=args.micro_batch, rounds=args.timing_rounds, cfg=args.cfg,
@@ -250,18 +252,18 @@ def bootstrap_pairs(by: dict, args) -> dict:
 
 
 def fine_reference_config(args):
-    """The CompareConfig whose reference sampler (--fine-ref on the first --fine-ref-samples images of the rows'
+    """The RowSettings whose reference sampler (--fine-ref on the first --fine-ref-samples images of the rows'
     own labels and noise) every row's PSNR is measured against."""
-    from lazydit.evaluation.compare import CompareConfig
+    from lazydit.evaluation.rows import RowSettings
 
-    return CompareConfig(num_samples=args.num_samples, cfg_scale=args.cfg, seed=args.seed, batch_size=args.batch_size,
+    return RowSettings(num_samples=args.num_samples, cfg_scale=args.cfg, seed=args.seed, batch_size=args.batch_size,
                          micro_batch=args.micro_batch, reference=args.fine_ref, ref_samples=args.fine_ref_samples)
 
 
 def fine_reference_path(args) -> Path:
     """The fine reference's images under --run, restored from their committed copy (<docs>/paper_tables_<name>,
     sampled once: 250 steps cost as much as five DDIM-50 rows of its size) where the run lacks them."""
-    from lazydit.evaluation.compare import parse_spec
+    from lazydit.evaluation.rows import parse_spec
     from lazydit.evaluation.records import mirror
 
     name = f"reference-{parse_spec(args.fine_ref).filename}-n{args.fine_ref_samples}.npz"
@@ -522,7 +524,7 @@ def main(argv=None):
                 print(f"{row.name} images sampled again: FID {res['fid']:.4f}, recorded {recorded[row.name]['fid']:.4f}",
                       flush=True)
         if not args.no_fine_ref and not fine_reference_path(args).exists():
-            from lazydit.evaluation.compare import reference_samples
+            from lazydit.evaluation.rows import reference_samples
 
             reference_samples(model, fine_reference_config(args), run, progress=not args.quiet)
     complete_records(args)

@@ -13,7 +13,7 @@ mkdir -p "$run" "$assets"
 # 1. the autoencoder: 28x28x1 <-> 14x14x4 latents (KL autoencoder, MSE + 1e-4 KL), ~9 minutes on the 2-core CPU
 autoencoder() {
   lazydit train-autoencoder --out "$run/autoencoder" --width 48 --downsample 1 --iters 1500 --batch-size 128 \
-    --lr 2e-3 --kl-weight 1e-4 --ckpt-every 250 --resume
+    --lr 2e-3 --kl-weight 1e-4 --ckpt-every 250 $( [ -f "$run/autoencoder/checkpoint.pt" ] && echo --resume )
   cp "$run/autoencoder/autoencoder.safetensors" "$assets/fmnist_autoencoder.safetensors"
 }
 
@@ -22,7 +22,7 @@ autoencoder() {
 base() {
   lazydit pretrain --model-name DiT-FMNIST-Latent --autoencoder "$assets/fmnist_autoencoder.safetensors" \
     --out "$run/pretrain" --iters 100000 --batch-size 64 --lr 3e-4 --ema-decay 0.999 --ckpt-every 500 \
-    --max-minutes "${PRETRAIN_MINUTES:-55}" --resume
+    --max-minutes "${PRETRAIN_MINUTES:-55}" $( [ -f "$run/pretrain/checkpoint.pt" ] && echo --resume )
   cp "$run/pretrain/model.safetensors" "$assets/fmnist_dit.safetensors"
 }
 

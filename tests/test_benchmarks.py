@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from lazydit.evaluation import rows as row_engine
 from lazydit.lazy.shipped import default_gates
 from lazydit.evaluation.metrics import load_npz_samples, paired_psnr
 from lazydit.lazy import LazyGates
@@ -45,7 +46,7 @@ def test_bench_fast_pairs_each_shipped_gate_set_with_ddim_of_equal_tmacs():
     partner10 = f"dense-{round(10 * (1 - r10))}"
     assert partners == {"reference-lazy-20": "dense-11", "reference-lazy-10": partner10}  # 45% of 20 steps: 11
     assert [r.name for r in rows] == ["dense-11", "reference-lazy-20", partner10, "reference-lazy-10"]  # no twins
-    assert rows[1].gates.steps == 20 and rows[1].gates.threshold == default_gates(20).threshold
+    assert rows[1].policy.gates.steps == 20 and rows[1].policy.threshold == default_gates(20).threshold
 
 
 def test_bench_fast_pairs_a_calibrated_gate_file_and_refuses_an_uncalibrated_one(tmp_path):
@@ -59,7 +60,7 @@ def test_bench_fast_pairs_a_calibrated_gate_file_and_refuses_an_uncalibrated_one
     partners = bench.pair_rows(str(tmp_path / "mine" / "gates.safetensors"), rows, model, model)
     steps = round(20 * (1 - gates.meta["calibration"]["reached"]))
     assert partners == {"mine-lazy-20": f"dense-{steps}"}
-    assert rows[1].gates.threshold == gates.threshold and rows[1].gates.meta["forecast"] == 1
+    assert rows[1].policy.threshold == gates.threshold and rows[1].policy.gates.meta["forecast"] == 1
     bare = LazyGates.for_model(model, 20)
     bare.save(tmp_path / "bare.safetensors")
     with pytest.raises(SystemExit, match="calibrate it first"):
@@ -127,13 +128,14 @@ def test_paper_tables_small_run_writes_markdown_csv_and_plot(tmp_path, capsys, m
     pt = load("paper_tables", "experiments")
     sample_row, calls = pt.run_row, []
 
-    def calibrate(model, gates, target, y, **kw):  # the bisection itself is not what this test is about
-        calls.append((gates.steps, target, len(y), kw["cfg_scale"]))
-        return 1e-3, 0.0123  # half the gate file's own (~0.3 lazy): ~0.13 lazy once it reaches the sampler
+    def calibrate(spec, model, y, cfg):  # the bisection itself is not what this test is about
+        calls.append((spec.steps, spec.target, len(y), cfg.cfg_scale))
+        # half the gate file's own threshold (~0.3 lazy): ~0.13 lazy once it reaches the sampler
+        return row_engine.build_policy(spec, model, 1e-3), 0.0123
 
     full = pt.default_reference()
     ref = {**full, "pool": full["pool"][:400]}  # mu / sigma whole; precision/recall and KID on 400 test images
-    monkeypatch.setattr(pt, "calibrate_threshold", calibrate)
+    monkeypatch.setattr(row_engine, "calibrate", calibrate)
     monkeypatch.setattr(pt, "default_reference", lambda: ref)
     run, docs = tmp_path / "run", tmp_path / "docs"
     names = ("DDIM-7", "DDIM-10", "Lazy-10@30")
@@ -401,4 +403,4 @@ def test_compare_methods_small_run(tmp_path, fake_fmnist):
     assert (run / "router-T20" / "gates.safetensors").exists() and (run / "forecast-T20" / "gates.safetensors").exists()
     md = (docs / "compare_methods.md").read_text()
     assert str(run) not in md and "| ddim-5 |" in md
-    assert (docs / "compare_methods_tmacs.png").exists()
+    assert (docs / "compare_methods_tmacs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # a PNG, not a stub

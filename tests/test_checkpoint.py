@@ -114,7 +114,7 @@ def test_truncated_file_raises_checkpoint_error(tmp_path):
     data = full.read_bytes()
     cut = tmp_path / "cut.pt"
     cut.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="cannot be read"):
+    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint torch can read safely"):
         load_dit(cut, "DiT-S/2", **OVR)
 
 

@@ -42,7 +42,7 @@ def test_shipped_assets_fit_together():
 
 
 @pytest.mark.parametrize("T,kind", [(T, kind) for kind, steps in SHIPPED_GATES.items() for T in steps])
-def test_shipped_gates_refuse_the_previous_pixel_default(T, kind):
+def test_shipped_gates_refuse_the_pixel_dit(T, kind):
     from lazydit.errors import GateMismatchError
     from lazydit.models.dit import create_model
 
@@ -64,7 +64,23 @@ def test_shipped_gate_kinds_are_named_and_refused_clearly():
         default_gates(20, kind="lookahead")
     with pytest.raises(GateMismatchError, match="--steps 40 --every-step --forecast 1 --rollout 3`"):
         default_gates(40, kind="every-forecast")
-    assert set(TRAIN_FLAGS) == set(SHIPPED_GATES)  # every kind says how to train it
+
+
+# the GateTrainConfig fields that tell the shipped kinds apart, each set by a train-gates flag of the same name
+KIND_FIELDS = ("lookahead", "every_step", "data_free", "forecast", "rollout")
+
+
+@pytest.mark.parametrize("T,kind", [(T, kind) for kind, steps in SHIPPED_GATES.items() for T in steps])
+def test_train_flags_of_each_kind_retrain_the_shipped_files_kind(T, kind):
+    """The options a missing shipped set's error suggests (TRAIN_FLAGS), parsed by the real parser, set the
+    training fields recorded in the shipped file of that kind (older files record no rollout: 0)."""
+    from lazydit.cli import build_parser
+    from lazydit.training.gates import GateTrainConfig
+
+    args = build_parser().parse_args(["train-gates", "--steps", str(T), "--out", "run", *TRAIN_FLAGS[kind].split()])
+    trained = default_gates(T, kind=kind).meta["training"]
+    assert set(KIND_FIELDS) <= set(GateTrainConfig.__dataclass_fields__)
+    assert {f: getattr(args, f) or 0 for f in KIND_FIELDS} == {f: trained.get(f) or 0 for f in KIND_FIELDS}
 
 
 def test_demo_prints_rows_and_writes_pngs(tmp_path, capsys):

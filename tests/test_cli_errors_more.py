@@ -37,6 +37,7 @@ def inputs(tmp_path):
     (tmp_path / "text.pt").write_text("hello")
     np.savez(tmp_path / "wrong_keys.npz", foo=np.zeros(3))
     np.savez(tmp_path / "ok.npz", arr_0=np.zeros((16, 28, 28, 1), np.uint8))
+    np.savez(tmp_path / "one.npz", arr_0=np.zeros((1, 28, 28, 1), np.uint8))
     (tmp_path / "corrupt").mkdir()
     for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
         (tmp_path / "corrupt" / name).write_bytes(b"\x00\x00\x08\x03garbage")
@@ -106,7 +107,7 @@ CASES = {
     "eval --ref an npz with other keys": (["eval", "--ref", "{tmp}/wrong_keys.npz", "--num-samples", "8"], L,
                                           "not a lazydit reference-statistics file"),
     "--model a text .pt": (["sample", "--model", "{tmp}/text.pt", "--out", "{tmp}/s.png"], L,
-                           "text.pt: cannot be read as a PyTorch checkpoint"),
+                           "text.pt: not a PyTorch checkpoint torch can read safely"),
     "--model the autoencoder": (["sample", "--model", str(DEFAULT_AUTOENCODER), "--out", "{tmp}/s.png"], L,
                                 "is an autoencoder (lazydit train-autoencoder), not a DiT"),
     "train-gates --data corrupt IDX": (["train-gates", "--steps", "10", "--data", "{tmp}/corrupt", "--out",
@@ -116,7 +117,25 @@ CASES = {
     "unicode model path": (["sample", "--model", "{tmp}/ünïcode/モデル.safetensors", "--out", "{tmp}/s.png"], L,
                            "モデル.safetensors: no such file or folder"),
     "a file name past the file system's limit": (["sample", "--out", "{tmp}/" + "a" * 300 + ".png"], L,
-                                                 "name too long"),
+                                                 "is too long here"),
+    "a legal name its temporary file would overflow": (["sample", "--out", "{tmp}/" + "b" * 246 + ".png"], L,
+                                                         "at most 240: the temporary file beside it adds 15"),
+    "--out in the shipped assets": (["sample", "--out", str(ASSETS / "fmnist_test_ref.npz")], L,
+                                    "is inside lazydit's shipped assets"),
+    "eval --out in the shipped assets": (["eval", "--num-samples", "8", "--out", str(ASSETS / "x.npz")], L,
+                                         "is inside lazydit's shipped assets"),
+    "--scale past 16": (["sample", "--scale", "100000"], P, "at most 16"),
+    "a gate file as --model": (["sample", "--model", str(SHIPPED_T50), "--out", "{tmp}/s.png"], L,
+                               "is a gate file (lazydit train-gates), not a DiT"),
+    "pretrain --resume without a checkpoint": (["pretrain", "--resume", "--out", "{tmp}/new"], L,
+                                               "--resume: no checkpoint at"),
+    "train-autoencoder --resume without a checkpoint": (["train-autoencoder", "--resume", "--out", "{tmp}/new"], L,
+                                                        "--resume: no checkpoint at"),
+    "method option unknown": (["sample", "--method", "fora:foo=1", "--out", "{tmp}/s.png"], L,
+                              "fora takes interval= (not foo=)"),
+    "compare the same configuration twice": (["compare", "ddim-2", "ddim-2", "--out", "{tmp}/c"], L,
+                                             "ddim-2 is given twice"),
+    "eval --samples with 1 image": (["eval", "--samples", "{tmp}/one.npz"], L, "at least 4 samples"),
 }
 
 

@@ -8,7 +8,8 @@ import pytest
 from lazydit.cli import main
 from lazydit.errors import UsageError
 from lazydit.evaluation import compare as cmp
-from lazydit.evaluation.compare import CompareConfig, compare, parse_spec, write_report
+from lazydit.evaluation.compare import compare, write_report
+from lazydit.evaluation.rows import RowSettings, parse_spec
 from lazydit.evaluation.fmnist import default_classifier, default_reference
 from lazydit.evaluation.metrics import load_npz_samples
 from lazydit.lazy import FORA, LazyGates, Learning2Cache, ReferenceGates
@@ -56,7 +57,7 @@ def fmnist_tiny():
 
 def test_compare_one_protocol_resumable(tmp_path, fmnist_tiny, monkeypatch):
     model = fmnist_tiny
-    cfg = CompareConfig(num_samples=24, batch_size=12, micro_batch=None, ref_samples=12, reference="ddim-8",
+    cfg = RowSettings(num_samples=24, batch_size=12, micro_batch=None, ref_samples=12, reference="ddim-8",
                         calib_per_class=1)
     specs = ["ddim-4", "ddim-8+fora:interval=1", "ddim-8+fora:interval=2", "ddim-8+teacache:target=0.4",
              "dpm++2m-4"]
@@ -83,7 +84,7 @@ def test_compare_one_protocol_resumable(tmp_path, fmnist_tiny, monkeypatch):
     again = compare(model, specs, cfg, default_classifier(), default_reference(), run, progress=False)
     assert [r["fid"] for r in again] == [r["fid"] for r in rows]
     with pytest.raises(UsageError, match="other settings"):
-        compare(model, specs[:1], CompareConfig(**{**cfg.__dict__, "cfg_scale": 3.0}), default_classifier(),
+        compare(model, specs[:1], RowSettings(**{**cfg.__dict__, "cfg_scale": 3.0}), default_classifier(),
                 default_reference(), run, progress=False)
 
     out = tmp_path / "docs" / "cmp"
@@ -99,7 +100,7 @@ def test_compare_one_protocol_resumable(tmp_path, fmnist_tiny, monkeypatch):
 
 def test_compare_checks_every_config_before_work(tmp_path, fmnist_tiny):
     with pytest.raises(UsageError, match="interval"):
-        compare(fmnist_tiny, ["ddim-4", "ddim-8+fora:interval=0"], CompareConfig(num_samples=4),
+        compare(fmnist_tiny, ["ddim-4", "ddim-8+fora:interval=0"], RowSettings(num_samples=4),
                 default_classifier(), default_reference(), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
 
@@ -125,7 +126,13 @@ def test_cli_sample_with_dpm_and_a_method(tmp_path, capsys):
     main(["sample", "--steps", "4", "--sampler", "dpm++2m", "--method", "teacache:threshold=0.05", "--per-class", "1",
           "--out", str(tmp_path / "s.png"), "--json"])
     row = json.loads(capsys.readouterr().out)[0]
-    assert row["sampler"] == "TeaCache-4+DPM++2M" and (tmp_path / "s.png").exists()
+    assert row["sampler"] == "TeaCache-4+DPM++2M" and row["out"] == str(tmp_path / "s.png")
+    from PIL import Image
+
+    with Image.open(tmp_path / "s.png") as im:  # one row of ten 28 px images, 2 px apart, scaled 3x
+        assert im.format == "PNG" and im.size == (3 * (10 * 30 + 2), 3 * 32)
+        first = np.asarray(im)[6:6 + 84, 6:6 + 84]  # the first image: a sample, not a flat tile
+        assert first.std() > 10
 
 
 def test_report_compares_each_row_with_ddim_at_equal_tmacs(tmp_path):
@@ -136,7 +143,7 @@ def test_report_compares_each_row_with_ddim_at_equal_tmacs(tmp_path):
 
     rows = [row("ddim-5", 1.0, 8.0), row("ddim-10", 2.0, 6.0), row("x", 1.5, 6.5, "fora"),
             row("far", 3.0, 5.0, "fora"), row("dpm++2m-5", 1.0, 9.0, sampler="dpm++2m")]
-    write_report(rows, CompareConfig(), tmp_path / "r")
+    write_report(rows, RowSettings(), tmp_path / "r")
     assert [r["fid_vs_ddim"] for r in rows] == [0.0, 0.0, -0.5, None, 1.0]
     assert "| x | 0.0% | 1.50000 | 0.750 | 6.500 | -0.500 |" in (tmp_path / "r.md").read_text()
 

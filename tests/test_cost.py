@@ -111,3 +111,20 @@ def test_forward_macs_matches_hooked_count(overrides):
     block = model.blocks[0]
     assert m["attn"] == cfg.num_tokens * (block.attn.qkv.weight.numel() + block.attn.proj.weight.numel())
     assert m["mlp"] == cfg.num_tokens * (block.mlp.fc1.weight.numel() + block.mlp.fc2.weight.numel())
+
+
+def test_config_for_image_size_divides_by_the_latent_factor():
+    from lazydit.errors import OptionRangeError
+    from lazydit.models.dit import config_for_image_size, image_per_latent
+
+    assert image_per_latent("DiT-XL/2") == 8 and image_per_latent("DiT-FMNIST-Latent") == 2
+    assert image_per_latent("DiT-FMNIST") == 1  # pixel model
+    assert config_for_image_size("DiT-XL/2", 512) == XL512  # 512 px = 64 latents of SD-VAE
+    assert config_for_image_size("DiT-XL/2") == XL256
+    assert config_for_image_size("DiT-FMNIST-Latent", 56).input_size == 28
+    assert config_for_image_size("DiT-FMNIST", 56).input_size == 56
+    for name, size, multiple in (("DiT-XL/2", 260, 16), ("DiT-FMNIST-Latent", 30, 4), ("DiT-FMNIST", 30, 4),
+                                 ("DiT-XL/2", 0, 16)):
+        with pytest.raises(OptionRangeError, match=f"size {size} does not fit {name}: image sizes are multiples "
+                                                   f"of {multiple} "):
+            config_for_image_size(name, size)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lazydit.errors import GateMismatchError
-from lazydit.lazy import ForcedPlan, LazyConfig, LazyGates, apply_lazy, make_policy
+from lazydit.lazy import ForcedPlan, LazyConfig, LazyGates, apply_lazy, make_policy, policy_for
 from lazydit.pipeline import sample
 
 diffusers = pytest.importorskip("diffusers")
@@ -104,9 +104,9 @@ def test_wrapped_transformer_runs_lazydit_tools():
     bare, rep = sample(model, y, STEPS, cfg_scale=2.0, progress=False)
     assert rep.tmacs > 0
     gates = LazyGates.for_model(model, STEPS)
-    x, rep = sample(model, y, STEPS, gates=gates, lazy=LazyConfig(threshold=0.0), cfg_scale=2.0, progress=False)
+    x, rep = sample(model, y, STEPS, policy=policy_for(gates, LazyConfig(threshold=0.0)), cfg_scale=2.0, progress=False)
     assert torch.equal(x, bare) and rep.lazy_ratio == 0.0
-    _, rep = sample(model, y, STEPS, gates=gates, lazy=LazyConfig(threshold=1.0), cfg_scale=2.0, progress=False)
+    _, rep = sample(model, y, STEPS, policy=policy_for(gates, LazyConfig(threshold=1.0)), cfg_scale=2.0, progress=False)
     assert rep.lazy_ratio == 0.5
     for spec in ("fora:interval=2", "taylorseer:interval=2,order=1,warmup=1", "fbcache:threshold=10",
                  "teacache:threshold=10,coefficients=1/0"):
@@ -284,7 +284,7 @@ def test_pixart_pipeline():
         assert handle.stats().ratio(2).tolist() == [0.5] * 3  # attn, cross, mlp alike
     finally:
         disable_lazy(pipe)
-    only_mlp = enable_lazy(pipe, gates, LazyConfig(threshold=1.0, branches=("mlp",)))
+    only_mlp = enable_lazy(pipe, gates, LazyConfig(threshold=1.0, skippable_kinds=("mlp",)))
     try:
         run()
         assert only_mlp.stats().ratio(2).tolist() == [0.0, 0.0, 0.5]
@@ -333,7 +333,7 @@ def test_cli_train_gates_on_a_pipeline_folder(pipe_folder, tmp_path, capsys):
               "--iters", "20", "--batch-size", "8", "--lr", "1e-2", "--rho", rho, "--out", str(out), "--json"])
         res = json.loads(capsys.readouterr().out)
         gates = LazyGates.load(res["gates"])
-        _, rep = sample(model, y, 6, gates=gates, cfg_scale=1.5, progress=False)
+        _, rep = sample(model, y, 6, policy=policy_for(gates), cfg_scale=1.5, progress=False)
         ratios.append(rep.lazy_ratio)
     assert ratios[0] < ratios[1], ratios
     # for the DPM-Solver++ schedule of the pipeline's scheduler config
@@ -376,7 +376,8 @@ def test_diffusers_hooks_experiment_small(tmp_path, monkeypatch):
     rows = {r["row"]: r for r in mod.main(["--docs", str(tmp_path)])}
     assert rows["bare pipeline"]["skipped"] == 0.0
     assert rows["lazydit fora:interval=2"]["skipped"] == pytest.approx(2 / 6)  # k = 5, 4, 2, 0 compute
-    assert (tmp_path / "diffusers_hooks.md").exists()
+    md = (tmp_path / "diffusers_hooks.md").read_text()  # one table line per row, under the header
+    assert all(f"| {name} |" in md for name in rows) and "| lazydit fora:interval=2 | 33.3% |" in md
     cd = [r for name, r in rows.items() if name.startswith("cache-dit FBCache")]
     if cd and "error" not in cd[0]:
         assert all(r["max_diff_to_lazydit"] == 0.0 for r in cd)
@@ -403,7 +404,7 @@ def test_pixart_gates_train_on_captions_and_attach_to_the_pipeline(tmp_path):
         cfg = GateTrainConfig(steps=STEPS, iters=20, batch_size=8, lr=1e-2, rho_attn=rho, rho_mlp=rho,
                               data_free=True)
         gates = train_gates(model, data, cfg, progress=False)
-        _, rep = sample(model, y, STEPS, gates=gates, cfg_scale=3.0, progress=False)
+        _, rep = sample(model, y, STEPS, policy=policy_for(gates), cfg_scale=3.0, progress=False)
         ratios.append(rep.lazy_ratio)
     assert gates.meta["branch_kinds"] == ["attn", "cross", "mlp"] and ratios[0] < ratios[1], ratios
     pipe = PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=tiny_vae(), transformer=tr, scheduler=ddim())
@@ -428,9 +429,9 @@ def test_lookahead_gates_and_heat_maps_on_diffusers_blocks(tmp_path):
     y = torch.arange(4)
     ref, _ = sample(model, y, STEPS, cfg_scale=2.0, progress=False)
     gates = LazyGates.for_model(model, STEPS, lookahead=True)
-    out, rep = sample(model, y, STEPS, gates=gates, lazy=LazyConfig(threshold=0.0), cfg_scale=2.0, progress=False)
+    out, rep = sample(model, y, STEPS, policy=policy_for(gates, LazyConfig(threshold=0.0)), cfg_scale=2.0, progress=False)
     assert torch.equal(out, ref) and rep.lazy_ratio == 0.0
-    _, rep = sample(model, y, STEPS, gates=gates, lazy=LazyConfig(threshold=1.0), cfg_scale=2.0, progress=False)
+    _, rep = sample(model, y, STEPS, policy=policy_for(gates, LazyConfig(threshold=1.0)), cfg_scale=2.0, progress=False)
     assert rep.lazy_ratio == 0.5
     laziness_heatmap(rep.stats["per_step_layer_branch"], tmp_path / "h2.png")
     laziness_heatmap(np.random.rand(STEPS, 2, 3), tmp_path / "h3.png", kinds=("attn", "cross", "mlp"))
@@ -455,3 +456,21 @@ def test_cli_train_gates_on_a_pixart_folder_with_captions(tmp_path, capsys):
         main(["train-gates", "--model", str(tmp_path / "pixart"), "--steps", "6", "--data-free", "--out",
               str(tmp_path / "h")])
     assert "pass --captions FILE" in str(e.value.code) and not (tmp_path / "h").exists()
+
+
+def test_load_scheduler_reads_a_pipeline_or_a_scheduler_folder(pipe_folder, tmp_path):
+    from lazydit.diffusers import load_scheduler
+    from lazydit.errors import LazyditError
+
+    from_pipe = load_scheduler(pipe_folder)  # the pipeline folder: its scheduler/
+    assert isinstance(from_pipe, DDIMScheduler) and scheduler_timesteps(from_pipe, 6) == scheduler_timesteps(ddim(), 6)
+    DPMSolverMultistepScheduler.from_config(ddim("leading").config).save_pretrained(tmp_path / "dpm")
+    dpm = load_scheduler(str(tmp_path / "dpm"))  # a scheduler folder
+    assert isinstance(dpm, DPMSolverMultistepScheduler)
+    assert schedule_name(dpm, 6) == "DPMSolverMultistepScheduler, timestep_spacing='leading', 6 steps"
+    with pytest.raises(LazyditError, match=rf"^{tmp_path}: no scheduler_config.json"):
+        load_scheduler(tmp_path)
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "scheduler_config.json").write_text('{"_class_name": "NoSuchScheduler"}')
+    with pytest.raises(LazyditError, match="unknown diffusers scheduler 'NoSuchScheduler'"):
+        load_scheduler(tmp_path / "odd")

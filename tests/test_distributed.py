@@ -14,7 +14,7 @@ from lazydit import distributed as sharded
 from lazydit import ranks as dist
 from lazydit.data.fashion_mnist import InfiniteSampler
 from lazydit.images import to_uint8
-from lazydit.lazy import LazyGates
+from lazydit.lazy import LazyGates, policy_for
 from lazydit.pipeline import sample
 from lazydit.training.gates import GateTrainConfig, train_gates
 
@@ -32,7 +32,7 @@ WORKER = textwrap.dedent('''
     from lazydit import distributed as sharded
     from lazydit import ranks as dist
     from lazydit.data.fashion_mnist import InfiniteSampler
-    from lazydit.lazy import LazyGates
+    from lazydit.lazy import LazyGates, policy_for
     from lazydit.training.gates import GateTrainConfig, train_gates
 
     def tiny_model(seed=0):  # as tests/conftest.py
@@ -60,7 +60,7 @@ WORKER = textwrap.dedent('''
     train_gates(model, data(), GateTrainConfig(**base, out=str(out / "b"), resume=True), progress=False)
     train_gates(model, data(), GateTrainConfig(**{**base, "iters": 2}, out=str(out / "c")), progress=False)
     gates = LazyGates.load(out / "a" / "gates.safetensors")
-    res = sharded.sample_sharded(model, gates=gates, out_npz=out / "s.npz", progress=False, **sampling)
+    res = sharded.sample_sharded(model, policy=policy_for(gates), out_npz=out / "s.npz", progress=False, **sampling)
     if dist.is_main():
         (out / "res.json").write_text(json.dumps(res))
     # this rank's shard run alone, batch by batch, in this process: the .npz must hold exactly these images
@@ -71,7 +71,7 @@ WORKER = textwrap.dedent('''
     alone = []
     for b in range(sharded.shard_plan(sampling["num_samples"], sampling["batch_size"], dist.world_size())):
         z, y = sharded.draw_batch(gen, sampling["batch_size"], model.config, model.config.num_classes, device)
-        x, _ = sample(model, y, sampling["steps"], gates=gates, cfg_scale=sampling["cfg_scale"], x=z, progress=False)
+        x, _ = sample(model, y, sampling["steps"], policy=policy_for(gates), cfg_scale=sampling["cfg_scale"], x=z, progress=False)
         alone.append(to_uint8(x))
     np.save(out / f"alone_rank{dist.rank()}.npy", np.concatenate(alone))
     dist.cleanup()
@@ -127,7 +127,7 @@ def test_sharded_npz_holds_each_ranks_shard_in_global_index_order(two_ranks):
         for b in range(3):
             z = torch.randn(bs, 1, 8, 8, generator=g)
             y = torch.randint(0, 4, (bs,), generator=g)
-            x, rep = sample(model, y, SAMPLING["steps"], gates=gates, cfg_scale=SAMPLING["cfg_scale"], x=z,
+            x, rep = sample(model, y, SAMPLING["steps"], policy=policy_for(gates), cfg_scale=SAMPLING["cfg_scale"], x=z,
                             progress=False)
             ratios.append(rep.lazy_ratio)
             for i, (img, lab) in enumerate(zip(to_uint8(x), y.numpy())):

@@ -10,7 +10,7 @@ import torch
 from lazydit.evaluation.driver import EvalConfig, eval_labels, evaluate_config, generate
 from lazydit.evaluation.features import reference_stats
 from lazydit.evaluation.fmnist import FMNISTClassifier
-from lazydit.lazy import LazyGates
+from lazydit.lazy import LazyGates, policy_for
 
 from conftest import tiny_model
 
@@ -104,7 +104,7 @@ def test_evaluate_config_row_has_every_column(setup):
     gates = LazyGates.for_model(model, 4, threshold=0.75)  # skip every even step
     cfg = EvalConfig(steps=4, num_samples=12, batch_size=6)
     dense = evaluate_config(model, cfg, ext, ref, progress=False)
-    lazy = evaluate_config(model, cfg, ext, ref, gates=gates, progress=False)
+    lazy = evaluate_config(model, cfg, ext, ref, policy=policy_for(gates), progress=False)
     for row in (dense, lazy):
         for k in ("fid", "sfid", "inception_score", "precision", "recall", "kid", "lazy_ratio", "tmacs", "seconds"):
             assert isinstance(row[k], float) and np.isfinite(row[k]), k
@@ -121,7 +121,7 @@ def test_micro_batch_changes_neither_images_nor_resumable_parts(setup, tmp_path)
     out = tmp_path / "s.npz"
     parts = tmp_path / "s.npz.parts"
     parts.mkdir()
-    meta = {**json.loads(json.dumps(asdict(cfg))), "micro_batch": None, "gates": None, "policy": None}
+    meta = {**json.loads(json.dumps(asdict(cfg))), "micro_batch": None, "policy": None}
     (parts / "config.json").write_text(json.dumps(meta))  # parts written without micro-batching
     chunked = generate(model, EvalConfig(**{**vars(cfg), "micro_batch": 2}), out=out, progress=False)
     assert np.array_equal(chunked["images"], whole["images"])

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lazydit.errors import UsageError
-from lazydit.lazy import ForcedPlan, LazyConfig, LazyGates
+from lazydit.lazy import ForcedPlan, LazyConfig, LazyGates, policy_for
 from lazydit.pipeline import calibrate_threshold, sample
 from lazydit.sampling.ddim import ddim_sample
 from lazydit.training.gates import GateTrainConfig, train_gates
@@ -19,17 +19,17 @@ from test_training import toy_data
 def test_every_step_gates_all_computing_are_the_bare_model(model, cfg_scale):
     gates = LazyGates.for_model(model, 6, threshold=0.0, parity=False)  # p >= 0: every row computes
     y = torch.tensor([0, 1, 2])
-    x, rep = sample(model, y, 6, gates=gates, cfg_scale=cfg_scale, progress=False)
+    x, rep = sample(model, y, 6, policy=policy_for(gates), cfg_scale=cfg_scale, progress=False)
     assert torch.equal(x, ddim_sample(model, y, 6, cfg_scale=cfg_scale, progress=False))
     assert rep.lazy_ratio == 0.0
 
 
 def test_every_step_gates_can_skip_past_half(model):
     gates = LazyGates.for_model(model, 8, threshold=0.75, parity=False)  # zero gates: p = 0.5 < 0.75, all skip
-    _, rep = sample(model, torch.tensor([0, 1]), 8, gates=gates, progress=False)
+    _, rep = sample(model, torch.tensor([0, 1]), 8, policy=policy_for(gates), progress=False)
     assert rep.lazy_ratio == pytest.approx(7 / 8)  # only the first step computes (nothing to reuse before it)
     parity = LazyGates.for_model(model, 8, threshold=0.75)
-    assert sample(model, torch.tensor([0, 1]), 8, gates=parity, progress=False)[1].lazy_ratio == pytest.approx(0.5)
+    assert sample(model, torch.tensor([0, 1]), 8, policy=policy_for(parity), progress=False)[1].lazy_ratio == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize("ahead", [True, False])
@@ -97,7 +97,7 @@ def test_data_free_training_needs_no_dataset_and_rho_raises_laziness(monkeypatch
         cfg = GateTrainConfig(steps=8, iters=30, batch_size=8, lr=1e-2, rho_attn=rho, rho_mlp=rho, data_free=True)
         gates = train_gates(model, data, cfg, progress=False, extra_meta=source)
         assert gates.meta["data_free"]["pool"] == 16 and gates.meta["training"]["data_free"]
-        ratios.append(sample(model, torch.arange(8) % 4, 8, gates=gates, cfg_scale=1.5, progress=False)[1].lazy_ratio)
+        ratios.append(sample(model, torch.arange(8) % 4, 8, policy=policy_for(gates), cfg_scale=1.5, progress=False)[1].lazy_ratio)
     assert ratios[0] < ratios[1] and ratios[1] > 0.2, ratios
 
 
@@ -181,9 +181,21 @@ def test_rollout_gates_sample_with_their_chain_cap_unless_told_otherwise(model):
     gates.meta["training"] = {"rollout": 2}  # as train_gates records it
     assert policy_for(gates).config.max_skips == 2
     assert policy_for(gates, LazyConfig(max_skips=5)).config.max_skips == 5  # an explicit cap wins
-    _, capped = sample(model, y, T, gates=gates, progress=False)
-    _, same = sample(model, y, T, gates=gates, lazy=LazyConfig(max_skips=2), progress=False)
+    _, capped = sample(model, y, T, policy=policy_for(gates), progress=False)
+    _, same = sample(model, y, T, policy=policy_for(gates, LazyConfig(max_skips=2)), progress=False)
     del gates.meta["training"]
-    _, free = sample(model, y, T, gates=gates, progress=False)
+    _, free = sample(model, y, T, policy=policy_for(gates), progress=False)
     assert free.lazy_ratio == pytest.approx(7 / 8)  # uncapped: only the first step computes
     assert capped.lazy_ratio == same.lazy_ratio < free.lazy_ratio  # runs of at most 2 skips, then a computed step
+
+
+def test_check_reachable_caps_only_parity_gates_at_one_half():
+    from lazydit.lazy.gates import check_reachable
+
+    for target in (None, 0.0, 0.3, 0.5):
+        check_reachable(target)  # within the parity's reach: no error
+    with pytest.raises(UsageError, match=r"^target lazy ratio 0.51: out of reach, .* caps the lazy ratio at 0.5$"):
+        check_reachable(0.51)
+    with pytest.raises(UsageError, match=r"^--target-ratio 0.9: out of reach"):
+        check_reachable(0.9, parity=True, name="--target-ratio")
+    check_reachable(0.9, parity=False)  # every-step gates: no cap by construction

@@ -1,10 +1,10 @@
-"""The faster skipped-step path (issue: wall-clock that follows the MACs) gives the samples of the path it replaced.
+"""The fast skipped-step path gives the samples of the plain path, bit for bit.
 
 - A branch that every row skips gets its gate only from the block's modulation (a column subset of the adaLN
-  product): the same values as the full product's chunks, so plans-ahead sampling with fully skipped blocks equals
-  the module-level path (which always runs the whole modulation, the norm and the modulate) bit for bit.
+  product): the same values as the full product's chunks, so block-engine sampling with fully skipped blocks equals
+  the module engine (which always runs the whole modulation, the norm and the modulate) bit for bit.
 - The forecast history skips its per-row masking once every row has the points it needs and keeps new tensors
-  instead of copying them; the skipped rows' forecast is written into one buffer: bit for bit the formula before.
+  instead of copying them; the skipped rows' forecast is written into one buffer: bit for bit the masked formula.
 """
 
 import pytest
@@ -13,7 +13,7 @@ import torch
 from lazydit import ddim_sample
 from lazydit.lazy import ForcedPlan, LazyConfig, apply_lazy
 from lazydit.lazy.forecast import ForecastHistory, _col
-from lazydit.lazy.hooks import _modulations
+from lazydit.lazy.engine_block import _modulations
 from lazydit.models.registry import block_spec
 
 from conftest import tiny_model
@@ -78,8 +78,8 @@ def test_fully_skipped_blocks_sample_as_the_module_level_path(model, forecast):
     assert torch.equal(fast, slow)
 
 
-class _OldHistory:
-    """The forecast history as it was before the fast path: masked differences on every update (the reference)."""
+class _MaskedHistory:
+    """The forecast history without the fast path: masked differences on every update (the reference)."""
 
     def __init__(self, order):
         self.order, self.y0 = order, None
@@ -114,7 +114,7 @@ class _OldHistory:
 @pytest.mark.parametrize("order", [1, 2])
 def test_forecast_history_fast_path_is_the_old_formula_bit_for_bit(order):
     gen = torch.Generator().manual_seed(order)
-    new, old = ForecastHistory(order), _OldHistory(order)
+    new, old = ForecastHistory(order), _MaskedHistory(order)
     # all rows, then part of the rows (fewer points there), then all rows again: every branch of the masking
     for t, rows in [(999, None), (899, torch.tensor([0, 2])), (799, None), (699, torch.tensor([1])), (599, None),
                     (499, None), (399, torch.tensor([0, 3]))]:

@@ -136,3 +136,17 @@ def test_train_classifier_deterministic():
     m3, _ = train_classifier(x, y, x[:16], y[:16], **{**kw, "seed": 4})
     assert fingerprint(m3) != fingerprint(m1)
     assert not m1.training
+
+
+def test_extractor_and_reference_defaults_to_the_shipped_fmnist_pair(tmp_path):
+    from lazydit.evaluation import fmnist
+    from lazydit.evaluation.features import extractor_and_reference
+
+    ext, ref = extractor_and_reference("fmnist")
+    assert isinstance(ext, FMNISTClassifier) and fingerprint(ext) == fingerprint(fmnist.default_classifier())
+    assert ref["meta"] == fmnist.default_reference()["meta"]
+    images = np.random.default_rng(0).integers(0, 256, (16, 28, 28, 1), dtype=np.uint8)
+    own = reference_stats(tiny_extractor(), images, progress=False)
+    save_reference(tmp_path / "r.npz", own)
+    _, ref = extractor_and_reference("fmnist", ref=tmp_path / "r.npz")  # --ref replaces the shipped statistics
+    np.testing.assert_array_equal(ref["mu"], own["mu"])

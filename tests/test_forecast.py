@@ -6,7 +6,7 @@ import torch
 
 from lazydit.errors import GateMismatchError
 from lazydit.models.cost import forecast_macs, sampling_macs
-from lazydit.lazy import ForcedPlan, LazyConfig, LazyGates, apply_lazy
+from lazydit.lazy import ForcedPlan, LazyConfig, LazyGates, apply_lazy, policy_for
 from lazydit.lazy.forecast import ForecastHistory
 from lazydit.pipeline import sample
 from lazydit.sampling.schedule import respaced_timesteps
@@ -102,12 +102,12 @@ def test_forecast_gates_record_and_enforce_their_order(tmp_path):
     gates.save(tmp_path / "g.safetensors")
     loaded = LazyGates.load(tmp_path / "g.safetensors")
     assert loaded.meta["forecast"] == 2
-    _, rep = sample(model, torch.tensor([0, 1]), 6, gates=loaded, progress=False)  # uses order 2 by itself
+    _, rep = sample(model, torch.tensor([0, 1]), 6, policy=policy_for(loaded), progress=False)  # uses order 2 by itself
     with pytest.raises(GateMismatchError, match="trained with forecast order 2, not 0"):
-        sample(model, torch.tensor([0]), 6, gates=loaded, lazy=LazyConfig(forecast=0), progress=False)
+        sample(model, torch.tensor([0]), 6, policy=policy_for(loaded, LazyConfig(forecast=0)), progress=False)
     plain = LazyGates.for_model(model, 6)
     with pytest.raises(GateMismatchError, match="order 0, not 1"):
-        sample(model, torch.tensor([0]), 6, gates=plain, lazy=LazyConfig(forecast=1), progress=False)
+        sample(model, torch.tensor([0]), 6, policy=policy_for(plain, LazyConfig(forecast=1)), progress=False)
 
 
 def test_forecast_work_is_counted():

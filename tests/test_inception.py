@@ -270,3 +270,26 @@ def test_tf1_mode_equals_torch_fidelity_on_the_same_weights(weights, images):
     torch.testing.assert_close(f["logits"], logits_unbiased, rtol=1e-4, atol=1e-4)
     ours.logits_bias = True
     torch.testing.assert_close(ours.features(preprocess(images))["logits"], logits, rtol=1e-4, atol=1e-4)
+
+
+def test_extractor_and_reference_reads_stats_or_an_adm_batch(weights, net, images, tmp_path):
+    from lazydit.errors import LazyditError, UsageError
+    from lazydit.evaluation.features import extractor_and_reference, reference_stats, save_reference
+
+    batch = tmp_path / "adm_ref.npz"
+    np.savez(batch, arr_0=images)
+    ext, ref = extractor_and_reference("inception", ref=batch, inception_weights=weights[0], progress=False)
+    assert isinstance(ext, InceptionV3FID)
+    direct = reference_stats(net, images, progress=False)
+    np.testing.assert_allclose(ref["mu"], direct["mu"], rtol=1e-5, atol=1e-6)  # the batch's own statistics
+    stats = tmp_path / "stats.npz"
+    save_reference(stats, direct)
+    _, loaded = extractor_and_reference("inception", ref=stats, inception_weights=weights[0])
+    np.testing.assert_array_equal(loaded["mu"], direct["mu"])
+    np.savez(tmp_path / "other.npz", x=images)
+    with pytest.raises(LazyditError, match="neither lazydit reference statistics nor an ADM batch"):
+        extractor_and_reference("inception", ref=tmp_path / "other.npz", inception_weights=weights[0])
+    with pytest.raises(UsageError, match="weights file and a reference file"):
+        extractor_and_reference("inception", ref=batch)
+    with pytest.raises(UsageError, match="unknown feature extractor 'clip'"):
+        extractor_and_reference("clip")

@@ -5,7 +5,7 @@ import torch
 
 from lazydit import ddim_sample
 from lazydit.errors import GateMismatchError
-from lazydit.lazy import ForcedPlan, LazyConfig, LazyGates, apply_lazy
+from lazydit.lazy import ForcedPlan, LazyConfig, LazyGates, apply_lazy, policy_for
 from lazydit.models.dit import modulate
 from lazydit.pipeline import sample
 
@@ -88,11 +88,11 @@ def test_mixed_batch_equals_rows_one_by_one():
     gates = random_gates(model, T, scale=0.05)
     y = labels(4)
     noise = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(5))
-    batch, rep = sample(model, y, T, gates=gates, cfg_scale=2.0, x=noise, progress=False)
+    batch, rep = sample(model, y, T, policy=policy_for(gates), cfg_scale=2.0, x=noise, progress=False)
     assert 0 < rep.lazy_ratio < 0.5  # decisions really differ between rows
     per_step = torch.tensor(rep.stats["per_step"])
     assert ((per_step > 0) & (per_step < 1)).any(), "no mixed step: the test would not exercise gather/scatter"
-    rows = [sample(model, y[i : i + 1], T, gates=gates, cfg_scale=2.0, x=noise[i : i + 1], progress=False)[0]
+    rows = [sample(model, y[i : i + 1], T, policy=policy_for(gates), cfg_scale=2.0, x=noise[i : i + 1], progress=False)[0]
             for i in range(4)]
     torch.testing.assert_close(batch, torch.cat(rows), rtol=1e-5, atol=1e-5)
 
@@ -106,8 +106,8 @@ def test_parity_odd_steps_always_compute(parity):
     # the steps that may skip: not the first (nothing cached yet), and under the reference parity not the odd ones
     may_skip = (k != T - 1) & ((k % 2 == 0) | (not parity))
 
-    def per_step(gates, **kw):
-        _, rep = sample(model, labels(4), T, gates=gates, progress=False, **kw)
+    def per_step(gates, policy=None):
+        _, rep = sample(model, labels(4), T, policy=policy or policy_for(gates), progress=False)
         return rep, torch.tensor(rep.stats["per_step"][::-1], dtype=torch.float64)  # sampling order -> index k
 
     # every module wants to skip at every step: zero gates (p = 0.5) under threshold 0.75, or a forced plan
@@ -130,9 +130,9 @@ def test_parity_odd_steps_always_compute(parity):
 
 def test_same_seed_same_samples(model):
     gates = random_gates(model, 10, scale=0.05)
-    a, _ = sample(model, labels(), 10, gates=gates, cfg_scale=1.5, seed=7, progress=False)
-    b, _ = sample(model, labels(), 10, gates=gates, cfg_scale=1.5, seed=7, progress=False)
-    c, _ = sample(model, labels(), 10, gates=gates, cfg_scale=1.5, seed=8, progress=False)
+    a, _ = sample(model, labels(), 10, policy=policy_for(gates), cfg_scale=1.5, seed=7, progress=False)
+    b, _ = sample(model, labels(), 10, policy=policy_for(gates), cfg_scale=1.5, seed=7, progress=False)
+    c, _ = sample(model, labels(), 10, policy=policy_for(gates), cfg_scale=1.5, seed=8, progress=False)
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -152,7 +152,7 @@ def test_gate_file_round_trip_and_mismatches(tmp_path, model):
             apply_lazy(other, back)
     # another step count
     with pytest.raises(GateMismatchError, match="T=20"):
-        sample(model, labels(), 10, gates=back, progress=False)
+        sample(model, labels(), 10, policy=policy_for(back), progress=False)
     h = apply_lazy(model, back)
     with pytest.raises(GateMismatchError, match=r"timestep 979, which is not on .*respacing of T=20 steps"):
         ddim_sample(model, labels(), 50, progress=False)
@@ -169,8 +169,8 @@ def test_batch_uniform_equals_per_sample_when_rows_agree():
     gates = random_gates(model, 10, scale=0.05)
     y = torch.zeros(4, dtype=torch.long)
     noise = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(2)).expand(4, -1, -1, -1)
-    a, ra = sample(model, y, 10, gates=gates, x=noise, progress=False)
-    b, rb = sample(model, y, 10, gates=gates, x=noise, lazy=LazyConfig(uniform=True), progress=False)
+    a, ra = sample(model, y, 10, policy=policy_for(gates), x=noise, progress=False)
+    b, rb = sample(model, y, 10, policy=policy_for(gates, LazyConfig(uniform=True)), x=noise, progress=False)
     assert 0 < ra.lazy_ratio and ra.lazy_ratio == rb.lazy_ratio
     assert torch.equal(a, b)
 
@@ -198,9 +198,9 @@ def test_micro_batches_give_the_samples_and_counts_of_one_batch(lookahead):
     gates = random_gates(model, T, scale=0.05)
     gates.lookahead = lookahead
     y = labels(7)
-    whole, rep = sample(model, y, T, gates=gates, cfg_scale=2.0, seed=4, progress=False)
+    whole, rep = sample(model, y, T, policy=policy_for(gates), cfg_scale=2.0, seed=4, progress=False)
     assert 0 < rep.lazy_ratio < 0.5
-    chunked, rep3 = sample(model, y, T, gates=gates, cfg_scale=2.0, seed=4, progress=False, micro_batch=3)
+    chunked, rep3 = sample(model, y, T, policy=policy_for(gates), cfg_scale=2.0, seed=4, progress=False, micro_batch=3)
     torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)  # same noise: drawn for the whole batch
     assert torch.equal(rep3.lazy.skipped, rep.lazy.skipped) and torch.equal(rep3.lazy.total, rep.lazy.total)
     assert rep3.lazy_ratio == rep.lazy_ratio and rep3.tmacs == rep.tmacs
@@ -221,3 +221,11 @@ def test_stats_name_their_branches_and_refuse_a_count_that_does_not_fit():
     assert stats.as_dict()["per_branch"] == {"attn": 0.0, "cross": 0.25, "mlp": 0.5}
     with pytest.raises(ValueError, match="3 branches counted, 2 kinds"):
         LazyStats(skipped, total)  # the two DiT branch names do not fit a three-branch count
+
+
+def test_skippable_kinds_select_branches_by_kind():
+    assert LazyConfig().skippable() == (0, 1)
+    assert LazyConfig(skippable_kinds=("mlp",)).skippable() == (1,)
+    assert LazyConfig(skippable_kinds=("attn",)).skippable(("attn", "cross", "mlp")) == (0, 1)  # cross with attn
+    with pytest.raises(ValueError, match="unknown branch kinds"):
+        LazyConfig(skippable_kinds=("ff",))

@@ -7,7 +7,7 @@ import torch
 
 from lazydit import ddim_sample
 from lazydit.sampling.schedule import Schedule
-from lazydit.lazy import ForcedPlan, LazyConfig, LazyGates, apply_lazy
+from lazydit.lazy import ForcedPlan, LazyConfig, LazyGates, apply_lazy, policy_for
 from lazydit.training.gates import GateTrainConfig, train_gates
 
 from conftest import tiny_model
@@ -191,7 +191,7 @@ def test_train_lookahead_gates_and_sample(fake_fmnist):
     assert not torch.allclose(x_lazy, plain)  # skipped modules reuse stale outputs: not plain DDIM any more
     assert (x_lazy - plain).norm() < 0.05 * plain.norm()  # but close to it: the same noise, a few reused branches
     from lazydit.pipeline import sample
-    x_rep, rep = sample(model, y, T, gates=g, seed=0, progress=False)  # the pipeline reports the same run
+    x_rep, rep = sample(model, y, T, policy=policy_for(g), seed=0, progress=False)  # the pipeline reports the same run
     assert torch.equal(x_rep, x_lazy) and rep.lazy_ratio == stats.lazy_ratio
 
 
@@ -243,7 +243,7 @@ def test_gates_attach_to_large_dit_unchanged():
 @pytest.mark.parametrize("lookahead", [False, True])
 def test_only_the_allowed_branch_is_lazy(model, lookahead):
     g = LazyGates.for_model(model, T, threshold=0.75, lookahead=lookahead)  # would skip both on even steps
-    for branches, expect in ((("attn",), (0.5, 0.0)), (("mlp",), (0.0, 0.5)), (("attn", "mlp"), (0.5, 0.5))):
-        with apply_lazy(model, g, LazyConfig(branches=branches)) as h:
+    for kinds, expect in ((("attn",), (0.5, 0.0)), (("mlp",), (0.0, 0.5)), (("attn", "mlp"), (0.5, 0.5))):
+        with apply_lazy(model, g, LazyConfig(skippable_kinds=kinds)) as h:
             ddim_sample(model, labels(), T, cfg_scale=3.0, seed=0, progress=False)
             assert h.stats().ratio(2).tolist() == list(expect)

@@ -12,7 +12,7 @@ from lazydit.errors import UsageError
 from lazydit.models.cost import forward_macs, module_macs, sampling_macs
 from lazydit.lazy import (FORA, POLICIES, FirstBlockCache, LazyConfig, LazyGates, Learning2Cache, TaylorSeer, TeaCache,
                           apply_lazy, make_policy, policy_for)
-from lazydit.lazy.static import TaylorHistory
+from lazydit.lazy.forecast import ForecastHistory
 from lazydit.pipeline import sample
 from lazydit.sampling import SAMPLERS, Schedule, ddim_sample, dpm_solver_sample
 from lazydit.sampling.schedule import alphas_cumprod
@@ -96,7 +96,7 @@ def test_taylorseer_schedule_and_cost(model):
 
 def test_taylor_history_matches_taylorseer_rule():
     """d_{i+1} = (d_i - d_i of the last full step) / distance; forecast sum d_i off^i / i!."""
-    h = TaylorHistory(2)
+    h = ForecastHistory(2, series="taylor", clock="step")
     f = lambda j: 3.0 + 0.5 * j + 0.25 * j * j  # noqa: E731
     for j in (0, 2, 4):
         h.update(torch.full((1, 2), f(j)), j)
@@ -107,7 +107,7 @@ def test_taylor_history_matches_taylorseer_rule():
         want = f(4) + d1_now * off + d2 * off**2 / 2
         torch.testing.assert_close(h.predict(j, torch.float32), torch.full((1, 2), want))
     # one point: the forecast is the last output (order 0 and a fresh history alike)
-    h0 = TaylorHistory(3)
+    h0 = ForecastHistory(3, series="taylor", clock="step")
     h0.update(torch.ones(1, 2), 0)
     assert torch.equal(h0.predict(3, torch.float32), torch.ones(1, 2))
 
@@ -213,7 +213,7 @@ def test_l2c_router_trains_and_thresholds(tmp_path):
     loaded = LazyGates.load(tmp_path / "r" / "gates.safetensors")
     assert loaded.router and torch.equal(loaded.weight, router.weight)
     policy = policy_for(loaded, LazyConfig(threshold=float(torch.sigmoid(loaded.weight.detach().median()))))
-    assert isinstance(policy, Learning2Cache) and policy.plans_ahead
+    assert isinstance(policy, Learning2Cache) and policy.engine == "block"
     x, rep = run(model, policy, T)
     # input-independent: every row decides alike, only even steps skip, as the router says
     skipped = rep.lazy.skipped  # (T, L, 2)
@@ -295,10 +295,10 @@ def test_dpm_solver_with_lazy_gates(model):
     the sampler."""
     T = 6
     gates = LazyGates.for_model(model, T)
-    x_off, rep = sample(model, Y, T, gates=gates, lazy=LazyConfig(threshold=0.0), cfg_scale=2.0, progress=False,
+    x_off, rep = sample(model, Y, T, policy=policy_for(gates, LazyConfig(threshold=0.0)), cfg_scale=2.0, progress=False,
                         sampler="dpm++2m")
     assert torch.equal(x_off, bare(model, T, "dpm++2m")) and rep.name == "Lazy-6+DPM++2M"
-    _, rep = sample(model, Y, T, gates=gates, lazy=LazyConfig(threshold=1.0), cfg_scale=2.0, progress=False,
+    _, rep = sample(model, Y, T, policy=policy_for(gates, LazyConfig(threshold=1.0)), cfg_scale=2.0, progress=False,
                     sampler="dpm++2m")
     assert rep.lazy_ratio == pytest.approx(0.5 * (T // 2 - 1) / (T // 2) + 0.0, abs=0.2)
     with pytest.raises(UsageError, match="unknown sampler"):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lazydit import DIT_MODELS, create_model
+from lazydit import create_model
 from lazydit.models.dit import get_2d_sincos_pos_embed, model_config, timestep_embedding
 
 from conftest import tiny_model
@@ -114,16 +114,27 @@ def test_xl2_512_pos_embed_shape():
 # ------------------------------------------------------------------ zoo
 
 
-@pytest.mark.parametrize("size,dims", [("XL", (28, 1152, 16)), ("L", (24, 1024, 16)), ("B", (12, 768, 12)),
-                                       ("S", (12, 384, 6))])
+# Published by the DiT paper (Peebles & Xie, "Scalable Diffusion Models with Transformers", 2023), not read from the
+# code: per size, Table 1's heads and Gflops of the 256x256 model at patch 4 (input 32, p = 4), and the parameter
+# counts the paper reports (DiT-S 33M, B 130M, L 458M, XL 675M).
+PUBLISHED = {"S": (6, 1.4, 33e6), "B": (12, 5.6, 130e6), "L": (16, 19.7, 458e6), "XL": (16, 29.1, 675e6)}
+
+
+@pytest.mark.parametrize("size", sorted(PUBLISHED))
 @pytest.mark.parametrize("patch", [2, 4, 8])
-def test_zoo_entries(size, dims, patch):
+def test_zoo_entries_match_the_published_dit_sizes(size, patch):
+    from lazydit.models.cost import forward_macs
+
+    heads, gflops_p4, params = PUBLISHED[size]
     name = f"DiT-{size}/{patch}"
-    assert name in DIT_MODELS
     cfg = model_config(name)
-    assert (cfg.depth, cfg.hidden_size, cfg.num_heads, cfg.patch_size) == (*dims, patch)
-    assert (cfg.input_size, cfg.in_channels, cfg.num_classes, cfg.learn_sigma) == (32, 4, 1000, True)
+    assert cfg.num_heads == heads and cfg.patch_size == patch
+    assert (cfg.input_size, cfg.in_channels, cfg.num_classes, cfg.learn_sigma) == (32, 4, 1000, True)  # 256 px
     assert cfg.out_channels == 8
+    # the patch changes only the embedder and the final layer: every patch size has the published count (+- 1M)
+    assert sum(p.numel() for p in meta_model(name).parameters()) == pytest.approx(params, abs=1e6)
+    if patch == 4:  # the paper's "Gflops" count multiply-adds, attention matmuls included
+        assert forward_macs(cfg, attention_matmuls=True) / 1e9 == pytest.approx(gflops_p4, rel=0.01)
 
 
 def test_zoo_overrides():

@@ -1,7 +1,7 @@
 import torch
 
 from lazydit.data.fashion_mnist import InfiniteSampler
-from lazydit.lazy import LazyGates
+from lazydit.lazy import LazyGates, policy_for
 from lazydit.pipeline import sample
 from lazydit.training.gates import GateTrainConfig, train_gates
 
@@ -23,7 +23,7 @@ def test_lazy_ratio_rises_with_rho():
         gates = train_gates(model, toy_data(), cfg, progress=False)
         assert not any(p.requires_grad for p in model.parameters())
         assert torch.all(gates.weight[:, :, 1::2] == 0)  # odd-index gates are never trained
-        _, rep = sample(model, torch.arange(8) % 4, 10, gates=gates, cfg_scale=1.5, progress=False)
+        _, rep = sample(model, torch.arange(8) % 4, 10, policy=policy_for(gates), cfg_scale=1.5, progress=False)
         ratios.append(rep.lazy_ratio)
     assert ratios[0] < ratios[1] < ratios[2], ratios
     assert ratios[2] > 0.3
@@ -54,3 +54,21 @@ def test_resume_gives_the_same_gates(tmp_path):
     saved = LazyGates.load(tmp_path / "b" / "gates.safetensors")
     assert torch.equal(saved.weight, full.weight)
     assert saved.meta["training"]["rho_attn"] == 0.1
+
+
+def test_calibrate_and_save_writes_the_threshold_it_reached(tmp_path):
+    from lazydit.training.calibrate import calibrate_and_save
+
+    model = tiny_model()
+    gates = LazyGates.for_model(model, 6)
+    with torch.no_grad():
+        gates.weight.normal_(generator=torch.Generator().manual_seed(0))  # gate scores spread around 0
+    y = torch.arange(4)
+    out = tmp_path / "g.safetensors"
+    th, ratio = calibrate_and_save(model, gates, 0.25, y, out, cfg_scale=1.5, seed=3, progress=False)
+    assert abs(ratio - 0.25) < 0.05 and gates.threshold == th
+    saved = LazyGates.load(out)
+    assert saved.threshold == th
+    assert saved.meta["calibration"] == {"target": 0.25, "reached": ratio, "cfg_scale": 1.5, "images": 4, "seed": 3}
+    _, rep = sample(model, y, 6, policy=policy_for(saved), cfg_scale=1.5, seed=3, progress=False)
+    assert rep.lazy_ratio == ratio  # the file reproduces the reached ratio

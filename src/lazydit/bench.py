@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lazydit.lazy import LazyConfig, LazyGates, Policy
+from lazydit.lazy import Policy
 from lazydit.models.dit import create_model
 from lazydit.pipeline import sample
 
@@ -44,9 +44,7 @@ class TimedRow:
     name: str  # row label
     model: object  # the model to sample (e.g. a compiled copy for a compiled dense row)
     steps: int  # T
-    gates: LazyGates | None = None  # LazyDiT gates (their policy, with `lazy`)
-    lazy: LazyConfig | None = None  # LazyConfig of the gates
-    policy: Policy | None = None  # any other caching policy
+    policy: Policy | None = None  # the caching policy (gates: lazydit.lazy.policy_for(gates, LazyConfig(...)))
     sampler: str = "ddim"  # "ddim" or "dpm++2m"
 
 
@@ -77,7 +75,7 @@ def time_interleaved(rows, y, *, cfg_scale: float, repeats: int, vary_seed: bool
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
-            _, rep = sample(r.model, y, r.steps, gates=r.gates, lazy=r.lazy, policy=r.policy, cfg_scale=cfg_scale,
+            _, rep = sample(r.model, y, r.steps, policy=r.policy, cfg_scale=cfg_scale,
                             seed=i - 1 if vary_seed and i else 0, progress=False, name=r.name,
                             micro_batch=micro_batch, sampler=r.sampler)
             o = out[r.name]

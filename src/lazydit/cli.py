@@ -13,6 +13,8 @@ import sys
 DEFAULT_CFG = 1.5  # guidance scale of every command (the paper's FID setting)
 IMAGENET_SAMPLE_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)  # DiT's sample.py
 DECODE_BATCH = 32  # images per VAE decode call
+TEMP_NAME_EXTRA = 15  # what an atomic write's temporary file adds to a name: "." + name + ".XXXXXXXX.tmp"
+NAME_MAX = 255  # bytes in one file name on the file systems lazydit writes to (ext4, xfs, btrfs, APFS, NTFS)
 
 
 # ---------------------------------------------------------------- output
@@ -136,6 +138,10 @@ def _check_out(path, folder: bool = False, ext: tuple = (), flag: str = "--out",
     if path is None:
         return
     p = Path(path)
+    longest = max((len(part.encode()) for part in p.parts), default=0)
+    if longest + TEMP_NAME_EXTRA > NAME_MAX:  # the temporary file beside it is named .<name>.<random>.tmp
+        raise UsageError(f"{flag} {path}: a name of {longest} bytes is too long here (at most "
+                         f"{NAME_MAX - TEMP_NAME_EXTRA}: the temporary file beside it adds {TEMP_NAME_EXTRA})")
     if folder:
         refuse_symlink_loop(p)
         if p.exists() and not p.is_dir():
@@ -151,6 +157,8 @@ def _check_out(path, folder: bool = False, ext: tuple = (), flag: str = "--out",
         raise UsageError(f"cannot write {path}: {anc} is a file, not a folder")
     if not os.access(anc, os.W_OK):
         raise UsageError(f"cannot write {path}: no write permission in {anc}")
+    if _in_shipped_assets(p):
+        raise UsageError(f"{flag} {path} is inside lazydit's shipped assets: write it elsewhere")
     if ext and not str(path).lower().endswith(tuple(ext)):
         names = " or ".join(ext)
         raise UsageError(f"{flag} {path}: lazydit writes {names} here (the extension names the format): give a name "
@@ -222,7 +230,8 @@ def _lazy_config(args):
 
 
 def _policy(args):
-    """(gates, policy) of --gates / --method: at most one of them; (None, None) for plain DDIM."""
+    """The policy of --gates / --method (at most one of them; gates become their policy with the sampling options),
+    or None for the bare sampler."""
     from lazydit.errors import LazyditError
 
     if args.gates not in (None, "none") and args.method:
@@ -230,12 +239,15 @@ def _policy(args):
     if args.method:
         from lazydit.lazy import make_policy
 
-        return None, make_policy(args.method, args.steps, _lazy_config(args), device=args.device)  # apply_lazy checks it fits
+        return make_policy(args.method, args.steps, _lazy_config(args), device=args.device)  # apply_lazy checks the fit
     if args.gates in (None, "none"):
-        return None, None
+        return None
+    from lazydit.lazy import policy_for
     from lazydit.lazy.shipped import resolve_gates
 
-    return resolve_gates(args.gates, args.steps, args.device), None
+    gates = resolve_gates(args.gates, args.steps, args.device)
+    gates.check_steps(args.steps)
+    return policy_for(gates, _lazy_config(args))
 
 
 def _prepare(policy, model, args):
@@ -251,7 +263,8 @@ def _prepare(policy, model, args):
 def cmd_compare(args):
     from pathlib import Path
 
-    from lazydit.evaluation.compare import CompareConfig, compare, parse_spec, write_report
+    from lazydit.evaluation.compare import compare, write_report
+    from lazydit.evaluation.rows import RowSettings, parse_spec
 
     _device(args)
     for s in args.configs:
@@ -260,7 +273,7 @@ def cmd_compare(args):
     _check_out(args.out, folder=True, lock=True)
     extractor, ref = _extractor_and_ref(args)
     model = _model(args)
-    cfg = CompareConfig(num_samples=args.num_samples, cfg_scale=args.cfg, seed=args.seed, batch_size=args.batch_size,
+    cfg = RowSettings(num_samples=args.num_samples, cfg_scale=args.cfg, seed=args.seed, batch_size=args.batch_size,
                         micro_batch=args.micro_batch, reference=args.reference, ref_samples=args.ref_samples)
 
     def command_line():
@@ -335,7 +348,7 @@ def cmd_pretrain(args):
     from lazydit.training.pretrain import PretrainConfig, pretrain
     from lazydit.training.resume import check_run_folder
 
-    check_run_folder(args.out, args.resume, missing_ok=True)  # before any data work; --resume: continue when there
+    check_run_folder(args.out, args.resume)  # before any data work
     _check_out(args.out, folder=True, lock=True)  # one run at a time in a run folder
 
     autoencoder = args.autoencoder
@@ -355,7 +368,7 @@ def cmd_train_autoencoder(args):
     from lazydit.training.autoencoder import AutoencoderTrainConfig, train_autoencoder
     from lazydit.training.resume import check_run_folder
 
-    check_run_folder(args.out, args.resume, missing_ok=True)  # before any data work; --resume: continue when there
+    check_run_folder(args.out, args.resume)  # before any data work
     _check_out(args.out, folder=True, lock=True)  # one run at a time in a run folder
 
     cfg = AutoencoderTrainConfig(data=args.data, out=args.out, latent_channels=args.latent_channels,
@@ -366,27 +379,17 @@ def cmd_train_autoencoder(args):
     print(json.dumps({"autoencoder": str(path)}) if args.json else f"autoencoder written to {path}")
 
 
-def _check_parity_cap(target):
-    """The reference parity computes every odd step, so no threshold goes past a lazy ratio of 0.5: refuse more
-    before any work (the exact reachable range of a gate set is only known by sampling: calibrate states it)."""
-    from lazydit.errors import UsageError
-
-    if target is not None and target > 0.5:
-        raise UsageError(f"--target-ratio {target}: out of reach, the reference parity (odd steps always compute) "
-                         "caps the lazy ratio at 0.5")
-
-
 def cmd_train_gates(args):
     from lazydit import ranks
     from lazydit.data.sources import gate_training_data
     from lazydit.errors import UsageError
+    from lazydit.lazy.gates import check_reachable
     from lazydit.training.gates import GateTrainConfig, train_gates
     from lazydit.training.resume import check_run_folder
 
     check_run_folder(args.out, args.resume)  # before any data work (encoding Fashion-MNIST takes a while)
     _check_out(args.out, folder=True, lock=True)  # one run at a time in a run folder
-    if not args.every_step:
-        _check_parity_cap(args.target_ratio)
+    check_reachable(args.target_ratio, parity=not args.every_step, name="--target-ratio")
     if args.every_step and args.lookahead:
         raise UsageError("--every-step and --lookahead do not go together: look-ahead gates need the parity")
     if args.rollout and args.lookahead:
@@ -434,29 +437,16 @@ def _scheduler_schedule(args):
     """(timesteps, schedule name) of --scheduler for --steps, or (None, None): lazydit's respacing."""
     if not args.scheduler:
         return None, None
-    from pathlib import Path
-
     from lazydit.errors import LazyditError
 
     try:
-        import diffusers
-
-        from lazydit.diffusers import schedule_name, scheduler_timesteps
+        from lazydit.diffusers import load_scheduler, schedule_name, scheduler_timesteps
     except ImportError as e:
         raise LazyditError("--scheduler reads a diffusers scheduler: pip install diffusers") from e
-    folder = Path(args.scheduler)
-    folder = folder / "scheduler" if (folder / "scheduler" / "scheduler_config.json").is_file() else folder
-    cfg_file = folder / "scheduler_config.json"
-    if not cfg_file.is_file():
-        raise LazyditError(f"--scheduler {args.scheduler}: no scheduler_config.json (a pipeline folder or its "
-                           "scheduler/ folder)")
-    import json
-
-    name = json.loads(cfg_file.read_text()).get("_class_name", "")
-    cls = getattr(diffusers, name, None)
-    if cls is None:
-        raise LazyditError(f"--scheduler {args.scheduler}: unknown diffusers scheduler {name!r}")
-    scheduler = cls.from_pretrained(str(folder), local_files_only=True)
+    try:
+        scheduler = load_scheduler(args.scheduler)
+    except LazyditError as e:  # the message starts with the folder: name the flag too
+        raise LazyditError(f"--scheduler {e}") from e
     return tuple(scheduler_timesteps(scheduler, args.steps)), schedule_name(scheduler, args.steps)
 
 
@@ -494,12 +484,11 @@ def cmd_sample_ddp(args):
     if vae is not None:
         dec = partial(decode, vae, batch_size=DECODE_BATCH)
         dec.fingerprint = weights_fingerprint(vae)  # joins the resume check of the parts
-    gates, policy = _policy(args)
+    policy = _policy(args)
     _prepare(policy, model, args)
-    res = distributed.sample_sharded(model, args.num_samples, args.steps, gates=gates, policy=policy,
+    res = distributed.sample_sharded(model, args.num_samples, args.steps, policy=policy,
                                      cfg_scale=args.cfg, batch_size=args.batch_size, seed=args.seed,
                                      num_classes=args.num_classes, out_npz=args.out,
-                                     lazy=_lazy_config(args) if gates is not None else None,
                                      keep_parts=args.keep_parts, progress=ranks.is_main() and not args.json,
                                      decode=dec, sampler=args.sampler)
     ranks.cleanup()
@@ -508,16 +497,12 @@ def cmd_sample_ddp(args):
 
 
 def _calibrate_and_save(model, gates, args, out):
-    """Bisect the threshold to args.target_ratio on the class-grid batch and write the gates with the result."""
-    from lazydit.pipeline import calibrate_threshold
+    """`calibrate_and_save` with the command's options, on the class-grid batch of --calib-per-class."""
+    from lazydit.training.calibrate import calibrate_and_save
 
     yc, _ = _labels(argparse.Namespace(device=args.device, per_class=args.calib_per_class), model.config.num_classes)
-    th, ratio = calibrate_threshold(model, gates, args.target_ratio, yc, cfg_scale=args.cfg, seed=args.seed,
-                                    progress=not args.json)
-    gates.threshold = th
-    gates.save(out, extra={"calibration": {"target": args.target_ratio, "reached": ratio, "cfg_scale": args.cfg,
-                                           "images": len(yc), "seed": args.seed}})
-    return th, ratio
+    return calibrate_and_save(model, gates, args.target_ratio, yc, out, cfg_scale=args.cfg, seed=args.seed,
+                              progress=not args.json)
 
 
 def _is_shipped_file(path) -> bool:
@@ -529,9 +514,20 @@ def _is_shipped_file(path) -> bool:
     return Path(path).resolve().parent == ASSETS.resolve()
 
 
+def _in_shipped_assets(path) -> bool:
+    """Whether `path` (a file or a folder) lies in lazydit's shipped assets folder, or is it (symlinks resolved)."""
+    from pathlib import Path
+
+    from lazydit.assets import ASSETS
+
+    resolved, assets = Path(path).resolve(), ASSETS.resolve()
+    return resolved == assets or assets in resolved.parents
+
+
 def cmd_calibrate(args):
-    from lazydit.lazy.shipped import resolve_gates, shipped_kind
     from lazydit.errors import GateMismatchError, UsageError
+    from lazydit.lazy.gates import check_reachable
+    from lazydit.lazy.shipped import resolve_gates, shipped_kind
 
     shipped = shipped_kind(args.gates) is not None or _is_shipped_file(args.gates)
     if args.in_place and (shipped or args.out):
@@ -545,8 +541,7 @@ def cmd_calibrate(args):
     _check_out(args.out, ext=(".safetensors",), lock=True)
     model = _model(args)
     gates = resolve_gates(args.gates, args.steps, args.device)
-    if gates.parity:
-        _check_parity_cap(args.target_ratio)
+    check_reachable(args.target_ratio, parity=gates.parity, name="--target-ratio")
     if args.steps is not None and args.steps != gates.steps:
         raise GateMismatchError(f"{args.gates} holds gates for T={gates.steps}, not --steps {args.steps}")
     args.steps = gates.steps
@@ -569,12 +564,11 @@ def cmd_sample(args):
         raise UsageError("--report adds per-step/layer/branch ratios to the JSON row: pass --json too")
     model = _model(args)
     vae = decoder_for(model, args.vae, args.device)
-    gates, policy = _policy(args)
+    policy = _policy(args)
     _prepare(policy, model, args)
     y, nrow = _labels(args, model.config.num_classes)
-    x, rep = sample(model, y, args.steps, gates=gates, policy=policy,
-                    lazy=_lazy_config(args) if gates is not None else None, cfg_scale=args.cfg, seed=args.seed,
-                    progress=not args.json, sampler=args.sampler)
+    x, rep = sample(model, y, args.steps, policy=policy, cfg_scale=args.cfg, seed=args.seed, progress=not args.json,
+                    sampler=args.sampler)
     if vae is not None:
         x = decode(vae, x, batch_size=DECODE_BATCH)
     if args.out.lower().endswith(".npz"):
@@ -594,27 +588,14 @@ def cmd_sample(args):
 
 
 def _extractor_and_ref(args):
-    """The feature extractor and its reference statistics for `eval`."""
+    """The feature extractor and its reference statistics for `eval` (`extractor_and_reference`)."""
     from lazydit.errors import LazyditError
-    from lazydit.evaluation import features, fmnist
+    from lazydit.evaluation.features import extractor_and_reference
 
-    if args.extractor == "fmnist":
-        ext = fmnist.default_classifier(args.device)
-        return ext, features.load_reference(args.ref) if args.ref else fmnist.default_reference()
-    from lazydit.evaluation.inception import load_inception
-
-    if not args.inception_weights or not args.ref:
+    if args.extractor == "inception" and (not args.inception_weights or not args.ref):
         raise LazyditError("--extractor inception needs --inception-weights FILE and --ref FILE")
-    ext = load_inception(args.inception_weights, args.device)
-    try:
-        return ext, features.load_reference(args.ref)
-    except ValueError:  # an ADM reference batch: real images under arr_0
-        import numpy as np
-
-        with np.load(args.ref) as f:
-            if "arr_0" not in f.files:
-                raise LazyditError(f"{args.ref}: neither lazydit reference statistics nor an ADM batch (arr_0)")
-            return ext, features.reference_stats(ext, f["arr_0"], progress=not args.json)
+    return extractor_and_reference(args.extractor, args.device, ref=args.ref,
+                                   inception_weights=args.inception_weights, progress=not args.json)
 
 
 EVAL_SAMPLING_OPTIONS = ("model", "model_name", "image_size", "model_config", "steps", "cfg", "sampler", "gates",
@@ -640,7 +621,7 @@ def _check_eval_options(args):
 
 
 def cmd_eval(args):
-    from lazydit.errors import LazyditError
+    from lazydit.errors import LazyditError, UsageError
     from lazydit.evaluation.driver import EvalConfig, evaluate_config, score
     from lazydit.evaluation.metrics import load_npz_samples
 
@@ -650,6 +631,9 @@ def cmd_eval(args):
     extractor, ref = _extractor_and_ref(args)
     if args.samples:  # score an existing ADM .npz
         images = load_npz_samples(args.samples)
+        if len(images) < 4:
+            raise UsageError(f"{args.samples} holds {len(images)} sample(s): precision and recall need at least 4 "
+                             "samples (k = 3 neighbours); FID needs thousands to rank samplers")
         row = dict(sampler=args.samples, n=len(images), **score(extractor, images, ref, progress=not args.json))
     else:
         model = _model(args)
@@ -657,13 +641,12 @@ def cmd_eval(args):
             raise LazyditError("eval samples pixel models and models that name their autoencoder (the embedded "
                                "default); for another latent model write the images with "
                                "`lazydit sample-ddp --vae VAE_FOLDER --out s.npz`, then `lazydit eval --samples s.npz`")
-        gates, policy = _policy(args)
+        policy = _policy(args)
         _prepare(policy, model, args)
         cfg = EvalConfig(steps=args.steps, cfg_scale=args.cfg, num_samples=args.num_samples,
-                         batch_size=args.batch_size, seed=args.seed, lazy=_lazy_config(args), name=args.name,
-                         micro_batch=args.micro_batch, sampler=args.sampler)
-        row = evaluate_config(model, cfg, extractor, ref, gates=gates, out=args.out, progress=not args.json,
-                              policy=policy)
+                         batch_size=args.batch_size, seed=args.seed, name=args.name, micro_batch=args.micro_batch,
+                         sampler=args.sampler)
+        row = evaluate_config(model, cfg, extractor, ref, policy=policy, out=args.out, progress=not args.json)
         row["out"] = args.out
     _emit(args, [row], ["sampler", "steps", "n", "fid", "sfid", "inception_score", "precision", "recall", "kid",
                         "lazy_ratio", "tmacs", "seconds"])
@@ -671,18 +654,17 @@ def cmd_eval(args):
 
 def cmd_cost(args):
     from lazydit.assets import default_model_name
+    from lazydit.errors import OptionRangeError
     from lazydit.models.cost import forward_macs
-    from lazydit.models.dit import IMAGE_PER_LATENT, model_config
+    from lazydit.models.dit import config_for_image_size, image_per_latent
 
     name = default_model_name() if args.model == "default" else args.model  # 'default': the shipped model
-    factor = IMAGE_PER_LATENT.get(name, 8) if model_config(name).in_channels == 4 else 1  # image / input size
-    multiple = factor * model_config(name).patch_size  # an image of whole patches of whole latents
-    if args.image_size is not None and args.image_size % multiple:
-        print(f"lazydit cost: error: --image-size {args.image_size} does not fit {name}: image sizes are multiples "
-              f"of {multiple} (image/latent factor {factor} x patch {multiple // factor}) (see lazydit cost --help)",
-              file=sys.stderr)
+    try:
+        cfg = config_for_image_size(name, args.image_size, what="--image-size")
+    except OptionRangeError as e:
+        print(f"lazydit cost: error: {e} (see lazydit cost --help)", file=sys.stderr)
         raise SystemExit(2)
-    cfg = model_config(name, **({"input_size": args.image_size // factor} if args.image_size else {}))
+    factor = image_per_latent(name)
 
     def tmacs(macs):  # 3 decimals, as the paper; small models keep 4 significant digits
         return round(macs / 1e12, 3) if macs >= 1e11 else float(f"{macs / 1e12:.4g}")
@@ -933,7 +915,8 @@ def build_parser():
     sp.add_argument("--labels", default=None, help="comma-separated class labels (default: every class of <= 10, "
                                                    "DiT's sample.py classes for 1000, else the first 10)")
     sp.add_argument("--per-class", type=_positive, default=4, help="images per class of the default labels")
-    sp.add_argument("--scale", type=_positive, default=None, help="PNG upscaling (default: 3 below 64 px, else 1)")
+    sp.add_argument("--scale", type=_at_least(1, 16), default=None,
+                    help="PNG upscaling, 1 to 16 (default: 3 below 64 px, else 1)")
     sp.add_argument("--vae", default=None, help="AutoencoderKL folder (or a train-autoencoder file) decoding the "
                     "latents of a latent model (default: the autoencoder its file names, as the embedded default's)")
     sp.add_argument("--report", action="store_true",

@@ -5,6 +5,7 @@ from pathlib import Path
 import torch
 
 from lazydit.assets import default_model
+from lazydit.lazy import policy_for
 from lazydit.lazy.shipped import default_gates
 from lazydit.data.vae import own_decoder
 from lazydit.files import savefig_atomic
@@ -35,10 +36,10 @@ def run_demo(out="lazydit-demo", per_class: int = 4, cfg_scale: float = 2.0, see
     noise = torch.randn(len(y), model.config.in_channels, model.config.input_size, model.config.input_size,
                         generator=torch.Generator().manual_seed(seed)).to(device)
     sample(model, y[:2], 2, cfg_scale=cfg_scale, x=noise[:2], progress=False)  # warm-up
-    runs = [("DDIM-50", 50, None), ("DDIM-25", 25, None), ("Lazy-50", 50, gates)]
+    runs = [("DDIM-50", 50, None), ("DDIM-25", 25, None), ("Lazy-50", 50, policy_for(gates))]
     rows, grids = [], []
     for name, steps, g in runs:
-        x, rep = sample(model, y, steps, gates=g, cfg_scale=cfg_scale, x=noise, progress=progress, name=name)
+        x, rep = sample(model, y, steps, policy=g, cfg_scale=cfg_scale, x=noise, progress=progress, name=name)
         x = decode(x)
         png = out / f"{name.lower().replace('-', '')}.png"
         save_grid(x, png, nrow=model.config.num_classes, scale=3)

@@ -27,10 +27,12 @@ converters.
 """
 
 import copy
+import json
+from pathlib import Path
 
 import torch
 
-from lazydit.errors import UsageError
+from lazydit.errors import LazyditError, UsageError
 from lazydit.lazy import apply_lazy
 from lazydit.models.diffusers_dit import (CaptionBank, DiffusersDiT, DiffusersPixArt, dit_config_of,  # noqa: F401
                                           load_captions, wrap)
@@ -55,6 +57,31 @@ def scheduler_timesteps(scheduler, steps: int) -> list:
         raise UsageError(f"{type(scheduler).__name__} runs {len(s.timesteps)} model calls at {len(ts)} distinct "
                          f"timesteps for {steps} steps: gates need one call per timestep")
     return ts
+
+
+def load_scheduler(folder):
+    """A diffusers scheduler from a local folder: a pipeline folder (its `scheduler/`) or a scheduler folder.
+
+    Args:
+        folder: the folder (str or Path); nothing is downloaded.
+    Returns:
+        The scheduler, built by the diffusers class its `scheduler_config.json` names (`_class_name`).
+    Raises:
+        LazyditError: no `scheduler_config.json` there, or a class diffusers does not have. The message starts with
+            `folder` as given.
+    """
+    import diffusers
+
+    path = Path(folder)
+    path = path / "scheduler" if (path / "scheduler" / "scheduler_config.json").is_file() else path
+    cfg_file = path / "scheduler_config.json"
+    if not cfg_file.is_file():
+        raise LazyditError(f"{folder}: no scheduler_config.json (a pipeline folder or its scheduler/ folder)")
+    name = json.loads(cfg_file.read_text()).get("_class_name", "")
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        raise LazyditError(f"{folder}: unknown diffusers scheduler {name!r}")
+    return cls.from_pretrained(str(path), local_files_only=True)
 
 
 def schedule_name(scheduler, steps: int | None = None) -> str:

@@ -14,7 +14,6 @@ reference's PNG names. Rank 0 assembles the first num_samples global indices int
 import math
 import time
 import zipfile
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -50,12 +49,13 @@ def draw_batch(gen: torch.Generator, batch_size: int, config, num_classes: int, 
     return z, y
 
 
-def _provenance(model, gates) -> dict:
-    """What resumed parts must share with this run: the model's config and weights, the gates'."""
+def _provenance(model, policy) -> dict:
+    """What resumed parts must share with this run: the model's config and weights, the policy's gate bank's."""
     fp = {"model_config": {k: v for k, v in vars(model.config).items() if isinstance(v, (int, float, str, bool))},
           "model": weights_fingerprint(model)}
+    gates = getattr(policy, "gates", None)
     if gates is not None:
-        fp["gates"] = dict(weights=weights_fingerprint(gates), threshold=gates.threshold, lookahead=gates.lookahead)
+        fp["gates"] = dict(weights=weights_fingerprint(gates), threshold=policy.threshold, lookahead=gates.lookahead)
     return fp
 
 
@@ -104,10 +104,9 @@ def assemble_npz(store: SampleParts, out, num_samples: int, batch_size: int, wor
     return labels
 
 
-def sample_sharded(model, num_samples: int, steps: int, *, gates=None, policy=None, cfg_scale: float = 1.0, batch_size: int = 32,
-                   seed: int = 0, num_classes: int | None = None, out_npz, lazy=None,
-                   keep_parts: bool = False, progress: bool = True, decode=None,
-                   sampler: str = "ddim") -> dict:
+def sample_sharded(model, num_samples: int, steps: int, *, policy=None, cfg_scale: float = 1.0, batch_size: int = 32,
+                   seed: int = 0, num_classes: int | None = None, out_npz, keep_parts: bool = False,
+                   progress: bool = True, decode=None, sampler: str = "ddim") -> dict:
     """Sample num_samples images over all ranks (or one process) into one ADM .npz, resumable.
 
     Every rank (call it on all of them) samples `shard_plan(num_samples, batch_size, world)` batches of batch_size
@@ -122,14 +121,13 @@ def sample_sharded(model, num_samples: int, steps: int, *, gates=None, policy=No
         model: a DiT (eval mode) on this rank's device.
         num_samples: N images in the .npz (the last global batch is sampled in full and cut).
         steps: T, DDIM steps.
-        gates: LazyGates for T (None: plain DDIM).
-        policy: any other caching Policy for T instead of gates (see `lazydit.pipeline.sample`).
+        policy: the caching Policy for T (gates: `lazydit.lazy.policy_for(gates, LazyConfig(...))`; None: the bare
+            sampler; see `lazydit.pipeline.sample`).
         cfg_scale: guidance scale (1.0: none).
         batch_size: images per batch and rank (sample_ddp.py's per_proc_batch_size).
         seed: global seed; rank r uses seed * world + r.
         num_classes: labels are uniform over [0, num_classes) (default: the model's).
         out_npz: the .npz to write.
-        lazy: LazyConfig of the gates (threshold, uniform, tie_cfg, branches; default: the reference's).
         keep_parts: keep `<out_npz>.parts/` after assembling.
         sampler: "ddim" or "dpm++2m" (`lazydit.sampling.SAMPLERS`).
         progress: progress bar (rank 0).
@@ -151,9 +149,9 @@ def sample_sharded(model, num_samples: int, steps: int, *, gates=None, policy=No
     batches = shard_plan(num_samples, batch_size, world)
     out_npz = Path(out_npz)
     meta = dict(num_samples=num_samples, steps=steps, cfg_scale=cfg_scale, batch_size=batch_size, seed=seed,
-                num_classes=num_classes, world_size=world, lazy=None if lazy is None else asdict(lazy),
+                num_classes=num_classes, world_size=world,
                 **({} if sampler == "ddim" else {"sampler": sampler}),  # DDIM parts of earlier versions stay valid
-                **_provenance(model, gates), policy=None if policy is None else policy.describe())
+                **_provenance(model, policy), policy=None if policy is None else policy.describe())
     if decode is not None:
         meta["decode"] = getattr(decode, "fingerprint", True)
     store = SampleParts(out_npz, meta)
@@ -174,8 +172,8 @@ def sample_sharded(model, num_samples: int, steps: int, *, gates=None, policy=No
                 raise PartsMismatchError(f"{store.path(name)}: labels differ from this run's draws: delete {store.folder}")
         else:
             try:
-                x, rep = sample(model, y, steps, gates=gates, policy=policy, lazy=lazy, cfg_scale=cfg_scale, x=z,
-                                progress=False, sampler=sampler)
+                x, rep = sample(model, y, steps, policy=policy, cfg_scale=cfg_scale, x=z, progress=False,
+                                sampler=sampler)
             except BaseException:  # an error or Ctrl-C before the first part: one process leaves no empty folder
                 if world == 1:
                     store.remove_if_empty()

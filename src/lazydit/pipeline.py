@@ -1,9 +1,8 @@
 """High-level runs: sample with or without a caching policy and report the cost; calibrate a gate threshold to a
 target lazy ratio."""
 
-import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -36,9 +35,8 @@ def class_grid_labels(num_classes: int, per_class: int, device="cpu") -> torch.T
     return torch.arange(num_classes, device=device).repeat(per_class)
 
 
-def sample(model, y, steps: int, *, gates: LazyGates | None = None, policy: Policy | None = None,
-           lazy: LazyConfig | None = None, cfg_scale: float = 1.0, seed: int = 0, x=None, progress: bool = True,
-           name: str | None = None, micro_batch: int | None = None, sampler: str = "ddim"):
+def sample(model, y, steps: int, *, policy: Policy | None = None, cfg_scale: float = 1.0, seed: int = 0, x=None,
+           progress: bool = True, name: str | None = None, micro_batch: int | None = None, sampler: str = "ddim"):
     """Sample with plain DDIM (or another sampler), or with a caching policy attached for the run, and report the
     cost.
 
@@ -46,9 +44,9 @@ def sample(model, y, steps: int, *, gates: LazyGates | None = None, policy: Poli
         model: a DiT.
         y: (B,) labels.
         steps: T.
-        gates: LazyGates for T steps (their policy: reference or look-ahead gates, with `lazy`).
-        policy: any caching Policy for T steps instead (e.g. ForcedPlan); None with no gates: plain DDIM.
-        lazy: LazyConfig of the gates (threshold, uniform, tie_cfg, branches, compile; see `lazydit.lazy.config`).
+        policy: the caching Policy for T steps (None: the bare sampler). Gates are a policy like every other
+            method: `lazydit.lazy.policy_for(gates, LazyConfig(...))` (reference, look-ahead or router gates), or
+            `make_policy("lazy:gates=FILE", T)`; other methods `make_policy("fora:interval=2", T)`, `ForcedPlan`.
         cfg_scale: guidance scale (1.0: none).
         seed: initial-noise seed (same seed, same noise for every sampler).
         x: explicit initial noise (overrides seed).
@@ -64,13 +62,11 @@ def sample(model, y, steps: int, *, gates: LazyGates | None = None, policy: Poli
     Returns:
         (samples (B, C, H, W), SampleReport)
     """
-    if gates is not None:
-        if policy is not None:
-            raise ValueError("pass gates or a policy, not both")
-        gates.check_steps(steps)
-        policy = policy_for(gates, lazy)
-    elif lazy is not None and policy is None:
-        raise ValueError("a LazyConfig needs gates (or a policy built with it)")
+    if isinstance(policy, LazyGates):
+        raise UsageError("sample(policy=...) takes a Policy: a gate bank becomes one with "
+                         "lazydit.lazy.policy_for(gates, LazyConfig(...))")
+    if getattr(policy, "gates", None) is not None:
+        policy.gates.check_steps(steps)  # names the steps the gates were trained for, and how to train others
     if policy is not None and policy.steps != steps:
         raise GateMismatchError(f"the {type(policy).__name__} policy is defined on T={policy.steps} steps, not {steps}")
     if sampler not in SAMPLERS:
@@ -167,12 +163,61 @@ def _sample_chunked(model, y, steps, micro_batch, *, policy, seed, x, progress, 
     return torch.cat(outs), _report(model, steps, policy, lazy, sum(r.seconds for r in reports), name)
 
 
-def calibrate_threshold(model, gates: LazyGates, target: float, y, *, lazy: LazyConfig | None = None,
-                        cfg_scale: float = 1.0, seed: int = 0, iters: int = 14, tol: float = 0.005,
-                        progress: bool = True):
-    """Bisect the compute threshold so that sampling `y` reaches the target lazy ratio.
+def calibrate(policy: Policy, model, y, target: float, *, cfg_scale: float = 1.0, seed: int = 0,
+              sampler: str = "ddim", iters: int = 16, tol: float = 0.005, progress: bool = False):
+    """Bisect a policy's threshold so that sampling labels y reaches the target lazy ratio: the one calibrator of
+    every method (gates, routers, FBCache, TeaCache, a policy of your own that states its `calibration`).
 
-    The lazy ratio rises with the threshold (a row computes iff p >= threshold); the search runs in logit space.
+    What the policy fits before sampling (`prepare`, e.g. TeaCache's polynomial) is fitted once, on y, first; every
+    threshold tried shares it (`Policy.with_threshold`).
+    Args:
+        policy: the method to calibrate, defined on T steps; `policy.calibration` says where the search runs.
+        model, y: the model and the (B,) labels of the calibration batch.
+        target: wanted lazy ratio.
+        cfg_scale, seed, sampler: of the sampling the threshold is for.
+        iters, tol: at most `iters` bisection steps; stop once within `tol` of the target.
+        progress: print each threshold tried and the ratio it reached.
+    Returns:
+        (the policy at the calibrated threshold, the lazy ratio it reached on y)
+    Raises:
+        UsageError: the policy has no threshold, or the target is out of reach (more than max(4 tol, 0.02), or 1/T
+            for whole-step decisions, from the closest ratio); the message gives the reachable range.
+    """
+    cal = policy.calibration
+    if cal is None:
+        raise UsageError(f"{type(policy).__name__} has no threshold to calibrate to a lazy ratio")
+    policy.prepare(model, y, cfg_scale, seed, sampler)
+
+    def at(v):
+        p = policy.with_threshold(cal.threshold(v))
+        _, rep = sample(model, y, policy.steps, policy=p, cfg_scale=cfg_scale, seed=seed, progress=False,
+                        sampler=sampler)
+        if progress:
+            print(f"  threshold {p.threshold:.6g}: lazy ratio {rep.lazy_ratio:.4f} (target {target:.4f})")
+        return p, rep.lazy_ratio
+
+    lo, hi, best = cal.lo, cal.hi, None
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        p, r = at(mid)
+        if best is None or abs(r - target) < abs(best[1] - target):
+            best = (p, r)
+        if abs(r - target) <= tol:
+            break
+        lo, hi = (mid, hi) if r < target else (lo, mid)
+    if abs(best[1] - target) > max(4 * tol, 0.02, 1 / policy.steps if cal.whole_steps else 0):
+        reach = [at(v)[1] for v in (cal.lo, cal.hi)]
+        parity = getattr(getattr(policy, "gates", None), "parity", False)
+        raise UsageError(f"a lazy ratio of {target} is out of reach of {policy.label}-{policy.steps}: thresholds "
+                         f"give {min(reach):.3f} to {max(reach):.3f} on the calibration batch"
+                         + (" (the reference parity caps it at 0.5)" if parity else ""))
+    return best
+
+
+def calibrate_threshold(model, gates: LazyGates, target: float, y, *, lazy: LazyConfig | None = None,
+                        cfg_scale: float = 1.0, seed: int = 0, progress: bool = True):
+    """The calibrated threshold of a gate bank (what its file stores): `calibrate` on the bank's policy.
+
     Args:
         model, gates: the DiT and its gates (T = gates.steps).
         target: wanted lazy ratio (at most ~0.5 with the reference parity).
@@ -180,31 +225,7 @@ def calibrate_threshold(model, gates: LazyGates, target: float, y, *, lazy: Lazy
         lazy: LazyConfig of the sampling the threshold is for (its own threshold is replaced).
     Returns:
         (threshold, reached lazy ratio)
-    Raises:
-        UsageError: the target is out of reach (more than max(4 tol, 0.02) from what any threshold reaches); the
-            message gives the reachable range.
     """
-    lo, hi = -60.0, 60.0  # logits of the threshold (gate logits are sums over tokens: they can be large)
-    best = (gates.threshold, None)
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        th = 1 / (1 + math.exp(-mid))
-        _, rep = sample(model, y, gates.steps, gates=gates, lazy=replace(lazy or LazyConfig(), threshold=th),
-                        cfg_scale=cfg_scale, seed=seed, progress=False)
-        if best[1] is None or abs(rep.lazy_ratio - target) < abs(best[1] - target):
-            best = (th, rep.lazy_ratio)
-        if progress:
-            print(f"  threshold {th:.6f}: lazy ratio {rep.lazy_ratio:.4f} (target {target:.4f})")
-        if abs(rep.lazy_ratio - target) <= tol:
-            break
-        if rep.lazy_ratio < target:
-            lo = mid
-        else:
-            hi = mid
-    if abs(best[1] - target) > max(4 * tol, 0.02):
-        reach = [sample(model, y, gates.steps, gates=gates, lazy=replace(lazy or LazyConfig(), threshold=th),
-                        cfg_scale=cfg_scale, seed=seed, progress=False)[1].lazy_ratio for th in (0.0, 1.0)]
-        raise UsageError(f"a lazy ratio of {target} is out of reach of these gates: any threshold gives "
-                         f"{reach[0]:.3f} to {reach[1]:.3f} on the calibration batch"
-                         + (" (the reference parity caps it at 0.5)" if gates.parity else ""))
-    return best
+    policy, ratio = calibrate(policy_for(gates, lazy), model, y, target, cfg_scale=cfg_scale, seed=seed,
+                              progress=progress)
+    return policy.threshold, ratio

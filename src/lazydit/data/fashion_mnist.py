@@ -27,12 +27,14 @@ def _find(root: Path, stem: str) -> Path:
     for name in (stem + ".gz", stem):
         if (root / name).is_file():
             return root / name
+    pair = next(p for p in _FILES.values() if stem in p)
     raise DataMissingError(
         f"Fashion-MNIST file {stem}(.gz) not found in {root}\n"
         "the dataset is needed by lazydit pretrain, train-autoencoder, train-gates (without --data-free), "
         "scripts/build_fmnist_eval.py and the experiments that train on it\n"
         "get it in one of three ways: sudo apt-get install -y dataset-fashion-mnist "
-        f"(IDX files in {FASHION_MNIST_DIR}), or pass --data DIR, or set LAZYDIT_DATA=DIR (DIR: the four IDX files)"
+        f"(IDX files in {FASHION_MNIST_DIR}), or pass --data DIR, or set LAZYDIT_DATA=DIR (DIR holding "
+        f"{pair[0]} and {pair[1]}, .gz or not)"
     )
 
 

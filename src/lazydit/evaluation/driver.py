@@ -17,7 +17,7 @@ from lazydit.data.vae import own_decoder
 from lazydit.sampling.parts import SampleParts, remove_parts
 from lazydit.models.cost import sampling_macs
 from lazydit.images import save_npz, to_uint8
-from lazydit.lazy import LazyConfig, LazyStats, policy_for
+from lazydit.lazy import LazyStats
 from lazydit.models.registry import BRANCH_NAMES
 from lazydit.pipeline import sample
 
@@ -29,7 +29,6 @@ class EvalConfig:
     num_samples: int = 5000  # images generated and scored
     batch_size: int = 250  # images per sampling batch
     seed: int = 0  # labels and initial noise (the same for every configuration)
-    lazy: LazyConfig = LazyConfig()  # how the gates decide (threshold, uniform, tie_cfg, branches)
     name: str | None = None  # row label (default: DDIM-T / Lazy-T / Lazy-LA-T)
     micro_batch: int | None = None  # images per sampler call inside a batch (cache-friendly on CPU; same samples)
     sampler: str = "ddim"  # "ddim" or "dpm++2m" (lazydit.sampling.SAMPLERS), with or without a caching policy
@@ -41,15 +40,15 @@ def eval_labels(num_samples: int, num_classes: int, seed: int = 0) -> torch.Tens
     return y[torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed))]
 
 
-def generate(model, cfg: EvalConfig, gates=None, out=None, progress: bool = True, policy=None,
-             first: int | None = None, decode=None, keep_parts: bool = False) -> dict:
+def generate(model, cfg: EvalConfig, policy=None, out=None, progress: bool = True, first: int | None = None,
+             decode=None, keep_parts: bool = False) -> dict:
     """Sample cfg.num_samples images with one configuration, batch by batch, resumable.
 
     Args:
         model: a DiT (eval mode) on its device.
         cfg: EvalConfig.
-        gates: LazyGates or None (plain DDIM).
-        policy: any other caching Policy instead of gates.
+        policy: the caching Policy (gates: `lazydit.lazy.policy_for(gates, LazyConfig(...))`), or None: the bare
+            sampler.
         out: ADM .npz to write (arr_0 uint8 N x H x W x C, arr_1 labels); parts go to `<out>.parts/` meanwhile.
         progress: progress bar over batches.
         first: sample only the first `first` images (whole batches) of the run, with the labels and noise they have
@@ -69,8 +68,6 @@ def generate(model, cfg: EvalConfig, gates=None, out=None, progress: bool = True
     if out:
         meta = {**asdict(cfg), "micro_batch": None,  # a compute detail: parts stay valid across it
                 **({} if first is None else {"first": first}),
-                "gates": None if gates is None else dict(steps=gates.steps, lookahead=gates.lookahead,
-                                                          threshold=gates.threshold),
                 "policy": None if policy is None else policy.describe()}
         parts = SampleParts(out, meta).prepare()
     images, labels, seconds, skipped, total = [], [], 0.0, None, None
@@ -83,9 +80,7 @@ def generate(model, cfg: EvalConfig, gates=None, out=None, progress: bool = True
             img, lab, info = done
         else:
             try:
-                x, rep = sample(model, y.to(device), cfg.steps, gates=gates, policy=policy,
-                                lazy=cfg.lazy if gates is not None else None, cfg_scale=cfg.cfg_scale,
-                                seed=cfg.seed * 1_000_003 + i, progress=False, name=cfg.name,
+                x, rep = sample(model, y.to(device), cfg.steps, policy=policy, cfg_scale=cfg.cfg_scale, seed=cfg.seed * 1_000_003 + i, progress=False, name=cfg.name,
                                 micro_batch=cfg.micro_batch, sampler=cfg.sampler)
             except BaseException:  # an error or Ctrl-C before the first part: no empty parts folder is left
                 if parts is not None:
@@ -109,8 +104,7 @@ def generate(model, cfg: EvalConfig, gates=None, out=None, progress: bool = True
             total = t if total is None else total + t
     images, labels = np.concatenate(images), np.concatenate(labels)
     stats = LazyStats(skipped, total, tuple(kinds)) if skipped is not None else None
-    run_policy = policy_for(gates, cfg.lazy) if gates is not None else policy  # what sample() ran
-    overhead = run_policy.overhead_macs(model.config) if run_policy is not None else None
+    overhead = policy.overhead_macs(model.config) if policy is not None else None
     if out:
         save_npz(images, out, labels=labels)
         if not keep_parts:
@@ -128,12 +122,12 @@ def score(extractor, images, ref: dict, batch_size: int = 250, progress: bool = 
     return evaluate(extractor, extract_features(extractor, images, batch_size, progress), ref, progress=progress)
 
 
-def evaluate_config(model, cfg: EvalConfig, extractor, ref: dict, gates=None, out=None, progress: bool = True,
-                    policy=None) -> dict:
+def evaluate_config(model, cfg: EvalConfig, extractor, ref: dict, policy=None, out=None,
+                    progress: bool = True) -> dict:
     """One row of a results table: generate (resumable), then every metric against the reference statistics.
 
     Args:
-        model, cfg, gates, out, policy: as `generate`.
+        model, cfg, policy, out: as `generate`.
         extractor: feature extractor with `.features(x)` (e.g. lazydit.evaluation.fmnist.default_classifier()).
         ref: reference statistics made with the same extractor (e.g. lazydit.evaluation.fmnist.default_reference()).
     Returns:
@@ -141,15 +135,14 @@ def evaluate_config(model, cfg: EvalConfig, extractor, ref: dict, gates=None, ou
         seconds, seconds_per_image).
     """
     t0 = time.time()
-    g = generate(model, cfg, gates, out, progress, policy, keep_parts=True)
+    g = generate(model, cfg, policy, out, progress, keep_parts=True)
     metrics = score(extractor, g["images"], ref, progress=progress)
     if out:  # scored: the parts have served (until here a rerun reads them instead of sampling again)
         remove_parts(out)
     row = dict(sampler=g["name"], steps=cfg.steps, n=len(g["images"]), **{k: float(v) for k, v in metrics.items()},
                lazy_ratio=round(g["lazy_ratio"], 4), tmacs=g["tmacs"], seconds=round(g["seconds"], 2),
                seconds_per_image=round(g["seconds_per_image"], 5), cfg_scale=cfg.cfg_scale, seed=cfg.seed,
-               threshold=None if gates is None else (cfg.lazy.threshold if cfg.lazy.threshold is not None
-                                                     else gates.threshold),
+               threshold=getattr(policy, "threshold", None),
                wall_s=round(time.time() - t0, 1))
     if g["stats"] is not None:
         row["per_branch"] = g["stats"].as_dict()["per_branch"]

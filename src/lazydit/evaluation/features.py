@@ -134,6 +134,48 @@ def load_reference(path) -> dict:
     return out
 
 
+EXTRACTORS = ("fmnist", "inception")
+
+
+def extractor_and_reference(kind: str, device="cpu", ref=None, inception_weights=None, progress: bool = True):
+    """A feature extractor and the reference statistics to score samples against.
+
+    Args:
+        kind: "fmnist" (the shipped Fashion-MNIST classifier) or "inception" (InceptionV3, ADM's evaluator).
+        device: where the extractor runs.
+        ref: a reference file: lazydit reference statistics (`save_reference`), or, for inception, an ADM reference
+            batch (real uint8 images under `arr_0`, whose statistics are computed here). None with "fmnist": the
+            shipped Fashion-MNIST test-split statistics.
+        inception_weights: pytorch-fid's Inception weights file (required with "inception").
+        progress: show a bar while an ADM batch is featurised.
+    Returns:
+        (extractor, reference statistics as `load_reference` returns them).
+    Raises:
+        UsageError: an unknown kind, or "inception" without `inception_weights` and `ref`.
+        LazyditError: `ref` is neither reference statistics nor an ADM batch.
+    """
+    from lazydit.errors import LazyditError, UsageError
+
+    if kind not in EXTRACTORS:
+        raise UsageError(f"unknown feature extractor {kind!r}: choose one of {', '.join(EXTRACTORS)}")
+    if kind == "fmnist":
+        from lazydit.evaluation import fmnist
+
+        return fmnist.default_classifier(device), load_reference(ref) if ref else fmnist.default_reference()
+    if not inception_weights or not ref:
+        raise UsageError("the inception extractor needs its weights file and a reference file")
+    from lazydit.evaluation.inception import load_inception
+
+    ext = load_inception(inception_weights, device)
+    try:
+        return ext, load_reference(ref)
+    except ValueError:  # an ADM reference batch: real images under arr_0
+        with np.load(ref) as f:
+            if "arr_0" not in f.files:
+                raise LazyditError(f"{ref}: neither lazydit reference statistics nor an ADM batch (arr_0)")
+            return ext, reference_stats(ext, f["arr_0"], progress=progress)
+
+
 # ---------------------------------------------------------------- metrics
 
 

@@ -3,7 +3,10 @@
 - `gates`: the LazyDiT gate bank and its file format.
 - `config`: `LazyConfig`, the one frozen configuration of a lazy run.
 - `policies`: `Policy` (the interface), `ReferenceGates`, `LookaheadGates`, `ForcedPlan`, the `--method` registry.
-- `hooks`: `apply_lazy()`, the per-branch hooks that own the caches, and `LazyHandle`.
+- `attach`: `apply_lazy()` and `LazyHandle`: a policy attached through the engine it names (`Policy.engine`).
+- `hooks`: what the engines share: `LazyRun` (one run) and `BranchHook` (one branch: cache, history, decisions).
+- `engine_module`, `engine_block`, `engine_residual`: the three engines, one file each.
+- `forecast`: `ForecastHistory`, what a skipped row receives with forecast reuse (LazyDiT's and TaylorSeer's).
 - `stats`: `LazyStats`, the counts every policy reports.
 - `static`: FORA and TaylorSeer (fixed full steps; reuse or a Taylor forecast between them).
 - `residual`: first-block cache and TeaCache (block-level residual caches deciding per step from a probe).
@@ -13,7 +16,7 @@
 from lazydit.errors import GateMismatchError
 from lazydit.lazy.config import LazyConfig
 from lazydit.lazy.gates import GATE_FORMAT, LazyGates
-from lazydit.lazy.hooks import LazyHandle, apply_lazy
+from lazydit.lazy.attach import LazyHandle, apply_lazy
 from lazydit.lazy.policies import (
     POLICIES,
     ForcedPlan,

@@ -1,23 +1,36 @@
-"""Forecast reuse (beyond the paper): a skipped row receives an extrapolation of its branch's last computed outputs
-instead of a copy of the last one.
+"""Forecast reuse: a skipped row receives an extrapolation of its branch's last computed outputs instead of a copy
+of the last one. One history class serves both users: forecast LazyDiT (`LazyConfig.forecast`, Newton divided
+differences in the timestep) and TaylorSeer (`lazydit.lazy.static.TaylorSeer`, its Taylor factors in the sampling
+step). They differ in two parameters of `ForecastHistory`:
 
-TaylorSeer-style: the outputs a row computed at timesteps t0 > t1 > t2 (original timesteps, most recent first)
-give Newton divided differences, and step t receives the polynomial through them evaluated at t:
+- `clock`: where a step sits. "timestep": its original timestep t (0..999, falling as sampling goes on); "step":
+  j = T - 1 - k, the sampling steps before it (TaylorSeer's count).
+- `series`: how the differences are divided and summed. With s0 > s1 > s2 ... the clock values of a row's last
+  computed steps, most recent first, and d0 = y0 its last computed output:
 
-    F(t) ~ y0 + f[t0, t1] (t - t0) + f[t0, t1, t2] (t - t0) (t - t1)          (order 2; order 1 stops after the
-                                                                               first difference)
-    f[t0, t1] = (y0 - y1) / (t0 - t1),   f[t0, t1, t2] = (f[t0, t1] - f[t1, t2]) / (t0 - t2)
+    "newton"  d_{i+1} = (d_i - d_i of the previous point) / (s - s_i)    (s_i: the (i+1)-th last knot)
+              F(s) ~ d0 + d1 (s - s0) + d2 (s - s0) (s - s1) + ...
+              d1 = f[s0, s1], d2 = f[s0, s1, s2]: the polynomial through the points, exact for outputs that are
+              polynomials of that order in s.
+    "taylor"  d_{i+1} = (d_i - d_i of the previous point) / (s - s0)     (every order: the distance between the
+              last two points, TaylorSeer's rule)
+              F(s) ~ sum_i d_i (s - s0)^i / i!
 
-exact for outputs that are polynomials of that order in t. Every row keeps its own history (rows of a mixed batch
-compute at different steps), so a row with fewer computed points than the order falls back to the order it has;
-with one point the forecast is y0 itself, the plain reuse. Order 0 is the plain reuse and never builds a history.
+Every row keeps its own history (rows of a mixed batch compute at different steps), so a row with fewer computed
+points than the order falls back to the order it has; with one point the forecast is d0 itself, the plain reuse.
+Order 0 is the plain reuse and never builds a history (`Policy.new_history` returns None).
 
 Cost: a forecast of order n is n multiply-adds per output element of a skipped row, and keeping the history n
 subtract-and-scale operations per element of a computed row: about 2 n N D per branch evaluation and image, the
 size of the gate scores (`lazydit.models.cost.forecast_macs`). Memory: n + 1 copies of each branch output.
 """
 
+import math
+
 import torch
+
+SERIES = ("newton", "taylor")
+CLOCKS = ("timestep", "step")
 
 
 def _col(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -26,59 +39,86 @@ def _col(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 class ForecastHistory:
-    """The per-row history of one branch: the last computed output y0, the divided differences d1 = f[t0, t1] and
-    d2 = f[t0, t1, t2], the timesteps t0, t1, and how many points each row has (all float32 on the output's
-    device)."""
+    """The per-row history of one branch's computed outputs: the differences d_0 (the last computed output) ..
+    d_order, the clock values of the last knots, and how many points each row has (all float32 on the output's
+    device); `predict` is the forecast at a later step (the module docstring gives both series).
 
-    def __init__(self, order: int):
-        if order not in (1, 2):
-            raise ValueError(f"forecast order must be 1 or 2 here (0 is plain reuse), got {order}")
-        self.order = order
-        self.y0 = None
+    Args:
+        order: the highest difference kept (>= 1).
+        series: "newton" (divided differences over the last knots) or "taylor" (TaylorSeer's factors).
+        clock: "timestep" (original timesteps) or "step" (sampling steps j = T - 1 - k).
+    """
+
+    def __init__(self, order: int, series: str = "newton", clock: str = "timestep"):
+        if isinstance(order, bool) or not isinstance(order, int) or order < 1:
+            raise ValueError(f"forecast order must be an integer >= 1 (0 is plain reuse), got {order!r}")
+        if series not in SERIES or clock not in CLOCKS:
+            raise ValueError(f"series must be one of {SERIES} and clock one of {CLOCKS}, got {series!r}, {clock!r}")
+        self.order, self.series, self.clock = order, series, clock
+        self.d = None  # [(B, ...)] * (order + 1): d[0] the last computed output, d[i] the i-th difference
         self.least = 0  # host: every row has at least this many points (updates of all rows so far, capped)
 
-    def update(self, out: torch.Tensor, t: float, rows=None):
-        """Rows `rows` (an index tensor; None: all) computed `out[rows]` at timestep t."""
-        if self.y0 is None or self.y0.shape != out.shape:
-            self.y0 = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
-            self.d1 = torch.zeros_like(self.y0)
-            self.d2 = torch.zeros_like(self.y0) if self.order > 1 else None
+    def at(self, run) -> float:
+        """Where the current step of `run` (a LazyRun) sits on this history's clock."""
+        return run.t if self.clock == "timestep" else float(run.policy.steps - 1 - run.k)
+
+    def update(self, out: torch.Tensor, s: float, rows=None):
+        """Rows `rows` (an index tensor; None: all) computed `out[rows]` at clock value s."""
+        if self.d is None or self.d[0].shape != out.shape:
+            self.d = [torch.zeros(out.shape, dtype=torch.float32, device=out.device) for _ in range(self.order + 1)]
             B = out.shape[0]
             self.n = torch.zeros(B, dtype=torch.long, device=out.device)
-            self.t0 = torch.zeros(B, dtype=torch.float32, device=out.device)
-            self.t1 = torch.zeros_like(self.t0)
+            knots = self.order if self.series == "newton" else 1  # taylor divides by the last distance only
+            self.knots = [torch.zeros(B, dtype=torch.float32, device=out.device) for _ in range(knots)]
             self.least = 0
         sel = slice(None) if rows is None else rows
         y = (out if rows is None else out[rows]).float()
-        n, t0, t1 = self.n[sel], self.t0[sel], self.t1[sel]
-        d1 = _difference(y, self.y0[sel], t - t0, n >= 1, self.least >= 1)
-        if self.order > 1:
-            d2 = _difference(d1, self.d1[sel], t - t1, n >= 2, self.least >= 2)
-            if rows is None:
-                self.d2 = d2
+        n, knots = self.n[sel], [k[sel] for k in self.knots]
+        new = [y]
+        for i in range(self.order):  # d_{i+1} where the row held d_i before
+            knot = knots[i] if self.series == "newton" else knots[0]
+            new.append(_difference(new[i], self.d[i][sel], s - knot, n > i, self.least > i))
+        for i in range(len(knots) - 1, 0, -1):  # the knots shift by one (the latest first, read before written)
+            self.knots[i][sel] = knots[i - 1]
+        self.knots[0][sel] = torch.full_like(knots[0], float(s))
+        self.d[0][sel] = y
+        for i in range(1, self.order + 1):
+            if rows is None:  # a new tensor: keep it rather than copy it
+                self.d[i] = new[i]
             else:
-                self.d2[rows] = d2
-        self.t1[sel], self.t0[sel] = t0, torch.full_like(t0, float(t))
-        self.y0[sel] = y
-        if rows is None:  # d1 is a new tensor: keep it rather than copy it
-            self.d1 = d1
+                self.d[i][rows] = new[i]
+        if rows is None:
             self.least = min(self.least + 1, self.order + 1)
-        else:
-            self.d1[rows] = d1
         self.n[sel] = torch.clamp(n + 1, max=self.order + 1)
 
-    def predict(self, t: float, dtype) -> torch.Tensor:
-        """(B, ...) forecast of every row at timestep t (rows with one point: their y0)."""
-        dt = _col(t - self.t0, self.y0)
-        out = torch.mul(self.d1, dt).add_(self.y0)  # y0 + d1 dt (one buffer; a sum of two terms rounds the same)
-        if self.order > 1:
-            out.add_(self.d2 * (dt * _col(t - self.t1, self.y0)))
+    def predict(self, s: float, dtype) -> torch.Tensor:
+        """(B, ...) forecast of every row at clock value s (rows with one point: their d0)."""
+        if self.d is None:
+            raise RuntimeError("forecast reuse before any computed step")
+        d = self.d
+        ds = _col(s - self.knots[0], d[0])
+        weight = ds  # of d1: s - s0 in both series
+        out = torch.mul(d[1], weight).add_(d[0])  # d0 + d1 ds (one buffer; a sum of two terms rounds the same)
+        for i in range(2, self.order + 1):
+            if self.series == "newton":
+                weight = weight * _col(s - self.knots[i - 1], d[0])
+            else:
+                weight = ds**i / math.factorial(i)
+            out.add_(d[i] * weight)
         return out.to(dtype)
 
+    def forecast(self, run, dtype) -> torch.Tensor:
+        """This step's forecast of every row (the current step of `run`), in `dtype`."""
+        return self.predict(self.at(run), dtype)
 
-def _difference(y, prev, dt, has, all_have: bool):
-    """(y - prev) / dt per row where the row `has` the earlier point, else 0; `all_have` (known on the host: every
+    def learn(self, out: torch.Tensor, run, rows=None):
+        """Rows `rows` of `out` were computed at the current step of `run`."""
+        self.update(out.detach(), self.at(run), rows)
+
+
+def _difference(y, prev, ds, has, all_have: bool):
+    """(y - prev) / ds per row where the row `has` the earlier point, else 0; `all_have` (known on the host: every
     row has it) skips the masking, which then changes nothing."""
     if all_have:
-        return (y - prev) / _col(dt, y)
-    return torch.where(_col(has, y), (y - prev) / _col(torch.where(has, dt, 1.0), y), 0.0)
+        return (y - prev) / _col(ds, y)
+    return torch.where(_col(has, y), (y - prev) / _col(torch.where(has, ds, 1.0), y), 0.0)

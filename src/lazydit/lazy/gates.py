@@ -22,7 +22,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lazydit.errors import GateMismatchError
+from lazydit.errors import GateMismatchError, UsageError
 from lazydit.files import atomic_write
 from lazydit.models.registry import model_blocks
 from lazydit.sampling.schedule import respaced_timesteps, respacing_name
@@ -182,8 +182,9 @@ class LazyGates(nn.Module):
                                      (("router", False), ("parity", True), ("lookahead", False)))
         threshold = meta.get("threshold", 0.5)
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
-            raise GateMismatchError(f"{path}: threshold {threshold!r} is not a number in [0, 1]: "
-                                    "recalibrate the file (lazydit calibrate) or set it with --threshold")
+            raise GateMismatchError(f"{path}: threshold {threshold!r} is not a number in [0, 1]: the file is damaged; "
+                                    "use the gate file it was copied from, or train the gates again "
+                                    "(lazydit train-gates)")
         kinds = meta.get("branch_kinds", ["attn", "mlp"])
         tmap = meta.get("timestep_map") or respaced_timesteps(T)
         if (not isinstance(kinds, list) or not isinstance(tmap, list) or nb != len(kinds) or T != meta.get("steps")
@@ -243,3 +244,25 @@ def _flag(path, meta: dict, key: str, default: bool) -> bool:
     if not isinstance(v, bool):
         raise GateMismatchError(f"{path}: metadata {key!r} is {v!r}, not true or false")
     return v
+
+
+PARITY_RATIO_CAP = 0.5  # the reference parity computes every odd step, so at most half the modules skip
+
+
+def check_reachable(target: float | None, parity: bool = True, name: str = "target lazy ratio"):
+    """Refuse a calibration target that gates under the reference parity cannot reach, before any work.
+
+    The reference parity computes every odd step, so no threshold takes the lazy ratio past 0.5; gates on every
+    step (`parity=False`) have no such cap. The exact reachable range of a gate set is only known by sampling
+    (calibration states it); this check only refuses what is out of reach by construction.
+
+    Args:
+        target: the lazy ratio asked for, or None (nothing asked: nothing to check).
+        parity: whether the gates follow the reference parity (`LazyGates.parity`).
+        name: how the message names the target (the CLI passes its flag, `--target-ratio`).
+    Raises:
+        UsageError: `parity` and `target` > 0.5.
+    """
+    if parity and target is not None and target > PARITY_RATIO_CAP:
+        raise UsageError(f"{name} {target}: out of reach, the reference parity (odd steps always compute) caps the "
+                         f"lazy ratio at {PARITY_RATIO_CAP}")

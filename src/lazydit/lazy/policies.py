@@ -1,47 +1,82 @@
 """Caching policies: which rows of a branch compute at a step, and what a skipped row receives.
 
-A policy is the whole of a caching method. The hooks (`lazydit.lazy.hooks`) own the caches, run the modules, merge
-mixed batches and count every evaluation; a policy only answers the questions below. Adding a method is one
-subclass (see docs/architecture.md for a complete example): it then gets statistics, heat maps, TMACs, the CLI
-(`--method`) and the benchmarks from the code that already exists.
+A policy is the whole of a caching method. The engines (`lazy/engine_*.py`, attached by
+`lazydit.lazy.attach.apply_lazy`) own the caches, run the modules, merge mixed batches and count every evaluation; a
+policy only answers the questions below. Adding a method is one subclass (see docs/architecture.md for a complete
+example): it then gets statistics, heat maps, TMACs, the CLI (`--method`) and the benchmarks from the code that
+already exists.
+
+A policy names its engine in one class attribute, `Policy.engine` (one of ENGINES):
+- "module": decisions read this step's branch input z (the reference gates);
+- "block": decisions are known before the step's branch inputs exist, so a skipped branch skips its norm and
+  modulation too (on fused blocks; on others the module engine runs them);
+- "residual": one cached residual of a run of blocks, one decision per step (`skip_blocks`); no branch hooks.
 
 Every question is asked per branch hook (`hook.layer`, `hook.branch`, `hook.cache` ...) at respaced index k
 (T-1 is the first sampling step, 0 the last):
 - `begin_step(run, k)`: the model is about to be called at step k (every hook is in `run.hooks`).
 - `compute_rows(hook, k, z)`: (B,) bool, True = compute, or None = every row computes. Asked only when the hook
-  holds a cache for exactly these rows and the branch may skip; `z` is this step's modulated input for policies
-  that need it (`plans_ahead = False`), None for those that decide before it exists (`plans_ahead = True`, whose
-  skipped rows then skip the norm and modulation too).
-- `reuse(hook, k)`: what the skipped rows receive, (B, N, D); the cached output of the last step by default.
-- `computed(hook, k, z)`: every row of the branch computed at step k from input z (plans-ahead path only).
+  holds a cache for exactly these rows and the branch may skip; `z` is this step's modulated input on the module
+  engine, None on the block engine (the decisions come before it exists).
+- `reuse(hook, k)`: what the skipped rows receive, (B, N, D), asked once per branch and step: the cached output of
+  the last step, or the forecast of the branch's history (`new_history`, `lazydit.lazy.forecast`) by default.
+- `computed(hook, k, z)`: every row of the branch computed at step k from input z (block engine only).
 - `compute_prob(hook, k, z)`: (B,) probability to compute, for the soft mix of gate training (learned policies).
 
-Block-level policies (`caches_blocks = True`) cache one residual instead of branch outputs and answer one question
+Residual policies (`engine = "residual"`) cache one residual instead of branch outputs and answer one question
 per step, at the input of block `first_cached`:
 - `skip_blocks(probe)`: whether this step reuses the cached residual of blocks first_cached .. L-1 (the whole batch
-  together); `probe` (`lazydit.lazy.hooks.BlockProbe`) holds the step's inputs and a state dict kept until the next
-  batch.
+  together); `probe` (`lazydit.lazy.engine_residual.BlockProbe`) holds the step's inputs and a state dict kept
+  until the next batch.
 
 `prepare(model, y, cfg_scale, seed, sampler)` runs before sampling for methods fitted on the model (TeaCache's
 rescaling polynomial); it is a no-op for the others.
 """
 
+import copy
 import importlib
-from dataclasses import replace
+import math
+from dataclasses import dataclass, replace
 
 import torch
 
-from lazydit.errors import GateMismatchError, UsageError
+from lazydit.errors import GateMismatchError, OptionRangeError, UsageError
 from lazydit.lazy.config import LazyConfig
 from lazydit.lazy.gates import LazyGates, logit_of
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """How a policy's `threshold` is calibrated to a target lazy ratio (`lazydit.pipeline.calibrate`).
+
+    The lazy ratio never falls as the threshold rises, so a bisection finds it; the search runs over [lo, hi] in
+    `space`: "logit" for a threshold in (0, 1) (gate probabilities), "log" for a positive threshold (distances).
+    """
+
+    space: str  # "logit" or "log"
+    lo: float  # the bracket, in that space
+    hi: float
+    whole_steps: bool = False  # decisions are whole steps (residual caches): ratios come in steps of about 1/T
+
+    def threshold(self, v: float) -> float:
+        """The threshold at point v of the search space."""
+        return 1 / (1 + math.exp(-v)) if self.space == "logit" else math.exp(v)
+
+
+GATE_CALIBRATION = Calibration("logit", -60.0, 60.0)  # gate logits are sums over tokens: they can be large
+DISTANCE_CALIBRATION = Calibration("log", math.log(1e-6), math.log(1e3), whole_steps=True)
+
+
+ENGINES = ("module", "block", "residual")  # the values of Policy.engine (lazydit.lazy.attach runs each)
 
 
 class Policy:
     """Base class of every caching policy: computes everything (subclasses decide otherwise)."""
 
-    plans_ahead = False  # decisions of a step are known before its branch inputs are built
-    caches_blocks = False  # block-level residual cache (FBCache, TeaCache): see `skip_blocks`; no branch hooks
-    first_cached = 0  # block-level: the residual of blocks first_cached .. L-1 is what a skipped step reuses
+    calibration: Calibration | None = None  # how `threshold` is calibrated to a lazy ratio; None: no threshold
+
+    engine = "module"  # how the policy runs (ENGINES): "module" decides on z, "block" before z, "residual" per step
+    first_cached = 0  # residual engine: the residual of blocks first_cached .. L-1 is what a skipped step reuses
     records_inputs = False  # record mode keeps each branch's input Z as well as its output (look-ahead training)
     label = "Cached"  # report rows are named f"{label}-{T}"
 
@@ -82,7 +117,29 @@ class Policy:
         return {"policy": type(self).__name__, "steps": self.steps, "config": asdict(self.config), **opts}
 
     def prepare(self, model, y, cfg_scale: float = 1.0, seed: int = 0, sampler: str = "ddim"):
-        """Fit what the method fits on the model (labels y, guidance, noise seed, sampler of the run); default none."""
+        """Fit what the method fits on the model (labels y, guidance, noise seed, sampler of the run); default none.
+        What it fitted is `fitted()`."""
+
+    def fitted(self) -> dict:
+        """What `prepare` fitted, as JSON (recorded with a row; empty for methods that fit nothing)."""
+        return {}
+
+    def load_fitted(self, state: dict):
+        """Take back what `fitted()` returned (from a row's record), so that `prepare` fits nothing again."""
+        if state:
+            raise UsageError(f"{type(self).__name__} fits nothing, got {sorted(state)}")
+
+    def with_threshold(self, threshold: float) -> "Policy":
+        """The same method at another threshold, sharing what `prepare` fitted (the calibrator samples with it).
+
+        Raises:
+            UsageError: the method has no threshold to calibrate (`calibration` is None).
+        """
+        if self.calibration is None:
+            raise UsageError(f"{type(self).__name__} has no threshold to calibrate to a lazy ratio")
+        new = copy.copy(self)
+        new.threshold = threshold
+        return new
 
     def begin_step(self, run, k: int):
         """Called when the model is called at respaced step k."""
@@ -92,26 +149,23 @@ class Policy:
         return False
 
     def new_history(self):
-        """The per-branch history forecast reuse keeps (forecast > 0): Newton extrapolation in the timestep."""
+        """The history a branch keeps of its computed outputs for forecast reuse (forecast > 0): Newton divided
+        differences in the timestep; None (forecast 0): skipped rows receive the cache."""
         from lazydit.lazy.forecast import ForecastHistory
 
-        return ForecastHistory(self.forecast)
-
-    def clock(self, run) -> float:
-        """Where the history places step run.k: its original timestep (TaylorSeer counts sampling steps)."""
-        return run.t
+        return ForecastHistory(self.forecast) if self.forecast else None
 
     def compute_rows(self, hook, k: int, z):
         """(B,) bool compute decisions of this branch at step k, or None: every row computes."""
         return None
 
     def reuse(self, hook, k: int) -> torch.Tensor:
-        """What the skipped rows receive: the branch output cached at the last step, or with forecast > 0 its
-        extrapolation from the last computed outputs (`lazydit.lazy.forecast`)."""
-        return hook.forecast(hook.cache.dtype) if self.forecast else hook.cache
+        """What the skipped rows receive: the branch output cached at the last step, or, when the branch keeps a
+        history (`new_history`), its forecast at this step."""
+        return hook.cache if hook.history is None else hook.history.forecast(hook.run, hook.cache.dtype)
 
     def computed(self, hook, k: int, z: torch.Tensor):
-        """Every row of the branch computed at step k, from modulated input z (plans-ahead policies)."""
+        """Every row of the branch computed at step k, from modulated input z (block engine)."""
 
     def compute_prob(self, hook, k: int, z: torch.Tensor) -> torch.Tensor:
         raise UsageError(f"{type(self).__name__} has no soft decisions to train")
@@ -133,6 +187,7 @@ class ReferenceGates(Policy):
     reference parity odd steps always compute (their gates are untrained)."""
 
     label = "Lazy"
+    calibration = GATE_CALIBRATION  # a row computes iff p >= threshold: more skipping as it rises
 
     def __init__(self, gates: LazyGates, config: LazyConfig | None = None):
         super().__init__(gates.steps, config)
@@ -148,6 +203,12 @@ class ReferenceGates(Policy):
             self.config = replace(self.config, max_skips=rollout)
         self.threshold = gates.threshold if self.config.threshold is None else self.config.threshold
         self.logit_threshold = logit_of(self.threshold)
+
+    def with_threshold(self, threshold: float) -> "ReferenceGates":
+        new = copy.copy(self)
+        new.config = replace(self.config, threshold=threshold)
+        new.threshold, new.logit_threshold = threshold, logit_of(threshold)
+        return new
 
     def check_model(self, model):
         self.gates.check_model(model)
@@ -183,7 +244,7 @@ class LookaheadGates(ReferenceGates):
     computed step (the odd step k+1 under the parity). The plan of step k is known when step k+1 ends: one host
     transfer per step pair, and a skipped branch costs nothing, not its norm or modulation either."""
 
-    plans_ahead = True
+    engine = "block"
     records_inputs = True
     label = "Lazy-LA"
 
@@ -212,18 +273,18 @@ class LookaheadGates(ReferenceGates):
 
 class ForcedPlan(Policy):
     """A fixed skip plan: (T, L, 2) bool (True = skip, every row) or (T, L, 2, B) (per row). Under `parity` odd
-    steps compute whatever the plan says (as the gates' parity does). `ahead=False` executes it on the module-level
-    path of the reference gates (the norm and modulation run for every row) instead of the plans-ahead path; the
+    steps compute whatever the plan says (as the gates' parity does). `ahead=False` executes it on the module engine
+    of the reference gates (the norm and modulation run for every row) instead of the block engine; the
     samples are the same."""
 
-    plans_ahead = True
+    engine = "block"
     label = "Forced"
 
     def __init__(self, plan: torch.Tensor, parity: bool = True, ahead: bool = True, config: LazyConfig | None = None):
         super().__init__(plan.shape[0], config)
         self.plan = plan.bool().cpu()
         self.parity = parity
-        self.plans_ahead = ahead
+        self.engine = "block" if ahead else "module"
 
     def describe(self) -> dict:
         import hashlib
@@ -253,7 +314,7 @@ class Learning2Cache(ReferenceGates):
     odd steps compute everything, and on even steps a module computes iff sigmoid(score) >= threshold, for every
     row alike. The decisions are known before the step, so a skipped module skips its norm and modulation too."""
 
-    plans_ahead = True
+    engine = "block"
     label = "L2C"
 
     def compute_rows(self, hook, k, z):
@@ -298,20 +359,23 @@ def _value(text: str):
     return text
 
 
-GATE_METHODS = {"lazy": "gates", "l2c": "router"}  # pseudo-methods: a gate / router bank read from a file (its key)
+GATE_METHODS = {"lazy": "gates", "l2c": "router"}  # methods of a gate / router bank read from a file (its key)
+BANK_SAMPLING_OPTIONS = {"threshold": float, "max_skips": int, "forecast": int, "uniform": bool,
+                         "tie_cfg": bool}  # the LazyConfig fields a bank method takes as options
 
 
 def gate_policy(method: str, options: dict, steps: int, config: LazyConfig | None = None, device="cpu",
                 what: str = "") -> Policy:
     """The policy of a gate bank named like a method: `lazy` (gates=FILE, or default / default-<kind>: the shipped
-    sets, `lazydit.lazy.shipped.resolve_gates`) or `l2c` (router=FILE), with an optional `threshold` option; the same
-    for `--method` and `lazydit compare`'s configurations.
+    sets, `lazydit.lazy.shipped.resolve_gates`) or `l2c` (router=FILE), with optional LazyConfig options
+    (BANK_SAMPLING_OPTIONS: threshold, max_skips, forecast, uniform, tie_cfg); the same for `--method` and the row
+    engine's configurations (`lazydit.evaluation.rows`).
 
     Args:
         method: "lazy" or "l2c".
         options: the parsed key=value options (no `target`: calibration is `lazydit compare`'s).
         steps: T (the bank must be for T steps).
-        config: LazyConfig of the sampling; `threshold=` in the options overrides its threshold.
+        config: LazyConfig of the sampling; the options override its fields.
         what: how errors name the request (e.g. "--method lazy:gates=x").
     Raises:
         UsageError: a missing file key, an unknown option, a router bank for `lazy` or a gate bank for `l2c`.
@@ -323,19 +387,34 @@ def gate_policy(method: str, options: dict, steps: int, config: LazyConfig | Non
     if need not in opts:
         raise UsageError(f"{what}: {method} needs {need}=FILE" + (" (or gates=default)" if method == "lazy" else ""))
     path = str(opts.pop(need))
-    threshold = opts.pop("threshold", None)
+    sampling = {k: opts.pop(k) for k in BANK_SAMPLING_OPTIONS if k in opts}
     if opts:
         raise UsageError(f"{what}: unknown option(s) {', '.join(sorted(opts))} of {method} (it takes {need}= and "
-                         "threshold=)")
+                         f"{'=, '.join(BANK_SAMPLING_OPTIONS)}=)")
     gates = resolve_gates(path, steps, device)
     gates.check_steps(steps)
     if (method == "l2c") != gates.router:
         raise UsageError(f"{what}: {path} is {'a router' if gates.router else 'a gate'} bank: use "
                          f"{'l2c:router' if gates.router else 'lazy:gates'}=")
     config = config or LazyConfig()
-    if threshold is not None:
-        config = replace(config, threshold=float(threshold))
+    try:
+        config = replace(config, **{k: BANK_SAMPLING_OPTIONS[k](v) for k, v in sampling.items()})
+    except (TypeError, ValueError) as e:
+        raise OptionRangeError(f"{what}: {e}") from None
     return policy_for(gates, config)
+
+
+def _bank_method(method: str):
+    """The registry entry of a gate-bank method: built like a policy class, from T, a LazyConfig and options."""
+
+    def build(steps: int, config: LazyConfig | None = None, device="cpu", **options) -> Policy:
+        return gate_policy(method, options, steps, config, device, what=method)
+
+    build.__doc__ = f"`{method}:{GATE_METHODS[method]}=FILE[,threshold=p]`: the policy of a {GATE_METHODS[method]} bank."
+    return build
+
+
+POLICIES["lazy"], POLICIES["l2c"] = _bank_method("lazy"), _bank_method("l2c")  # LazyDiT's gates, Learning-to-Cache
 
 
 def make_policy(spec: str, steps: int, config: LazyConfig | None = None, device="cpu") -> Policy:
@@ -373,7 +452,7 @@ def make_policy(spec: str, steps: int, config: LazyConfig | None = None, device=
         except (ImportError, AttributeError) as e:
             raise UsageError(f"--method {spec}: cannot import {head}:{name} ({e})") from e
     else:
-        known = ", ".join(sorted([*POLICIES, *GATE_METHODS]))
+        known = ", ".join(sorted(POLICIES))
         raise UsageError(f"--method {spec}: unknown method; registered: {known} (or give package.module:Class)")
     if not (isinstance(cls, type) and issubclass(cls, Policy)):
         raise UsageError(f"--method {spec}: {cls!r} is not a lazydit Policy")
@@ -383,6 +462,18 @@ def make_policy(spec: str, steps: int, config: LazyConfig | None = None, device=
         if not sep:
             raise UsageError(f"--method {spec}: expected key=value, got {item!r}")
         options[key.strip()] = _value(value.strip())
+    import inspect
+
+    try:
+        params = inspect.signature(cls).parameters
+        takes = None if any(p.kind is p.VAR_KEYWORD for p in params.values()) else [
+            p for p in params if p not in ("steps", "config", "device")]
+    except (TypeError, ValueError):  # a callable without a signature: let the call say it
+        takes = None
+    unknown = [k for k in options if takes is not None and k not in takes]
+    if unknown:
+        offered = ", ".join(f"{p}=" for p in takes) or "no options"
+        raise UsageError(f"--method {spec}: {head} takes {offered} (not {', '.join(f'{k}=' for k in unknown)})")
     try:
         return cls(steps=steps, config=config, **options)
     except TypeError as e:

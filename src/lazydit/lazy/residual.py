@@ -1,8 +1,9 @@
 """Training-free residual caches that decide per step from a cheap probe: first-block cache and TeaCache.
 
-Both are block-level policies (`Policy.caches_blocks`): a computed step caches the residual of a run of blocks (the
-output of the last block minus the input of the first cached one); a skipped step adds that residual instead of
-running those blocks. The decision is taken once per step for the whole batch, as diffusers and TeaCache do.
+Both run on the residual engine (`Policy.engine = "residual"`, `lazydit.lazy.engine_residual`): a computed step
+caches the residual of a run of blocks (the output of the last block minus the input of the first cached one); a
+skipped step adds that residual instead of running those blocks. The decision is taken once per step for the whole
+batch, as diffusers and TeaCache do.
 """
 
 import math
@@ -12,7 +13,7 @@ import torch
 
 from lazydit.errors import OptionRangeError, UsageError
 from lazydit.lazy.config import LazyConfig
-from lazydit.lazy.policies import Policy, register_policy
+from lazydit.lazy.policies import DISTANCE_CALIBRATION, Policy, register_policy
 
 
 def relative_l1(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -35,9 +36,10 @@ class FirstBlockCache(Policy):
     Options (`--method fbcache:threshold=R`): R >= 0 (0: never skips; diffusers' default 0.05).
     """
 
-    caches_blocks = True
+    engine = "residual"
     first_cached = 1
     label = "FBCache"
+    calibration = DISTANCE_CALIBRATION  # a step skips while the distance is below the threshold
 
     def __init__(self, steps: int, config: LazyConfig | None = None, threshold: float = 0.05):
         super().__init__(steps, config)
@@ -67,9 +69,10 @@ class TeaCache(Policy):
     them on the model before sampling.
     """
 
-    caches_blocks = True
+    engine = "residual"
     first_cached = 0
     label = "TeaCache"
+    calibration = DISTANCE_CALIBRATION  # a step skips while the accumulated distance is below the threshold
 
     def __init__(self, steps: int, config: LazyConfig | None = None, threshold: float = 0.1,
                  coefficients=None):
@@ -86,6 +89,13 @@ class TeaCache(Policy):
 
     def describe(self) -> dict:
         return {**super().describe(), "coefficients": self.coefficients}
+
+    def fitted(self) -> dict:
+        return {} if self.coefficients is None else {"coefficients": list(self.coefficients)}
+
+    def load_fitted(self, state: dict):
+        if state.get("coefficients") is not None:
+            self.coefficients = tuple(float(c) for c in state["coefficients"])
 
     def prepare(self, model, y, cfg_scale=1.0, seed=0, sampler="ddim"):
         if self.coefficients is None:
@@ -117,7 +127,7 @@ class TeaCache(Policy):
 def teacache_distances(model, y, steps: int, cfg_scale: float = 1.0, seed: int = 0, sampler: str = "ddim"):
     """Per consecutive pair of steps of dense sampling: (relative L1 change of block 0's modulated input, relative L1
     change of the model output), as float64 arrays of T - 1 values each."""
-    from lazydit.lazy.hooks import BlockProbe
+    from lazydit.lazy.engine_residual import BlockProbe
     from lazydit.models.registry import model_blocks
     from lazydit.sampling import SAMPLERS
 

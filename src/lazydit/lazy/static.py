@@ -5,12 +5,11 @@ differ in which steps compute and in what a skipped branch receives. Respaced in
 sampling step, where no cache exists yet) down to 0; j = T - 1 - k counts sampling steps from 0.
 """
 
-import math
-
 import torch
 
 from lazydit.errors import OptionRangeError
 from lazydit.lazy.config import LazyConfig
+from lazydit.lazy.forecast import ForecastHistory
 from lazydit.lazy.policies import Policy, register_policy
 
 
@@ -23,7 +22,7 @@ def _count(name: str, value, lo: int) -> int:
 class _Schedule(Policy):
     """A fixed set of full steps (`computes(k)`); every branch of every other step skips."""
 
-    plans_ahead = True  # the schedule is known: a skipped branch skips its norm and modulation too
+    engine = "block"  # the schedule is known: a skipped branch skips its norm and modulation too
 
     def computes(self, k: int) -> bool:
         """Whether respaced step k computes every branch."""
@@ -55,51 +54,12 @@ class FORA(_Schedule):
         return k == self.steps - 1 or k % self.interval == 0
 
 
-class TaylorHistory:
-    """TaylorSeer's per-row Taylor factors of one branch: d_0 = the last computed output, d_{i+1} = (d_i - d_i of the
-    previous full step) / (steps between the two full steps), up to the order, at sampling step j0 of the last full
-    step (float32). A forecast at step j is sum_i d_i (j - j0)^i / i!."""
-
-    def __init__(self, order: int):
-        self.order = order
-        self.d = None  # list of (B, ...) factors, d[0] first
-        self.n = None  # (B,) factors each row holds
-        self.j0 = None  # (B,) sampling step of each row's last full step
-
-    def update(self, out: torch.Tensor, j: float, rows=None):
-        """Rows `rows` (an index tensor; None: all) computed `out[rows]` at sampling step j."""
-        if self.d is None or self.d[0].shape != out.shape:
-            self.d = [torch.zeros(out.shape, dtype=torch.float32, device=out.device) for _ in range(self.order + 1)]
-            self.n = torch.zeros(out.shape[0], dtype=torch.long, device=out.device)
-            self.j0 = torch.zeros(out.shape[0], dtype=torch.float32, device=out.device)
-        sel = slice(None) if rows is None else rows
-        y = (out if rows is None else out[rows]).float()
-        n, dist = self.n[sel], j - self.j0[sel]
-        new = [y]
-        for i in range(self.order):  # d_{i+1} where the row held d_i before
-            has = (n > i).view(-1, *([1] * (y.dim() - 1)))
-            step = torch.where(n > i, dist, 1.0).view(-1, *([1] * (y.dim() - 1)))
-            new.append(torch.where(has, (new[i] - self.d[i][sel]) / step, 0.0))
-        for i in range(self.order + 1):
-            self.d[i][sel] = new[i]
-        self.n[sel] = torch.clamp(n + 1, max=self.order + 1)
-        self.j0[sel] = float(j)
-
-    def predict(self, j: float, dtype) -> torch.Tensor:
-        """(B, ...) forecast of every row at sampling step j."""
-        off = (j - self.j0).view(-1, *([1] * (self.d[0].dim() - 1)))
-        out = self.d[0].clone()
-        for i in range(1, self.order + 1):
-            out = out + self.d[i] * (off**i / math.factorial(i))
-        return out.to(dtype)
-
-
 @register_policy("taylorseer")
 class TaylorSeer(_Schedule):
     """TaylorSeer: the first `warmup` steps compute, then one full step every `interval` steps; between them every
     attention and MLP output is forecast by a Taylor series of `order` whose derivatives are finite differences of
-    the outputs of the last full steps (`TaylorHistory`). Order 0 reuses the last output (a FORA-like cache on this
-    schedule).
+    the outputs of the last full steps (`ForecastHistory` with TaylorSeer's series and clock). Order 0 reuses the
+    last output (a FORA-like cache on this schedule).
 
     Options (`--method taylorseer:interval=N,order=O,warmup=W`): TaylorSeer-DiT's defaults N=4, O=4, W=2.
     """
@@ -119,7 +79,6 @@ class TaylorSeer(_Schedule):
         return j < self.warmup or (j - self.warmup) % self.interval == 0
 
     def new_history(self):
-        return TaylorHistory(self.order)
-
-    def clock(self, run) -> float:
-        return float(self.steps - 1 - run.k)  # sampling steps, as TaylorSeer counts
+        """TaylorSeer's factors: every difference divided by the distance between the last two full steps, counted
+        in sampling steps j."""
+        return ForecastHistory(self.order, series="taylor", clock="step") if self.order else None

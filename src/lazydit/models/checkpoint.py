@@ -27,7 +27,8 @@ def read_state_dict(path, key: str | None = None) -> dict:
         with torch.serialization.safe_globals([argparse.Namespace]):  # DiT's train.py stores args as a Namespace
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # truncated or foreign files
-        raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e})") from e
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint torch can read safely (truncated, corrupt or another "
+                              f"format; {type(e).__name__}): pass a DiT checkpoint (.pt / .pth / .safetensors)") from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
     if key is not None:
@@ -81,6 +82,9 @@ def load_dit(path, name: str | None = None, **overrides) -> DiT:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     meta = read_model_metadata(path) if path.suffix == ".safetensors" else {}
+    if str(meta.get("format", "")).startswith("lazydit-gates"):
+        raise CheckpointError(f"{path} is a gate file (lazydit train-gates), not a DiT: pass it as --gates, and a DiT "
+                              "as --model")
     if meta.get("kind") == "lazydit-autoencoder":
         raise CheckpointError(f"{path} is an autoencoder (lazydit train-autoencoder), not a DiT: pass a DiT as --model "
                               "(its autoencoder goes to --vae, or to --autoencoder when pretraining)")

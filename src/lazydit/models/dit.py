@@ -43,7 +43,8 @@ DIT_MODELS = {
     for s, (d, h, nh) in _SIZES.items()
     for p in (2, 4, 8)
 }
-# The previous embedded default (until stop 23): a class-conditional pixel-space DiT for 28x28 Fashion-MNIST.
+# A class-conditional pixel-space DiT for 28x28 Fashion-MNIST: the embedded default's transformer (below), on pixels
+# instead of latents.
 DIT_MODELS["DiT-FMNIST"] = dict(
     depth=6, hidden_size=192, num_heads=3, patch_size=4, input_size=28, in_channels=1, num_classes=10,
     learn_sigma=False,
@@ -315,6 +316,44 @@ def zoo_config(zoo: dict, config_cls, name: str, overrides: dict, kind: str = "D
 def model_config(name: str, **overrides) -> DiTConfig:
     """The DiTConfig of a zoo entry (`"DiT-XL/2"`), with fields overridden."""
     return zoo_config(DIT_MODELS, DiTConfig, name, overrides)
+
+
+def image_per_latent(name: str) -> int:
+    """Image size / model input size of a zoo model: 1 for pixel models, the autoencoder's factor for latent ones
+    (4 input channels: IMAGE_PER_LATENT's entry, else SD-VAE's 8).
+
+    Args:
+        name: a key of DIT_MODELS.
+    Returns:
+        The factor (int).
+    """
+    return IMAGE_PER_LATENT.get(name, 8) if model_config(name).in_channels == 4 else 1
+
+
+def config_for_image_size(name: str, image_size: int | None = None, *, what: str = "image size") -> DiTConfig:
+    """The DiTConfig of a zoo model sized for `image_size` x `image_size` images (pixels, not latents).
+
+    Args:
+        name: a key of DIT_MODELS.
+        image_size: the image side; None keeps the zoo entry's input size.
+        what: how the message names the size (the CLI passes its flag, `--image-size`).
+    Returns:
+        The config, `input_size = image_size // image_per_latent(name)`.
+    Raises:
+        OptionRangeError: `image_size` is not a positive multiple of image_per_latent(name) x patch size (an image
+            of whole patches of whole latents).
+    """
+    from lazydit.errors import OptionRangeError
+
+    cfg = model_config(name)
+    factor = image_per_latent(name)
+    multiple = factor * cfg.patch_size
+    if image_size is None:
+        return cfg
+    if image_size <= 0 or image_size % multiple:
+        raise OptionRangeError(f"{what} {image_size} does not fit {name}: image sizes are multiples of {multiple} "
+                               f"(image/latent factor {factor} x patch {cfg.patch_size})")
+    return model_config(name, input_size=image_size // factor)
 
 
 def create_model(name: str, **overrides) -> DiT:

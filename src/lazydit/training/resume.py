@@ -163,15 +163,13 @@ class restoring:
                               "with the model and settings that wrote it, or start a new run with another --out") from e
 
 
-def check_run_folder(out, resume: bool, missing_ok: bool = False):
+def check_run_folder(out, resume: bool):
     """Refuse a run folder a trainer cannot use, before any data work: `out` (or a folder above it) is a file, or
     --resume finds no checkpoint file in it.
 
     Args:
         out: the run folder (--out).
         resume: --resume was given.
-        missing_ok: --resume without a checkpoint starts a new run (pretrain, train-autoencoder: a job script can
-            always pass --resume) instead of being refused (train-gates).
     Raises:
         UsageError: out is not a folder, or --resume has nothing to continue.
         CheckpointError: out/checkpoint.pt is not a file.
@@ -179,7 +177,7 @@ def check_run_folder(out, resume: bool, missing_ok: bool = False):
     from pathlib import Path
 
     if out is None:
-        if resume and not missing_ok:
+        if resume:
             raise UsageError("--resume needs --out, the run folder that holds checkpoint.pt")
         return
     out = Path(out)
@@ -194,6 +192,6 @@ def check_run_folder(out, resume: bool, missing_ok: bool = False):
     ckpt = out / "checkpoint.pt"
     if resume and ckpt.exists() and not ckpt.is_file():
         raise CheckpointError(f"--resume: {ckpt} is not a file: remove it, or start a new run with another --out")
-    if resume and not ckpt.exists() and not missing_ok:
+    if resume and not ckpt.exists():
         raise UsageError(f"--resume: no checkpoint at {ckpt}: drop --resume to start a new run there, or give the "
                          "--out of the run to continue")

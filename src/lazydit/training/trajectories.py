@@ -30,8 +30,8 @@ def trajectory_pool(model, steps: int, size: int, *, cfg_scale: float = 1.5, see
         progress: progress bar.
         timesteps: T ascending original timesteps (the schedule the gates are trained for; default: the respacing).
     Returns:
-        (traj (size, T, C, H, W) float32 on the CPU, traj[:, i] the input of sampling step i, i.e. of respaced index
-        k = T - 1 - i; labels (size,) long).
+        (traj (size, T, C, H, W) float32 on the CPU, traj[:, j] the input of sampling step j, i.e. of respaced index
+        k = T - 1 - j; labels (size,) long).
     """
     if size < 1:
         raise UsageError(f"the trajectory pool needs at least one trajectory, got {size}")

@@ -1,0 +1,156 @@
+"""The block engine (`Policy.engine = "block"`: look-ahead gates, forced plans, Learning-to-Cache, the static
+schedules): a step's decisions are known before any branch input exists, so a skipped branch skips its norm and
+modulation too.
+
+On a fused block (`BlockSpec.fused`: the DiT formula) the block's `forward` is replaced too (`_block_forward`, sample
+mode only; other modes run the block as is, through the branch hooks of `engine_module`). It reads the block's
+parts from the registry, takes every branch's decisions first, computes the adaLN chunks the block needs
+(`_modulations`: a branch that every row skips needs its gate only) and runs each branch (`BlockHook.run_branch`):
+skipped rows add gate * reuse to the residual; computing rows run norm -> modulate -> module -> gated residual as
+one function (`_branch_fn`, a `torch.compile` region with `LazyConfig(compile=True)`). On a block that is not
+fused the module engine's hook runs the plan.
+
+When no graph is recorded, the gated residual and the partial modulation use buffers kept in `LazyRun.scratch`: on
+a CPU, allocating these temporaries is most of what a skipped step costs.
+"""
+
+import types
+
+import torch
+
+from lazydit.lazy.engine_module import ModuleHook, hook_modules
+from lazydit.lazy.engine_module import attach as attach_module
+from lazydit.models.dit import modulate
+
+
+class BlockHook(ModuleHook):
+    """A branch hook of a fused block: also runs the branch from the block's input x (`run_branch`)."""
+
+    _transient = ("fn",)
+
+    def __init__(self, run, layer: int, branch: int, module, norm):
+        self.norm = norm
+        self.fn = None  # the fused branch function (built lazily, maybe compiled)
+        super().__init__(run, layer, branch, module)
+
+    def run_branch(self, x, shift, scale, gate, extra=(), rows=None):
+        """x (B, N, D) -> x + gate * F(modulate(norm(x), shift, scale)), in sample mode.
+
+        The decisions are known before the branch starts (`rows`: this step's `decide(B, None)`), so skipped rows
+        reuse without touching the norm or the modulation; shift and scale may be None when no row computes.
+        """
+        run, B = self.run, x.shape[0]
+        if self.fn is None:
+            cfg = run.config
+            fn = _branch_fn(self.norm, self.module, compiled=cfg.compile, scratch=run.scratch)
+            self.fn = torch.compile(fn, mode=cfg.compile_mode) if cfg.compile else fn
+        if rows is None or bool(rows.all()):
+            x, out, z = self.fn(x, shift, scale, gate, *extra)
+            run.policy.computed(self, run.k, z)
+            self.keep(out)
+            n = B
+        elif _skips_all(rows):
+            out = self.reused()
+            x = _residual(x, gate, out, run.scratch)
+            self.keep(out, learn=False)
+            n = 0
+        else:
+            idx = rows.nonzero().squeeze(1)
+            idx = idx.pin_memory().to(x.device, non_blocking=True) if x.is_cuda else idx.to(x.device)
+            _, part, _ = self.fn(x[idx], shift[idx], scale[idx], gate[idx], *extra)
+            out = self.reused(writable=True)  # a buffer of our own: the computed rows are written into it
+            out[idx] = part.to(out.dtype)
+            self.keep(out, idx)
+            x = _residual(x, gate, out, run.scratch)
+            n = len(idx)
+        self.count(B, n, rows)
+        return x
+
+
+def _block_forward(self, x, *args, **kwargs):
+    """Replacement forward of a fused block (sample mode; other modes run the block as is)."""
+    run, hooks, spec = self._lazy_block
+    if run.mode != "sample":
+        return type(self).forward(self, x, *args, **kwargs)
+    c, extras = spec.inputs(self, *args, **kwargs)
+    rows = [hook.decide(x.shape[0], None) for hook in hooks]  # no decision depends on a branch output
+    mods = _modulations(self, spec, c, tuple(_skips_all(r) for r in rows), run.scratch)
+    for b, hook in enumerate(hooks):
+        x = hook.run_branch(x, *mods[b], extras[b], rows=rows[b])
+    return x
+
+
+def _skips_all(rows) -> bool:
+    """Whether host decisions `rows` ((B,) bool, True = compute; None: all compute) skip every row."""
+    return rows is not None and not bool(rows.any())
+
+
+def _residual(x, gate, out, scratch: dict | None = None):
+    """x + gate * out, (B, N, D) + (B, D) * (B, N, D), rounded as the block does it (product, then sum).
+
+    When no graph is recorded the sum is taken in place and the product goes to a reused buffer.
+    """
+    if torch.is_grad_enabled():
+        return x + gate.unsqueeze(1) * out
+    if scratch is None:
+        return x.add_(gate.unsqueeze(1) * out)
+    buf = scratch.get("buf")
+    if buf is None or buf.shape != out.shape or buf.dtype != out.dtype or buf.device != out.device:
+        buf = scratch["buf"] = torch.empty_like(out)
+    return x.add_(torch.mul(gate.unsqueeze(1), out, out=buf))
+
+
+def _branch_fn(norm, module, compiled: bool = False, scratch: dict | None = None):
+    """The fused work of one branch: Z = modulate(norm(x)), out = F(Z), the gated residual; returns (x, out, Z)."""
+    forward = type(module).forward
+
+    def branch(x, shift, scale, gate, *extra):
+        if compiled or torch.is_grad_enabled():
+            z = modulate(norm(x), shift, scale)  # (B, N, D)
+        else:  # the same ops and rounding, without two (B, N, D) temporaries
+            z = norm(x).mul_(1 + scale.unsqueeze(1)).add_(shift.unsqueeze(1))
+        out = forward(module, z, *extra)
+        x = x + gate.unsqueeze(1) * out if compiled else _residual(x, gate, out, scratch)  # compiled: fused
+        return x, out, z
+
+    return branch
+
+
+def _modulations(block, spec, c, skipped: tuple, scratch: dict) -> list:
+    """(shift, scale, gate) of every branch of `block` from its adaLN modulation of c (B, C).
+
+    A branch that every row skips needs its gate only (the gated residual of the reused output): when the modulation
+    is SiLU -> Linear (DiT, Large-DiT), only the columns of the chunks needed are computed, from a row subset of the
+    weight kept in `scratch` per block and pattern (rebuilt when the weight changes). The dot products are those of
+    the full product, so the values are the same (checked in tests/test_fast_path.py); a fully skipped DiT block
+    then pays a third of its modulation. Otherwise every chunk is computed and shift, scale are None where skipped.
+    """
+    nb = len(skipped)
+    mod = getattr(block, spec.modulation)
+    lin = mod[-1] if isinstance(mod, torch.nn.Sequential) and len(mod) == 2 and isinstance(mod[0], torch.nn.SiLU) \
+        and isinstance(mod[1], torch.nn.Linear) else None
+    if not any(skipped) or lin is None or torch.is_grad_enabled():
+        chunks = mod(c).chunk(3 * nb, dim=1)
+        return [(None, None, chunks[3 * b + 2]) if skipped[b] else chunks[3 * b : 3 * b + 3] for b in range(nb)]
+    stamp = (lin.weight.data_ptr(), lin.weight._version, None if lin.bias is None else lin.bias._version)
+    key = ("modulation", id(block), skipped)
+    entry = scratch.get(key)
+    if entry is None or entry[0] != stamp:
+        D = lin.out_features // (3 * nb)
+        cols = [j for b in range(nb) for j in ((3 * b + 2,) if skipped[b] else (3 * b, 3 * b + 1, 3 * b + 2))]
+        idx = torch.cat([torch.arange(j * D, (j + 1) * D) for j in cols]).to(lin.weight.device)
+        entry = scratch[key] = (stamp, D, lin.weight[idx], None if lin.bias is None else lin.bias[idx])
+    _, D, weight, bias = entry
+    parts = iter(torch.nn.functional.linear(mod[0](c), weight, bias).split(D, dim=1))
+    return [(None, None, next(parts)) if skipped[b] else (next(parts), next(parts), next(parts)) for b in range(nb)]
+
+
+def attach(run, layer: int, block, spec) -> list:
+    """Attach block `layer` to the block engine (a block that is not fused: to the module engine's hooks); returns
+    its branch hooks."""
+    if not spec.fused:
+        return attach_module(run, layer, block, spec)
+    hooks = hook_modules(run, layer, spec.modules(block), BlockHook, norm=[getattr(block, n) for n in spec.norms])
+    block._lazy_block = (run, hooks, spec)  # the registry is read once, not per step
+    block.forward = types.MethodType(_block_forward, block)
+    return hooks
