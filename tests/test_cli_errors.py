@@ -16,7 +16,7 @@ from conftest import tiny_model
 def run(capsys, argv):
     """(exit code, the whole stderr/exit message) of `lazydit argv`, progress bars removed."""
     with pytest.raises(SystemExit) as e:
-        main(argv)
+        main([str(a) for a in argv])
     code = e.value.code
     err = capsys.readouterr().err
     if isinstance(code, str):  # sys.exit("error: ...")

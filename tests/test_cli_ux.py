@@ -12,17 +12,9 @@ from lazydit.cli import build_parser, main
 from lazydit.evaluation import compare as cmp
 from lazydit.lazy import LazyGates
 
+from test_cli_errors import run
 
-def run(capsys, argv):
-    """(exit code, stderr / exit message) of `lazydit argv` that ends in SystemExit, progress bars removed."""
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    code = e.value.code
-    err = capsys.readouterr().err
-    if isinstance(code, str):  # sys.exit("error: ...")
-        err, code = err + code, 1
-    lines = [ln.strip() for ln in err.replace("\r", "\n").splitlines()]
-    return code, "\n".join(ln for ln in lines if ln and not re.search(r"\|.*\[\d\d:\d\d", ln))
+
 
 
 def subparser(name):

@@ -4,7 +4,6 @@ one line; run folders and option clashes are refused before any data work; Fashi
 and cached."""
 
 import os
-import re
 import time
 from pathlib import Path
 
@@ -13,29 +12,19 @@ import pytest
 import torch
 
 from lazydit.cli import main
-from lazydit.errors import CheckpointError, UsageError
+from lazydit.errors import CheckpointError
 from lazydit.lazy import LazyGates
 from lazydit.training.autoencoder import AutoencoderTrainConfig, train_autoencoder
 from lazydit.training.gates import GateTrainConfig, train_gates
 from lazydit.training.pretrain import PretrainConfig, pretrain
 from lazydit.training.resume import load_checkpoint, plain
 
+from test_cli_errors import run
 from conftest import tiny_model
 
 TRAINERS = ("train-gates", "pretrain", "train-autoencoder")
 
 
-def run(capsys, argv):
-    """(exit code, the whole stderr/exit message) of `lazydit argv`, progress bars removed."""
-    with pytest.raises(SystemExit) as e:
-        main([str(a) for a in argv])
-    code = e.value.code
-    err = capsys.readouterr().err
-    if isinstance(code, str):  # sys.exit("error: ...")
-        err, code = err + code, 1
-    lines = [ln.strip() for ln in err.replace("\r", "\n").splitlines()]
-    lines = [ln for ln in lines if ln and not re.search(r"\|.*\[\d\d:\d\d", ln)]  # tqdm's bars
-    return code, "\n".join(lines)
 
 
 def one_line_error(code, err):

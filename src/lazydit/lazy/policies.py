@@ -350,6 +350,17 @@ def register_policy(name: str):
     return deco
 
 
+def _options(text: str, what: str) -> dict:
+    """`key=value,...` as a dict, values parsed as int, float or str (`_value`)."""
+    options = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"{what}: expected key=value, got {item!r}")
+        options[key.strip()] = _value(value.strip())
+    return options
+
+
 def _value(text: str):
     for kind in (int, float):
         try:
@@ -430,12 +441,7 @@ def make_policy(spec: str, steps: int, config: LazyConfig | None = None, device=
         raise UsageError("--method is empty: name a method, e.g. fora:interval=2 (see lazydit sample --help)")
     head, _, rest = spec.partition(":")
     if head in GATE_METHODS:
-        options = {}
-        for item in filter(None, rest.split(",")):
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise UsageError(f"--method {spec}: expected key=value, got {item!r}")
-            options[key.strip()] = _value(value.strip())
+        options = _options(rest, f"--method {spec}")
         if "target" in options:
             bank = options.get(GATE_METHODS[head], "FILE")
             raise UsageError(f"--method {spec}: target= calibrates the threshold inside `lazydit compare` only; "
@@ -456,12 +462,7 @@ def make_policy(spec: str, steps: int, config: LazyConfig | None = None, device=
         raise UsageError(f"--method {spec}: unknown method; registered: {known} (or give package.module:Class)")
     if not (isinstance(cls, type) and issubclass(cls, Policy)):
         raise UsageError(f"--method {spec}: {cls!r} is not a lazydit Policy")
-    options = {}
-    for item in filter(None, opts.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UsageError(f"--method {spec}: expected key=value, got {item!r}")
-        options[key.strip()] = _value(value.strip())
+    options = _options(opts, f"--method {spec}")
     import inspect
 
     try:
