@@ -229,3 +229,11 @@ def test_skippable_kinds_select_branches_by_kind():
     assert LazyConfig(skippable_kinds=("attn",)).skippable(("attn", "cross", "mlp")) == (0, 1)  # cross with attn
     with pytest.raises(ValueError, match="unknown branch kinds"):
         LazyConfig(skippable_kinds=("ff",))
+
+
+def test_the_handle_names_what_runs_for_a_bare_samplers_progress_bar(model):
+    gates = LazyGates.for_model(model, 10)
+    with apply_lazy(model, gates) as lazy:
+        assert lazy.label == "Lazy-10"
+    with apply_lazy(model, ForcedPlan(torch.zeros(4, len(model.blocks), 2, dtype=torch.bool))) as forced:
+        assert forced.label == "Forced-4"

@@ -39,6 +39,12 @@ class LazyHandle:
         return self.run.policy
 
     @property
+    def label(self) -> str:
+        """What runs, as report rows name it ("Lazy-10", "FORA-20"): a sampler's `desc`, since samplers know
+        nothing about caching."""
+        return f"{self.run.policy.label}-{self.run.policy.steps}"
+
+    @property
     def mode(self):
         return self.run.mode
 
