@@ -247,7 +247,7 @@ def test_gates_for_other_blocks_are_refused(pipe):
     # same depth and width, but lazydit's DiT: the stored branch kinds agree, the config is checked where it can be
     enable_lazy(pipe, dit_gates)
     disable_lazy(pipe)
-    three = LazyGates(2, 32, STEPS, branches=3, meta={"branch_kinds": ["attn", "cross", "mlp"]})
+    three = LazyGates(2, 32, STEPS, num_branches=3, meta={"branch_kinds": ["attn", "cross", "mlp"]})
     with pytest.raises(GateMismatchError, match="branches"):
         enable_lazy(pipe, three)
 

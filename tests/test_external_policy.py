@@ -25,7 +25,7 @@ class ShallowSkip(Policy):
         self.threshold = float(threshold)
 
     def compute_rows(self, hook, k, z):
-        depth = len(hook.run.hooks) // hook.run.branches
+        depth = len(hook.run.hooks) // hook.run.num_branches
         if (self.steps - 1 - k) % 2 == 0 or (hook.layer + 0.5) / depth >= self.threshold:
             return None
         return torch.zeros(hook.cache.shape[0], dtype=torch.bool)

@@ -35,7 +35,7 @@ def compare(model, specs: list, cfg: RowSettings, extractor, ref: dict, run, pro
     Returns:
         the rows (dicts), in the order of `specs`.
     """
-    from lazydit.evaluation.metrics import load_npz_samples, paired_psnr
+    from lazydit.evaluation import records
 
     parsed = [parse_spec(s) for s in specs]
     for s in parsed:  # options and files are checked before anything runs
@@ -75,9 +75,8 @@ def compare(model, specs: list, cfg: RowSettings, extractor, ref: dict, run, pro
                 f"({time.time() - t0:.0f} s)")
         rows.append(row)
     ref_images = reference_samples(model, cfg, run, progress)
-    for s, row in zip(parsed, rows):
-        images = load_npz_samples(run / f"{s.filename}.npz")[: len(ref_images)]
-        row["psnr_vs_ref"] = paired_psnr(images, ref_images[: len(images)])["psnr"]
+    for s, row in zip(parsed, rows):  # the row records' PSNR to the fine reference, as every table's
+        records.complete(row, run / f"{s.filename}.npz", reps=0, seed=cfg.seed, fine=ref_images)
     return rows
 
 

@@ -77,11 +77,11 @@ def _residual_block_forward(self, x, *args, **kwargs):
             cache.x_start = x
     B = x.shape[0]
     if cache.skip and i >= first:
-        for b in range(run.branches):
+        for b in range(run.num_branches):
             run.collector.count(run.k, i, b, B, 0, None)
         return x
     out = bare(self, x, *args, **kwargs)
-    for b in range(run.branches):
+    for b in range(run.num_branches):
         run.collector.count(run.k, i, b, B, B, None)
     if i == run.depth - 1:
         cache.residual = (out - cache.x_start).detach()

@@ -51,11 +51,11 @@ class LazyGates(nn.Module):
     """
 
     def __init__(self, depth: int, hidden_size: int, steps: int, threshold: float = 0.5, meta: dict | None = None,
-                 parity: bool = True, lookahead: bool = False, router: bool = False, branches: int = 2,
+                 parity: bool = True, lookahead: bool = False, router: bool = False, num_branches: int = 2,
                  timestep_map: list | None = None):
         super().__init__()
         self.router = router  # Learning-to-Cache: one logit per (layer, branch, step), the input is not read
-        self.weight = nn.Parameter(torch.zeros(depth, branches, steps, 1 if router else hidden_size))
+        self.weight = nn.Parameter(torch.zeros(depth, num_branches, steps, 1 if router else hidden_size))
         self.timestep_map = list(respaced_timesteps(steps) if timestep_map is None else timestep_map)
         if len(self.timestep_map) != steps or sorted(set(self.timestep_map)) != self.timestep_map:
             raise ValueError(f"timestep_map must hold {steps} distinct ascending timesteps, got {self.timestep_map}")
@@ -79,7 +79,7 @@ class LazyGates(nn.Module):
         return self.weight.shape[3]
 
     @property
-    def branches(self):
+    def num_branches(self):
         return self.weight.shape[1]
 
     @property
@@ -105,7 +105,7 @@ class LazyGates(nn.Module):
         if schedule:
             meta["schedule"] = schedule
         gates = cls(len(blocks), model_width(model), steps, threshold, meta, parity=parity, lookahead=lookahead,
-                    router=router, branches=len(meta["branch_kinds"]), timestep_map=timestep_map)
+                    router=router, num_branches=len(meta["branch_kinds"]), timestep_map=timestep_map)
         return gates.to(next(model.parameters()).device)
 
     def logit(self, layer: int, branch: int, k: int, z: torch.Tensor) -> torch.Tensor:
@@ -190,7 +190,7 @@ class LazyGates(nn.Module):
         if (not isinstance(kinds, list) or not isinstance(tmap, list) or nb != len(kinds) or T != meta.get("steps")
                 or (router and D != 1) or len(tmap) != T):
             raise GateMismatchError(f"{path}: gate bank of shape {tuple(weight.shape)} does not match its metadata")
-        gates = cls(L, D, T, float(threshold), meta, parity=parity, lookahead=lookahead, router=router, branches=nb,
+        gates = cls(L, D, T, float(threshold), meta, parity=parity, lookahead=lookahead, router=router, num_branches=nb,
                     timestep_map=tmap)
         gates.weight.data.copy_(weight)
         return gates

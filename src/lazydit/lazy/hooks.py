@@ -50,7 +50,7 @@ class LazyRun(_Transient):
 
     def __init__(self, policy: Policy, mode: str, depth: int, kinds: tuple):
         self.policy, self.config, self.mode = policy, policy.config, mode
-        self.depth, self.branches, self.kinds = depth, len(kinds), kinds
+        self.depth, self.num_branches, self.kinds = depth, len(kinds), kinds
         self.hooks: list = []  # BranchHook per (layer, branch), layer-major
         self.k = 0  # current respaced step index
         self.timesteps = policy.timesteps  # k -> original timestep

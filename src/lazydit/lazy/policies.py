@@ -252,7 +252,7 @@ class LookaheadGates(ReferenceGates):
         scores = [h.score for h in run.hooks]
         plan = None
         if k % 2 == 0 and scores and all(s is not None for s in scores):  # step k+1 scored every branch
-            L, nb = run.depth, run.branches
+            L, nb = run.depth, run.num_branches
             plan = self.combine(torch.stack(scores).view(L, nb, -1)).cpu()  # (L, nb, B): one transfer
         for h in run.hooks:
             h.plan = None if plan is None else plan[h.layer, h.branch]

@@ -35,7 +35,7 @@ class BlockSpec:
     norms: tuple  # attribute names of the norm in front of each branch
     modulation: str = "adaLN_modulation"  # attribute name of the module mapping c to the (shift, scale, gate) chunks
     inputs: Callable = _condition_only  # (block, *forward args after x) -> (c, (extra args of each branch))
-    kinds: tuple = BRANCH_NAMES  # kind of each branch (BRANCH_KINDS): what LazyConfig.branches selects
+    kinds: tuple = BRANCH_NAMES  # kind of each branch (BRANCH_KINDS): what LazyConfig.skippable_kinds selects
     fused: bool = True  # the block computes the formula of the module docstring (block-level fused path allowed)
     modulated: Callable | None = None  # (block, x, *args, **kwargs) -> branch 0's modulated input, for blocks
     # that are not fused (TeaCache's probe); None: modulate(norm_0(x), shift_0, scale_0) from `modulation`
