@@ -3,7 +3,6 @@ ends in one line with no traceback, the exit status the README promises (2: an o
 else), and nothing written."""
 
 import json
-import os
 
 import numpy as np
 import pytest

@@ -3,8 +3,6 @@
 import ast
 from pathlib import Path
 
-import pytest
-
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "lazydit"
 
 # The layer order, written once: a module may import from its own layer and the layers before it, never after.

@@ -223,3 +223,8 @@ def from_diffusers(transformer) -> DiT:
     dst["pos_embed"] = dit.pos_embed.detach().clone()  # fixed sin-cos, built alike
     dit.load_state_dict(dst, strict=True)
     return dit.to(p.dtype).eval()
+
+
+__all__ = ["CaptionBank", "DiffusersDiT", "DiffusersPixArt", "dit_config_of", "load_captions", "wrap",  # models
+           "scheduler_timesteps", "schedule_name", "load_scheduler", "enable_lazy", "disable_lazy",
+           "make_reference_exact", "to_diffusers", "from_diffusers"]
