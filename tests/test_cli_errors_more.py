@@ -112,7 +112,7 @@ CASES = {
     "train-gates --data corrupt IDX": (["train-gates", "--steps", "10", "--data", "{tmp}/corrupt", "--out",
                                         "{tmp}/run"], L, "train-images-idx3-ubyte: truncated IDX header"),
     "train-gates --data an empty folder": (["train-gates", "--steps", "10", "--data", "{tmp}/empty", "--out",
-                                            "{tmp}/run"], L, "train-images-idx3-ubyte(.gz) not found in"),
+                                            "{tmp}/run"], L, "DIR holding train-images-idx3-ubyte and train-labels-idx1-ubyte"),
     "unicode model path": (["sample", "--model", "{tmp}/ünïcode/モデル.safetensors", "--out", "{tmp}/s.png"], L,
                            "モデル.safetensors: no such file or folder"),
     "a file name past the file system's limit": (["sample", "--out", "{tmp}/" + "a" * 300 + ".png"], L,
