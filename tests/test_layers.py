@@ -16,6 +16,7 @@ LAYERS = (
     ("pipeline", "diffusers", "bench"),  # one sampling call with a policy; diffusers' pipelines; timing
     ("loading", "distributed", "data"),  # models by kind; sharded sampling; datasets and autoencoders
     ("training", "evaluation", "demo"),
+    ("tuning",),  # the search for the best setting within a budget (on the row engine), recipes
     ("cli",),
 )
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}

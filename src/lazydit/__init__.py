@@ -12,6 +12,7 @@ _EXPORTS = {
     "create_model": "lazydit.models.dit", "ddim_sample": "lazydit.sampling.ddim",
     "respaced_timesteps": "lazydit.sampling.schedule", "load_default": "lazydit.assets",
     "default_gates": "lazydit.lazy.shipped", "default_autoencoder": "lazydit.assets", "tune_allocator": "lazydit.cpu",
+    "load_recipe": "lazydit.tuning", "tune": "lazydit.tuning",
 }
 __all__ = sorted(_EXPORTS)
 

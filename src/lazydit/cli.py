@@ -303,6 +303,60 @@ def cmd_compare(args):
         print(f"wrote {args.out}/compare.md, .csv, .json, compare_tmacs.png, compare_seconds.png")
 
 
+def _tune_extractor(args, model):
+    """--extractor module:function (called with no arguments: a module with `.features(x)`), else the shipped
+    Fashion-MNIST classifier for the embedded default, else none (PSNR only)."""
+    if not args.extractor:
+        return "auto"
+    import importlib
+
+    from lazydit.errors import UsageError
+
+    mod, sep, fn = args.extractor.partition(":")
+    if not sep or not mod or not fn:
+        raise UsageError(f"--extractor {args.extractor!r}: expected module:function")
+    try:
+        ext = getattr(importlib.import_module(mod), fn)()
+    except (ImportError, AttributeError) as e:
+        raise UsageError(f"--extractor {args.extractor}: {e}") from None
+    return ext.to(next(model.parameters()).device).eval() if hasattr(ext, "to") else ext
+
+
+def cmd_tune(args):
+    from lazydit.evaluation.rows import parse_spec
+    from lazydit.tuning import check_budget, tune
+
+    check_budget(args.budget, args.budget_kind)
+    parse_spec(args.fine)
+    _check_out(args.out, folder=True, lock=True)
+    model = _model(args)
+    recipe = tune(model, args.budget, args.out, budget_kind=args.budget_kind, num_samples=args.num_samples,
+                  n0=args.first, fine=args.fine, cfg_scale=args.cfg, seed=args.seed, max_minutes=args.max_minutes,
+                  extractor=_tune_extractor(args, model), model_name=args.model, progress=not args.json,
+                  log=(lambda m: None) if args.json else (lambda m: print(m, flush=True)))
+    q = recipe["quality"]
+    row = dict(config=recipe["config"], tmacs=recipe["tmacs"], budget_share=recipe["budget_share"],
+               metric=q["metric"], value=q["value"], psnr_to_fine=q["psnr_to_fine"], decision=q["decision"],
+               out=args.out)
+    _emit(args, [row], ["config", "tmacs", "budget_share", "metric", "value", "psnr_to_fine", "decision", "out"])
+    if not args.json:
+        print(f"wrote {args.out}/recipe.json, report.md, frontier.md, .csv, .json, .png")
+
+
+def _recipe_flags(args):
+    """Refuse --steps / --gates / --method / --sampler given with --recipe (the recipe sets them)."""
+    from lazydit.errors import UsageError
+
+    p = argparse.ArgumentParser(add_help=False)
+    for flag in ("--steps", "--gates", "--method", "--sampler", "--cfg"):
+        p.add_argument(flag, default=None)
+    given, _ = p.parse_known_args(getattr(args, "_argv", []))
+    clash = [f"--{k}" for k in ("steps", "gates", "method", "sampler") if getattr(given, k) is not None]
+    if clash:
+        raise UsageError(f"--recipe sets the sampler, steps and caching method: drop {', '.join(clash)}")
+    return given.cfg is not None
+
+
 def _labels(args, num_classes):
     """(labels, classes per grid row): --labels, else every class of small label sets (<= 10), DiT's sample.py
     classes for ImageNet-1k, else the first 10; each repeated --per-class times, one class per column."""
@@ -558,14 +612,25 @@ def cmd_sample(args):
 
     _check_out(args.out, ext=(".png", ".npz"), lock=True)
     _check_out(args.heatmap, ext=(".png",), flag="--heatmap", apart_from=args.out, lock=True)
-    if (args.heatmap or args.report) and args.gates in (None, "none") and not args.method:
+    if (args.heatmap or args.report) and args.gates in (None, "none") and not args.method and not args.recipe:
         raise UsageError("--heatmap and --report show where a caching method skips: pass --gates or --method")
     if args.report and not args.json:
         raise UsageError("--report adds per-step/layer/branch ratios to the JSON row: pass --json too")
+    cfg_given = _recipe_flags(args) if args.recipe else None
+    if args.recipe:
+        from lazydit.tuning import load_recipe
+
+        recipe = load_recipe(args.recipe)
     model = _model(args)
     vae = decoder_for(model, args.vae, args.device)
-    policy = _policy(args)
-    _prepare(policy, model, args)
+    if args.recipe:
+        policy = recipe.policy(model)  # refuses a model the recipe was not tuned on
+        args.steps, args.sampler = recipe.steps, recipe.sampler
+        if not cfg_given:
+            args.cfg = recipe.cfg_scale
+    else:
+        policy = _policy(args)
+        _prepare(policy, model, args)
     y, nrow = _labels(args, model.config.num_classes)
     x, rep = sample(model, y, args.steps, policy=policy, cfg_scale=args.cfg, seed=args.seed, progress=not args.json,
                     sampler=args.sampler)
@@ -923,6 +988,9 @@ def build_parser():
                     help="add per-step (sampling order: the first sampling step first, as the heat map), per-layer "
                          "and per-branch lazy ratios to the row (with --json)")
     sp.add_argument("--heatmap", default=None, help="also write the layer x step laziness heat map (PNG)")
+    sp.add_argument("--recipe", default=None,
+                    help="a `lazydit tune` folder: sample with its sampler, steps, guidance and calibrated caching "
+                         "policy (not with --steps, --gates, --method, --sampler)")
     sp.add_argument("--out", default="samples.png", help="a .png grid or an ADM .npz")
 
     sp = add("eval", cmd_eval, "sample one configuration and score it: FID, sFID, IS, precision, recall, KID, lazy "
@@ -963,6 +1031,27 @@ def build_parser():
     sp.add_argument("--out", default="runs/compare-cli", help="folder: rows/ (resumable) and the report")
     _evaluator(sp)
 
+    sp = add("tune", cmd_tune, "the sampler and caching setting with the best images for a TMACs budget, measured "
+                               "on this model against its own converged sampler; writes a recipe (resumable)")
+    _common(sp)
+    sp.add_argument("--budget", type=float, required=True,
+                    help="the budget: with --budget-kind tmacs a share of DDIM-50's TMACs on this model, in (0, 1]")
+    sp.add_argument("--budget-kind", choices=["tmacs", "seconds"], default="tmacs",
+                    help="tmacs (seconds: not built yet)")
+    sp.add_argument("--num-samples", type=_positive, default=256, help="images of the final round")
+    sp.add_argument("--first", type=_positive, default=64,
+                    help="images of the first round (successive halving doubles them up to --num-samples)")
+    sp.add_argument("--fine", default="ddim-250", metavar="SAMPLER-T",
+                    help="the converged sampler quality is measured against (ddim-100 for speed)")
+    sp.add_argument("--max-minutes", type=_rate, default=None,
+                    help="stop the search then: candidates not scored are listed as not tried")
+    sp.add_argument("--cfg", type=_finite, default=DEFAULT_CFG, help="classifier-free guidance scale (1: none)")
+    sp.add_argument("--extractor", default=None, metavar="MODULE:FUNCTION",
+                    help="feature extractor for FID to the fine sampler (a function returning a module with "
+                         ".features(x)); default: the shipped Fashion-MNIST classifier for the embedded default, "
+                         "else PSNR only")
+    sp.add_argument("--out", required=True, help="run folder: recipe.json, report.md, frontier.*, rows/ (resumable)")
+
     sp = add("cost", cmd_cost, "TMACs per image the paper's way (Linear+Conv, CFG not doubled)")
     sp.add_argument("--model", default="default",
                     help="zoo name (DiT-XL/2, DiT-FMNIST, ...), or 'default' (the shipped Fashion-MNIST DiT, as "
@@ -991,6 +1080,7 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    args._argv = list(sys.argv[1:] if argv is None else argv)  # what was given (sample --recipe refuses some)
     from contextlib import ExitStack
 
     from lazydit.cpu import tune_allocator

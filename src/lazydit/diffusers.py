@@ -97,19 +97,45 @@ def enable_lazy(pipe, gates, config=None):
 
     Args:
         pipe: a `DiTPipeline` or PixArt pipeline (anything with `.transformer` and `.scheduler`).
-        gates: LazyGates (trained for the pipeline's scheduler timesteps) or a Policy.
+        gates: LazyGates (trained for the pipeline's scheduler timesteps), a Policy, or a `lazydit tune` recipe
+            (`lazydit.load_recipe(folder)`): its calibrated policy, built for the pipeline's transformer (call the
+            pipeline with num_inference_steps=recipe.steps and guidance_scale=recipe.cfg_scale).
         config: LazyConfig of the gates.
     Returns:
         the LazyHandle (`.stats()`, `.decisions`); state resets at every pipeline call's first step.
     Raises:
-        UsageError: a policy is already enabled on this pipeline.
+        UsageError: a policy is already enabled on this pipeline; a recipe tuned on other weights, for another
+            sampler than DDIM, without a caching policy, or whose timesteps the pipeline's scheduler does not run.
     """
     if getattr(pipe, "_lazy_handle", None) is not None:
         raise UsageError("lazy sampling is already enabled on this pipeline: disable_lazy(pipe) first")
+    if isinstance(getattr(gates, "doc", None), dict) and gates.doc.get("format") == "lazydit-recipe":
+        gates = _recipe_policy(pipe, gates)  # a `lazydit.tuning.Recipe` (duck-typed: tuning sits above this layer)
     handle = apply_lazy(pipe.transformer, gates, config)
     handle.run.caller = lambda: f"the pipeline's {schedule_name(pipe.scheduler)}"
     pipe._lazy_handle = handle
     return handle
+
+
+def _recipe_policy(pipe, recipe):
+    """The policy of a tune recipe for a pipeline's transformer, after checking that the pipeline samples what the
+    recipe was tuned for."""
+    if recipe.sampler != "ddim":
+        raise UsageError(f"the recipe samples with {recipe.sampler}-{recipe.steps}: a pipeline takes DDIM recipes "
+                         "only (tune with a DDIM winner, or sample with `lazydit sample --recipe`)")
+    if type(pipe.scheduler).__name__ != "DDIMScheduler":
+        raise UsageError(f"the recipe is for DDIM; the pipeline runs {schedule_name(pipe.scheduler)}: give it a "
+                         "DDIMScheduler")
+    policy = recipe.policy(DiffusersDiT(pipe.transformer))  # refuses other weights
+    if policy is None:
+        raise UsageError(f"the recipe is plain {recipe.config}: no caching to enable; call the pipeline with "
+                         f"num_inference_steps={recipe.steps}")
+    have = scheduler_timesteps(pipe.scheduler, recipe.steps)
+    if list(have) != list(policy.timesteps):
+        raise UsageError(f"the recipe's policy runs at {policy.schedule_name()} ({list(policy.timesteps)[:4]}...), "
+                         f"the pipeline's {schedule_name(pipe.scheduler, recipe.steps)} at {have[:4]}...: use "
+                         "timestep_spacing='linspace'")
+    return policy
 
 
 def disable_lazy(pipe):
