@@ -3,6 +3,8 @@
     python benchmarks/bench_fast.py                       # CPU, the embedded default with its shipped gates
     python benchmarks/bench_fast.py --preset gpu          # one GPU: DiT-XL/2 256², random weights, bf16, 50% plan
     python benchmarks/bench_fast.py --preset tiny         # a few seconds: smoke test of the script itself
+    python benchmarks/bench_fast.py --preset xl-cpu       # DiT-XL/2 256² on the CPU, every method at T = 10 (~10
+                                                          # quiet CPU-minutes at 5 repeats; see `xl_cpu_rows`)
 
 Rows, per batch size and compile setting, all at --steps with CFG:
   dense-T      plain DDIM-T (the bare model)
@@ -45,11 +47,12 @@ PRESETS = {
     "gpu": dict(model="DiT-XL/2", batch="1,8", steps=50, cfg=1.5, dtype="bfloat16", gates="plan50", repeats=3,
                 compile=True, device="cuda"),
     "tiny": dict(model="tiny", batch="2", steps=10, cfg=2.0, dtype="float32", gates="plan50", repeats=1),
+    "xl-cpu": dict(model="DiT-XL/2", batch="1", steps=10, cfg=1.5, dtype="float32", gates="plans", repeats=5),
 }
 
 
-def build(args):
-    """The model and the two gate sets (reference, look-ahead)."""
+def build(args, gates: bool = True):
+    """The model and the two gate sets (reference, look-ahead); `gates=False`: the model alone."""
     dtype = getattr(torch, args.dtype)
     if args.model == "embedded":
         model = default_model(args.device).to(dtype)
@@ -58,12 +61,90 @@ def build(args):
                              in_channels=1, num_classes=4, learn_sigma=False)
     else:
         model = random_model(args.model, args.image_size, args.device, dtype)
+    if not gates:
+        return model
     if args.gates == "shipped":
         ref, la = default_gates(args.steps, args.device), default_gates(args.steps, args.device, kind="lookahead")
     else:  # zero gates give p = 0.5 < 0.75: every gated (even) step skips every module
         ref = LazyGates.for_model(model, args.steps, threshold=0.75)
         la = LazyGates.for_model(model, args.steps, threshold=0.75, lookahead=True)
     return model, ref, la
+
+
+def xl_cpu_rows(model, T: int) -> list:
+    """The --preset xl-cpu rows, all through the real code paths at T steps (plans of zero gates, as "plan50": p = 0.5
+    for every module, so threshold 0.75 skips every module a gate may skip):
+
+      dense-T, dense-T/2      the bare model
+      ref-lazy-T@50           reference gates (module engine: each module scores its own input), parity: even steps
+      la-lazy-T@50            look-ahead gates (block engine: a skipped module skips its norm and modulation too)
+      forecast-lazy-T@50      reference gates with first-order forecast reuse (LazyConfig(forecast=1))
+      every-forecast-lazy-T@50  every-step gates (parity off) with forecast 1 and max_skips=1: every other step
+      ref-every-lazy-T@70     every-step reference gates, max_skips=3: steps skipped 8 7 6, 4 3 2, 0 at T = 10
+      plan-lazy-T@70          that 70% plan as a ForcedPlan on the block engine (the look-ahead gates' execution path;
+                              look-ahead gates themselves plan step pairs, so they stop at 50%)
+      every-forecast-lazy-T@70  every-step gates with forecast 1 and max_skips=3 (the 70% plan)
+      FORA-T                  FORA interval 2
+      TaylorSeer-T            TaylorSeer interval 2, order 1 (warm-up 2)
+    """
+    from lazydit.lazy import FORA, ForcedPlan, TaylorSeer
+
+    def gates(parity=True, lookahead=False, forecast=0):
+        g = LazyGates.for_model(model, T, threshold=0.75, lookahead=lookahead, parity=parity)
+        if forecast:
+            g.meta["forecast"] = forecast  # zero gates "trained" for forecast reuse of this order
+        return g
+
+    def every(forecast, max_skips):
+        return policy_for(gates(parity=False, forecast=forecast), LazyConfig(forecast=forecast, max_skips=max_skips))
+
+    skip70 = torch.zeros(T, len(model.blocks), 2, dtype=torch.bool)  # the max_skips=3 plan of every-step gates
+    for k in range(T - 2, -1, -1):
+        skip70[k] = (T - 2 - k) % 4 != 3
+    return [TimedRow(f"dense-{T}", model, T), TimedRow(f"dense-{T // 2}", model, T // 2),
+            TimedRow(f"ref-lazy-{T}@50", model, T, policy_for(gates())),
+            TimedRow(f"la-lazy-{T}@50", model, T, policy_for(gates(lookahead=True))),
+            TimedRow(f"forecast-lazy-{T}@50", model, T, policy_for(gates(forecast=1), LazyConfig(forecast=1))),
+            TimedRow(f"every-forecast-lazy-{T}@50", model, T, every(1, 1)),
+            TimedRow(f"ref-every-lazy-{T}@70", model, T, every(0, 3)),
+            TimedRow(f"plan-lazy-{T}@70", model, T, ForcedPlan(skip70, parity=False)),
+            TimedRow(f"every-forecast-lazy-{T}@70", model, T, every(1, 3)),
+            TimedRow(f"FORA-{T}", model, T, FORA(T, interval=2)),
+            TimedRow(f"TaylorSeer-{T}", model, T, TaylorSeer(T, interval=2, order=1))]
+
+
+def xl_cpu(args, model, tuned: bool) -> dict:
+    """--preset xl-cpu: every row of `xl_cpu_rows` in one interleaved run; per row the median seconds, TMACs, and
+    seconds / (dense-T seconds x TMACs ratio): 1.0 means the row costs what its MACs say, > 1 its overhead beyond
+    them (the median over rounds of the ratio within a round)."""
+    T, B = args.steps, int(args.batch.split(",")[0])
+    rows = xl_cpu_rows(model, T)
+    y = torch.arange(B, device=args.device) % model.config.num_classes
+    t0 = time.time()
+    timed = time_interleaved(rows, y, cfg_scale=args.cfg, repeats=args.repeats, vary_seed=True,
+                             micro_batch=args.micro_batch)
+    dense_t, dense_rep = timed[f"dense-{T}"]["times"], timed[f"dense-{T}"]["report"]
+    results = []
+    for r in rows:
+        t, rep = timed[r.name]["times"], timed[r.name]["report"]
+        macs = rep.tmacs / dense_rep.tmacs
+        results.append(dict(sampler=r.name, steps=rep.steps, lazy_ratio=round(rep.lazy_ratio, 4), tmacs=rep.tmacs,
+                            tmacs_ratio=round(macs, 4), median_s=round(statistics.median(t), 4),
+                            min_s=round(min(t), 4), times=[round(v, 4) for v in t],
+                            over_macs=round(statistics.median(a / (b * macs) for a, b in zip(t, dense_t)), 3)))
+    print(f"  batch {B}: {time.time() - t0:.1f} s", flush=True)
+    out = dict(preset=args.preset, device=args.device, device_name=platform.processor() or platform.machine(),
+               threads=torch.get_num_threads(), torch=torch.__version__, model=args.model,
+               image_size=args.image_size, dtype=args.dtype, batch=B, steps=T, cfg=args.cfg, repeats=args.repeats,
+               micro_batch=args.micro_batch, allocator_tuned=tuned, rows=results)
+    print(f"{'sampler':28} {'lazy':>6} {'TMACs':>9} {'MACs':>6} {'median s':>9} {'s / (dense s x MACs)':>21}")
+    for r in results:
+        print(f"{r['sampler']:28} {r['lazy_ratio']:6.1%} {r['tmacs']:9.5f} {r['tmacs_ratio']:6.3f} "
+              f"{r['median_s']:9.3f} {r['over_macs']:20.3f}x")
+    print(json.dumps(out))
+    if args.json_out:
+        write_text_atomic(args.json_out, json.dumps(out, indent=1))
+    return out
 
 
 def pair_rows(spec: str | None, rows: list, dense, model) -> dict:
@@ -109,7 +190,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int)
     ap.add_argument("--cfg", type=float)
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--gates", choices=["shipped", "plan50"])
+    ap.add_argument("--gates", choices=["shipped", "plan50", "plans"],
+                    help="plans: --preset xl-cpu's own zero-gate plans (xl_cpu_rows)")
     ap.add_argument("--repeats", type=int)
     ap.add_argument("--pairs", default=None,
                     help="comma-separated KIND:T (e.g. forecast:20,forecast:10), shipped gates of a kind, or gate files "
@@ -136,6 +218,9 @@ def main(argv=None):
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if args.preset == "xl-cpu":
+        model = build(args, gates=False)
+        return xl_cpu(args, model, tuned)
     model, ref, la = build(args)
     T, half = args.steps, args.steps // 2
     settings = ["eager"] + (["compiled"] if args.compile else [])

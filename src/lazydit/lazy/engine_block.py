@@ -4,11 +4,25 @@ modulation too.
 
 On a fused block (`BlockSpec.fused`: the DiT formula) the block's `forward` is replaced too (`_block_forward`, sample
 mode only; other modes run the block as is, through the branch hooks of `engine_module`). It reads the block's
-parts from the registry, takes every branch's decisions first, computes the adaLN chunks the block needs
-(`_modulations`: a branch that every row skips needs its gate only) and runs each branch (`BlockHook.run_branch`):
-skipped rows add gate * reuse to the residual; computing rows run norm -> modulate -> module -> gated residual as
-one function (`_branch_fn`, a `torch.compile` region with `LazyConfig(compile=True)`). On a block that is not
-fused the module engine's hook runs the plan.
+parts from the registry, takes every branch's decisions first (host tensors: plans, schedules, a look-ahead plan
+moved once per step), and computes the adaLN chunks the block needs (`_modulations`: a branch that every row skips
+needs its gate only). Then:
+
+- a static step (`static_pattern`: every branch computes every row or skips every row; FORA, TaylorSeer, a
+  ForcedPlan, a Learning-to-Cache router, the look-ahead gates' all-or-nothing steps) runs the block as one region,
+  `block_region`: the computed branches' norm -> modulate -> module -> gated residual and the skipped branches'
+  gate * reuse add, with the pattern a Python constant. What skipped rows receive (`BranchHook.reused`, the
+  forecast), the caches and histories (`keep`), the policy's callbacks and the counting run outside it, so the
+  region has no host sync and no data-dependent branch: under `torch.compile(fullgraph=True)` it is one graph
+  (tests/test_fused.py). With `LazyConfig(compile=True)` it is compiled once per run (the modules are arguments,
+  so every block of one structure shares the graph of a pattern). What broke the graph before, with the block's
+  forward compiled whole: `bool(rows.any())` / `bool(rows.all())` on the decisions (`_skips_all`, `run_branch`),
+  the `data_ptr()` stamp of `_modulations`' weight subsets, and the hooks' counting and caching between branches.
+- a step where some branch computes part of its rows runs branch by branch (`BlockHook.run_branch`): skipped rows
+  add gate * reuse to the residual; computing rows are gathered and run norm -> modulate -> module -> gated
+  residual as one function (`_branch_fn`, a `torch.compile` region with `LazyConfig(compile=True)`).
+
+On a block that is not fused the module engine's hook runs the plan.
 
 When no graph is recorded, the gated residual and the partial modulation use buffers kept in `LazyRun.scratch`: on
 a CPU, allocating these temporaries is most of what a skipped step costs.
@@ -73,11 +87,96 @@ def _block_forward(self, x, *args, **kwargs):
     if run.mode != "sample":
         return type(self).forward(self, x, *args, **kwargs)
     c, extras = spec.inputs(self, *args, **kwargs)
-    rows = [hook.decide(x.shape[0], None) for hook in hooks]  # no decision depends on a branch output
-    mods = _modulations(self, spec, c, tuple(_skips_all(r) for r in rows), run.scratch)
-    for b, hook in enumerate(hooks):
-        x = hook.run_branch(x, *mods[b], extras[b], rows=rows[b])
+    B = x.shape[0]
+    rows = [hook.decide(B, None) for hook in hooks]  # no decision depends on a branch output
+    pattern = static_pattern(rows)
+    skipped = tuple(not p for p in pattern) if pattern is not None else tuple(_skips_all(r) for r in rows)
+    mods = _modulations(self, spec, c, skipped, run.scratch)
+    if pattern is None:  # some branch computes part of the rows: branch by branch, gathering them
+        for b, hook in enumerate(hooks):
+            x = hook.run_branch(x, *mods[b], extras[b], rows=rows[b])
+        return x
+    # every branch computes every row or skips every row: the decisions are Python constants, the block's work one
+    # region (compiled whole with LazyConfig(compile=True)); what skipped rows receive, the caches, the histories,
+    # the policy's callbacks and the counting run outside it
+    reuses = tuple(None if p else hook.reused() for hook, p in zip(hooks, pattern))
+    parts = tuple((hook.norm, hook.module) for hook in hooks)
+    x, outs, zs = _region(run)(x, tuple(mods), reuses, tuple(extras), parts, pattern)
+    for hook, p, r, out, z, reuse in zip(hooks, pattern, rows, outs, zs, reuses):
+        if p:
+            run.policy.computed(hook, run.k, z)
+            hook.keep(out)
+        else:
+            hook.keep(reuse, learn=False)
+        hook.count(B, B if p else 0, r)
     return x
+
+
+def static_pattern(rows) -> tuple | None:
+    """The step's plan of a block as Python constants, from host decisions `rows` (per branch: (B,) bool, True =
+    compute, or None = all compute): per branch True (every row computes) or False (every row skips); None when
+    some branch computes part of its rows. The decisions of the block engine's policies live on the host (plans,
+    schedules, a look-ahead plan moved once per step), so this reads no device."""
+    pattern = []
+    for r in rows:
+        if r is None:
+            pattern.append(True)
+        elif r.is_cuda:  # a policy of its own deciding on the device: take the general path (no sync here)
+            return None
+        else:
+            n = int(r.sum())
+            if 0 < n < r.numel():
+                return None
+            pattern.append(n == r.numel())
+    return tuple(pattern)
+
+
+def _region(run):
+    """The block region of `run`: `block_region`, or its `torch.compile` with LazyConfig(compile=True) (one
+    compiled function for every block: its modules are arguments, so blocks of one structure share the graph of a
+    pattern)."""
+    fn = run.scratch.get("region")
+    if fn is None:
+        cfg = run.config
+        if cfg.compile:
+            fn = torch.compile(block_region, mode=cfg.compile_mode)
+        else:
+            def fn(*args):
+                return block_region(*args, scratch=run.scratch)
+        run.scratch["region"] = fn
+    return fn
+
+
+def block_region(x, mods, reuses, extras, parts, pattern, scratch: dict | None = None):
+    """One fused block's step whose plan is Python constants (`pattern`, per branch True = every row computes):
+    computed branches run norm -> modulate -> module -> gated residual (`_branch`), skipped ones add gate * reuse.
+
+    Args:
+        x: (B, N, D) block input.
+        mods: per branch (shift, scale, gate) ((B, D); shift and scale None where the branch skips).
+        reuses: per branch what the skipped rows receive ((B, N, D); None where the branch computes).
+        extras: per branch the module's extra arguments.
+        parts: per branch (norm, module).
+        pattern: per branch True (compute) or False (skip); part of the compiled function's guards.
+        scratch: eager only: the run's scratch dict (the gated residual's reused buffer); None under
+            `torch.compile` (functional ops: the compiler fuses them).
+    Returns:
+        (x, outs, zs): the block output and per branch the module output and its modulated input (None where
+        skipped). Under `torch.compile(fullgraph=True)` this is one graph (no host sync, no data-dependent branch:
+        tests/test_fused.py).
+    """
+    compiled = scratch is None
+    outs, zs = [], []
+    for b, (norm, module) in enumerate(parts):
+        shift, scale, gate = mods[b]
+        if pattern[b]:
+            x, out, z = _branch(norm, module, x, shift, scale, gate, extras[b], compiled, scratch)
+        else:
+            x, out, z = (x + gate.unsqueeze(1) * reuses[b] if compiled else
+                         _residual(x, gate, reuses[b], scratch)), None, None
+        outs.append(out)
+        zs.append(z)
+    return x, tuple(outs), tuple(zs)
 
 
 def _skips_all(rows) -> bool:
@@ -100,18 +199,23 @@ def _residual(x, gate, out, scratch: dict | None = None):
     return x.add_(torch.mul(gate.unsqueeze(1), out, out=buf))
 
 
+def _branch(norm, module, x, shift, scale, gate, extra, compiled: bool, scratch: dict | None):
+    """The fused work of one branch: Z = modulate(norm(x)), out = F(Z), the gated residual; returns (x, out, Z).
+    `compiled`: functional ops for `torch.compile` (it fuses them); otherwise in place, the same ops and rounding."""
+    if compiled or torch.is_grad_enabled():
+        z = modulate(norm(x), shift, scale)  # (B, N, D)
+    else:  # the same ops and rounding, without two (B, N, D) temporaries
+        z = norm(x).mul_(1 + scale.unsqueeze(1)).add_(shift.unsqueeze(1))
+    out = type(module).forward(module, z, *extra)
+    x = x + gate.unsqueeze(1) * out if compiled else _residual(x, gate, out, scratch)  # compiled: fused
+    return x, out, z
+
+
 def _branch_fn(norm, module, compiled: bool = False, scratch: dict | None = None):
-    """The fused work of one branch: Z = modulate(norm(x)), out = F(Z), the gated residual; returns (x, out, Z)."""
-    forward = type(module).forward
+    """`_branch` of one branch as a function of (x, shift, scale, gate, *extra) (the partial rows' path)."""
 
     def branch(x, shift, scale, gate, *extra):
-        if compiled or torch.is_grad_enabled():
-            z = modulate(norm(x), shift, scale)  # (B, N, D)
-        else:  # the same ops and rounding, without two (B, N, D) temporaries
-            z = norm(x).mul_(1 + scale.unsqueeze(1)).add_(shift.unsqueeze(1))
-        out = forward(module, z, *extra)
-        x = x + gate.unsqueeze(1) * out if compiled else _residual(x, gate, out, scratch)  # compiled: fused
-        return x, out, z
+        return _branch(norm, module, x, shift, scale, gate, extra, compiled, scratch)
 
     return branch
 

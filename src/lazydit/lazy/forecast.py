@@ -23,6 +23,15 @@ Order 0 is the plain reuse and never builds a history (`Policy.new_history` retu
 Cost: a forecast of order n is n multiply-adds per output element of a skipped row, and keeping the history n
 subtract-and-scale operations per element of a computed row: about 2 n N D per branch evaluation and image, the
 size of the gate scores (`lazydit.models.cost.forecast_macs`). Memory: n + 1 copies of each branch output.
+
+Passes over memory: once every row has the points of every order, an update of all rows takes the differences in
+place in the history's buffers (`torch.sub(out=)`, `div_`; no (B, ...) tensor allocated) and a forecast allocates
+only its result (terms of order >= 2 go through one kept buffer): the operations and their order are those of the
+general, masked path, so the values are bit for bit the same (tests/test_fused.py). `ForecastHistory.fma` takes
+each term as one `addcmul` instead (one pass less per term; the product is not rounded on its own, so a forecast
+moves by up to an ulp per term). The history stays float32 whatever the model's dtype: divided differences cancel
+(d1 ~ (y0 - y1) / 100 over timesteps), and a bf16 history would keep 8 bits of what is left; a bf16 or fp16
+output is widened exactly inside the subtraction, without a float32 copy.
 """
 
 import math
@@ -49,6 +58,9 @@ class ForecastHistory:
         clock: "timestep" (original timesteps) or "step" (sampling steps j = T - 1 - k).
     """
 
+    fma = False  # predict with fused multiply-adds (`addcmul`): one pass per term instead of two, each product not
+    # rounded on its own, so not bit for bit the default (within 2^-21 (|d0| + sum_i |d_i w_i|): tests/test_fused.py)
+
     def __init__(self, order: int, series: str = "newton", clock: str = "timestep"):
         if isinstance(order, bool) or not isinstance(order, int) or order < 1:
             raise ValueError(f"forecast order must be an integer >= 1 (0 is plain reuse), got {order!r}")
@@ -57,6 +69,7 @@ class ForecastHistory:
         self.order, self.series, self.clock = order, series, clock
         self.d = None  # [(B, ...)] * (order + 1): d[0] the last computed output, d[i] the i-th difference
         self.least = 0  # host: every row has at least this many points (updates of all rows so far, capped)
+        self._term = None  # predict: the buffer of a term of order >= 2 (fma off)
 
     def at(self, run) -> float:
         """Where the current step of `run` (a LazyRun) sits on this history's clock."""
@@ -71,6 +84,8 @@ class ForecastHistory:
             knots = self.order if self.series == "newton" else 1  # taylor divides by the last distance only
             self.knots = [torch.zeros(B, dtype=torch.float32, device=out.device) for _ in range(knots)]
             self.least = 0
+        if rows is None and self.least >= self.order:
+            return self._update_all(out, s)
         sel = slice(None) if rows is None else rows
         y = (out if rows is None else out[rows]).float()
         n, knots = self.n[sel], [k[sel] for k in self.knots]
@@ -91,6 +106,31 @@ class ForecastHistory:
             self.least = min(self.least + 1, self.order + 1)
         self.n[sel] = torch.clamp(n + 1, max=self.order + 1)
 
+    def _update_all(self, out: torch.Tensor, s: float):
+        """Every row computed, and every row has the points every order needs (no masking): the differences are
+        taken in place in the history's own buffers, no (B, ...) tensor is allocated.
+
+        Buffer i holds d_i; d_{i+1} = (d_i new - d_i old) / (s - knot) is written over d_i old (which is read only
+        there), so after the pass buffer i holds d_{i+1} for i < order, the last buffer's d_order is dropped and
+        takes y: the list rotates by one. Each difference is the subtraction then the division of the general path,
+        in the same order and float32 (a bf16 or fp16 `out` is widened exactly inside the subtraction): bit for
+        bit its result.
+        """
+        d, knots = self.d, self.knots
+        newer = out  # d_i of the new point (d_0 = y)
+        for i in range(self.order):
+            knot = knots[i] if self.series == "newton" else knots[0]
+            torch.sub(newer, d[i], out=d[i])  # y - d0 (float32: y widened exactly), then d_i - d_i old
+            d[i].div_(_col(s - knot, d[i]))
+            newer = d[i]
+        d[self.order].copy_(out)  # the dropped d_order's buffer takes d_0 = y
+        self.d = [d[self.order]] + d[: self.order]
+        for i in range(len(knots) - 1, 0, -1):  # the knots shift by one (the latest first, read before written)
+            knots[i].copy_(knots[i - 1])
+        knots[0].fill_(float(s))
+        self.least = min(self.least + 1, self.order + 1)
+        self.n.add_(1).clamp_(max=self.order + 1)
+
     def predict(self, s: float, dtype) -> torch.Tensor:
         """(B, ...) forecast of every row at clock value s (rows with one point: their d0)."""
         if self.d is None:
@@ -98,13 +138,21 @@ class ForecastHistory:
         d = self.d
         ds = _col(s - self.knots[0], d[0])
         weight = ds  # of d1: s - s0 in both series
-        out = torch.mul(d[1], weight).add_(d[0])  # d0 + d1 ds (one buffer; a sum of two terms rounds the same)
+        if self.fma:  # every term one multiply-add pass (the product not rounded on its own)
+            out = torch.addcmul(d[0], d[1], weight)
+        else:
+            out = torch.mul(d[1], weight).add_(d[0])  # d0 + d1 ds (one buffer; a sum of two terms rounds the same)
         for i in range(2, self.order + 1):
             if self.series == "newton":
                 weight = weight * _col(s - self.knots[i - 1], d[0])
             else:
                 weight = ds**i / math.factorial(i)
-            out.add_(d[i] * weight)
+            if self.fma:
+                out.addcmul_(d[i], weight)
+            else:  # the product into the history's own buffer, then the sum: no (B, ...) tensor per order
+                if self._term is None or self._term.shape != d[0].shape:
+                    self._term = torch.empty_like(d[0])
+                out.add_(torch.mul(d[i], weight, out=self._term))
         return out.to(dtype)
 
     def forecast(self, run, dtype) -> torch.Tensor:
