@@ -68,22 +68,13 @@ def _dit_files(tmp_path) -> dict:
 def _pipeline_folder(tmp_path, monkeypatch) -> dict:
     """PIPELINE: a tiny random DiTPipeline saved to a folder (as tests/test_diffusers.py builds them)."""
     pytest.importorskip("diffusers")
-    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+    from diffusers import DiTPipeline
+
+    from test_diffusers import ddim, tiny_transformer, tiny_vae
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    torch.manual_seed(0)
-    tr = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
-                               num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=1000).eval()
-    with torch.no_grad():
-        for p in tr.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=4, sample_size=16).eval()
-    sched = DDIMScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, clip_sample=False,
-                          timestep_spacing="linspace")
     folder = tmp_path / "tiny-dit-pipeline"
-    DiTPipeline(transformer=tr, vae=vae, scheduler=sched).save_pretrained(folder)
+    DiTPipeline(transformer=tiny_transformer(), vae=tiny_vae(), scheduler=ddim()).save_pretrained(folder)
     return {"PIPELINE": str(folder), "STEPS": 4, "ITERS": 2}
 
 

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from lazydit.errors import UsageError
+from lazydit.evaluation.metrics import fid_of_samples
 from lazydit.files import weights_fingerprint, write_text_atomic
 
 RECIPE_FORMAT = "lazydit-recipe"
@@ -177,20 +178,6 @@ def candidates(model, budget_macs: float, shipped_default: bool, steps_grid=STEP
 
 
 # ---------------------------------------------------------------- metrics
-
-
-def fid(a, b) -> float:
-    """Fréchet distance of two feature sets (N, D), N may be below D: Tr sqrtm(S_a S_b) as the sum of
-    sqrt(eig(S_b^1/2 S_a S_b^1/2)) (a symmetric eigenproblem, as `metrics.bootstrap_fid_draws`)."""
-    from lazydit.evaluation.metrics import feature_stats
-
-    mu1, s1 = feature_stats(a)
-    mu2, s2 = feature_stats(b)
-    w, v = np.linalg.eigh(s2)
-    root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    ev = np.linalg.eigvalsh(root @ s1 @ root)
-    d = mu1 - mu2
-    return float(d @ d + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(ev, 0, None)).sum())
 
 
 def mse(a, b) -> float:
@@ -398,7 +385,7 @@ def tune(model, budget: float, out, *, budget_kind: str = "tmacs", num_samples: 
         return feats_cache[key]
 
     def metric(a, b):
-        return fid(a, b) if extractor is not None else mse(a, b)
+        return fid_of_samples(a, b) if extractor is not None else mse(a, b)
 
     def fine_at(n):
         if n not in fine_images:
@@ -459,7 +446,7 @@ def tune(model, budget: float, out, *, budget_kind: str = "tmacs", num_samples: 
             p = paired_psnr(images, ref)
             rec.update(psnr_to_fine=p["psnr"], mse_to_fine=p["mse"])
             if extractor is not None:
-                rec["fid_to_fine"] = fid(features((text, n), images), features(("fine", n), ref))
+                rec["fid_to_fine"] = fid_of_samples(features((text, n), images), features(("fine", n), ref))
         rec["wall_s"] = round(time.time() - t0, 2)
         write_text_atomic(path, json.dumps(rec, indent=1))
         runs[0] += 1

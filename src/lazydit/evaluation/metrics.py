@@ -151,6 +151,27 @@ def kid(a, b, subsets=100, subset_size=1000, degree=3, gamma=None, coef0=1, seed
     return float(np.mean(vals))
 
 
+def _psd_sqrt(sigma) -> np.ndarray:
+    """The symmetric square root of a covariance (negative eigenvalues from rounding clipped to 0)."""
+    w, v = np.linalg.eigh(sigma)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def _frechet_rooted(mu, sigma, ref_mu, ref_root, ref_trace) -> float:
+    """Fréchet distance with Tr sqrtm(S R) = sum sqrt(eig(R^1/2 S R^1/2)): a symmetric eigenproblem, not sqrtm,
+    so it holds for rank-deficient covariances (fewer samples than features) too."""
+    ev = np.linalg.eigvalsh(ref_root @ sigma @ ref_root)
+    diff = mu - ref_mu
+    return diff @ diff + np.trace(sigma) + ref_trace - 2 * np.sqrt(np.clip(ev, 0, None)).sum()
+
+
+def fid_of_samples(a, b) -> float:
+    """FID between two feature sets (N, D) by the symmetric eigenproblem of `bootstrap_fid_draws`: N may be below D.
+    Args: a, b: (N1, D), (N2, D) features. Returns: float."""
+    mu_b, sigma_b = feature_stats(b)
+    return float(_frechet_rooted(*feature_stats(a), mu_b, _psd_sqrt(sigma_b), np.trace(sigma_b)))
+
+
 def bootstrap_fid_draws(feats, ref_mu, ref_sigma, reps=200, seed=0) -> np.ndarray:
     """FID of `reps` bootstrap resamples of one sample set, drawn from `seed`.
 
@@ -168,15 +189,11 @@ def bootstrap_fid_draws(feats, ref_mu, ref_sigma, reps=200, seed=0) -> np.ndarra
     feats = np.asarray(feats, dtype=np.float64)
     rng = np.random.default_rng(seed)
     ref_mu, ref_sigma = np.asarray(ref_mu, dtype=np.float64), np.asarray(ref_sigma, dtype=np.float64)
-    w, v = np.linalg.eigh(ref_sigma)
-    root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T  # sigma_ref^(1/2), once
-    const = np.trace(ref_sigma)
+    root, const = _psd_sqrt(ref_sigma), np.trace(ref_sigma)  # sigma_ref^(1/2), once
     out = np.empty(reps)
-    for i in range(reps):  # Tr sqrtm(S R) = sum sqrt(eig(R^1/2 S R^1/2)): a symmetric eigenproblem, not sqrtm
+    for i in range(reps):
         mu, sigma = feature_stats(feats[rng.integers(0, len(feats), len(feats))])
-        ev = np.linalg.eigvalsh(root @ sigma @ root)
-        diff = mu - ref_mu
-        out[i] = diff @ diff + np.trace(sigma) + const - 2 * np.sqrt(np.clip(ev, 0, None)).sum()
+        out[i] = _frechet_rooted(mu, sigma, ref_mu, root, const)
     return out
 
 
