@@ -150,3 +150,38 @@ def test_extractor_and_reference_defaults_to_the_shipped_fmnist_pair(tmp_path):
     save_reference(tmp_path / "r.npz", own)
     _, ref = extractor_and_reference("fmnist", ref=tmp_path / "r.npz")  # --ref replaces the shipped statistics
     np.testing.assert_array_equal(ref["mu"], own["mu"])
+
+
+def test_the_second_extractor_is_another_architecture_with_its_own_shipped_reference(tmp_path):
+    from lazydit.errors import CheckpointError
+    from lazydit.evaluation import fmnist
+    from lazydit.evaluation.features import extractor_and_reference
+
+    ext, ref = extractor_and_reference("fmnist-resnet")
+    first = fmnist.default_classifier()
+    assert isinstance(ext, fmnist.FMNISTResNet) and not isinstance(ext, FMNISTClassifier)
+    assert ext.meta["arch"]["kind"] == "resnet" and ext.meta["train_args"]["seed"] != first.meta["train_args"]["seed"]
+    assert ref["meta"]["fingerprint"] == fingerprint(ext) != fingerprint(first)
+    assert ref["meta"]["n"] == 10000 and ref["mu"].shape == (ext.arch["channels"][3],) != first.arch["channels"][3:]
+    assert ext.meta["test_accuracy"] > 0.85
+    images = np.random.default_rng(0).integers(0, 256, (32, 28, 28, 1), dtype=np.uint8)
+    f = extract_features(ext, images, progress=False)
+    assert f["pool"].shape == (32, 160) and f["spatial"].shape == (32, 7 * 49) and f["probs"].shape == (32, 10)
+    # round trip of the architecture kind; an unknown kind is one line
+    m = fmnist.FMNISTResNet(channels=(8, 8, 16, 16))
+    fmnist.save_classifier(m, tmp_path / "r.safetensors")
+    back = fmnist.load_classifier(tmp_path / "r.safetensors")
+    assert isinstance(back, fmnist.FMNISTResNet) and fingerprint(back) == fingerprint(m)
+    with pytest.raises(CheckpointError, match="unknown classifier architecture 'vit'"):
+        fmnist.build_classifier(dict(kind="vit", channels=[8, 8, 16, 16]))
+
+
+def test_train_classifier_builds_the_architecture_asked_for():
+    from lazydit.evaluation import fmnist
+
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.uniform(-1, 1, (32, 1, 28, 28)).astype(np.float32))
+    y = torch.arange(32) % 10
+    m, acc = train_classifier(x, y, x[:8], y[:8], epochs=1, batch_size=16, progress=False, channels=(8, 8, 16, 16),
+                              max_steps=2, arch="resnet")
+    assert isinstance(m, fmnist.FMNISTResNet) and 0 <= acc <= 1

@@ -134,18 +134,19 @@ def load_reference(path) -> dict:
     return out
 
 
-EXTRACTORS = ("fmnist", "inception")
+EXTRACTORS = ("fmnist", "fmnist-resnet", "inception")  # --extractor: the two Fashion-MNIST ones, ADM's
 
 
 def extractor_and_reference(kind: str, device="cpu", ref=None, inception_weights=None, progress: bool = True):
     """A feature extractor and the reference statistics to score samples against.
 
     Args:
-        kind: "fmnist" (the shipped Fashion-MNIST classifier) or "inception" (InceptionV3, ADM's evaluator).
+        kind: "fmnist" (the shipped Fashion-MNIST classifier), "fmnist-resnet" (the second, independently trained
+            Fashion-MNIST extractor) or "inception" (InceptionV3, ADM's evaluator).
         device: where the extractor runs.
         ref: a reference file: lazydit reference statistics (`save_reference`), or, for inception, an ADM reference
             batch (real uint8 images under `arr_0`, whose statistics are computed here). None with "fmnist": the
-            shipped Fashion-MNIST test-split statistics.
+            shipped test-split statistics of that Fashion-MNIST extractor.
         inception_weights: pytorch-fid's Inception weights file (required with "inception").
         progress: show a bar while an ADM batch is featurised.
     Returns:
@@ -162,6 +163,10 @@ def extractor_and_reference(kind: str, device="cpu", ref=None, inception_weights
         from lazydit.evaluation import fmnist
 
         return fmnist.default_classifier(device), load_reference(ref) if ref else fmnist.default_reference()
+    if kind == "fmnist-resnet":
+        from lazydit.evaluation import fmnist
+
+        return fmnist.resnet_classifier(device), load_reference(ref) if ref else fmnist.resnet_reference()
     if not inception_weights or not ref:
         raise UsageError("the inception extractor needs its weights file and a reference file")
     from lazydit.evaluation.inception import load_inception

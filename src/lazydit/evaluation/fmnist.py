@@ -1,9 +1,15 @@
-"""The Fashion-MNIST evaluator: a small CNN classifier that stands in for ADM's Inception-v3 on this dataset.
+"""The Fashion-MNIST evaluators: small classifiers that stand in for ADM's Inception-v3 on this dataset.
 
 Its globally pooled penultimate features give FID, precision/recall and KID ("pool_3"), the first channels of an
 intermediate 7x7 map give sFID ("mixed_6/conv"), and its softmax gives the Inception Score (the metric driver is
-`lazydit.evaluation.features`). The shipped classifier and the test-split reference statistics are rebuilt by
-scripts/build_fmnist_eval.py.
+`lazydit.evaluation.features`). Two are shipped, each with the reference statistics of the test split:
+
+- `FMNISTClassifier` ("fmnist"): a plain CNN (3x3 convs, BatchNorm, ReLU, max pooling), the default evaluator;
+- `FMNISTResNet` ("fmnist-resnet"): a second, independently trained extractor of another architecture (a 5x5 stem,
+  residual blocks with GroupNorm and GELU, average pooling, 160 pooled features) and another seed, so that a small
+  FID gap can be checked against an evaluator that shares neither weights nor design with the first.
+
+Both are rebuilt by scripts/build_fmnist_eval.py (`--arch cnn` / `--arch resnet`).
 """
 
 import json
@@ -24,6 +30,8 @@ from lazydit.models.checkpoint import load_state_dict_strict, read_model_metadat
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_CLASSIFIER = ASSETS / "fmnist_classifier.safetensors"
 DEFAULT_REFERENCE = ASSETS / "fmnist_test_ref.npz"
+RESNET_CLASSIFIER = ASSETS / "fmnist_resnet.safetensors"  # the second extractor ("fmnist-resnet")
+RESNET_REFERENCE = ASSETS / "fmnist_resnet_test_ref.npz"
 FORMAT = "lazydit-fmnist-classifier"  # metadata marker of a classifier file
 
 
@@ -70,7 +78,80 @@ class FMNISTClassifier(nn.Module):
         return dict(pool=pool, spatial=spatial, logits=self.head(pool))
 
 
-def save_classifier(model: FMNISTClassifier, path, meta: dict | None = None):
+class _Residual(nn.Module):
+    """x + conv(gelu(norm(conv(gelu(norm(x)))))): a pre-activation residual block with GroupNorm, size preserving."""
+
+    def __init__(self, c, groups=8):
+        super().__init__()
+        self.norm1, self.conv1 = nn.GroupNorm(groups, c), nn.Conv2d(c, c, 3, padding=1)
+        self.norm2, self.conv2 = nn.GroupNorm(groups, c), nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv1(F.gelu(self.norm1(x)))
+        return x + self.conv2(F.gelu(self.norm2(h)))
+
+
+class FMNISTResNet(nn.Module):
+    """The second extractor: a small residual network for (B, 1, 28, 28) images in [-1, 1].
+
+    5x5 stem -> residual block at 28x28 -> avg pool -> 14x14 widen + residual block -> avg pool -> 7x7 widen (the
+    sFID map: its first `spatial_channels` channels) -> residual block -> widen -> global average pool (the FID
+    features) -> linear head.
+    """
+
+    def __init__(self, channels=(16, 32, 96, 160), num_classes=10, spatial_channels=7, in_channels=1):
+        super().__init__()
+        if len(channels) != 4:
+            raise ValueError(f"channels must have 4 entries, got {channels}")
+        if not 0 < spatial_channels <= channels[2]:
+            raise ValueError(f"spatial_channels must be in 1..{channels[2]}, got {spatial_channels}")
+        self.arch = dict(kind="resnet", channels=list(channels), num_classes=num_classes,
+                         spatial_channels=spatial_channels, in_channels=in_channels)
+        c1, c2, c3, c4 = channels
+        self.stem = nn.Conv2d(in_channels, c1, 5, padding=2)  # 28x28
+        self.res1 = _Residual(c1)
+        self.widen2, self.res2 = nn.Conv2d(c1, c2, 3, padding=1), _Residual(c2)  # 14x14
+        self.widen3 = nn.Conv2d(c2, c3, 3, padding=1)  # 7x7: the sFID map
+        self.res3 = _Residual(c3)
+        self.widen4 = nn.Conv2d(c3, c4, 1)
+        self.norm = nn.GroupNorm(8, c4)
+        self.head = nn.Linear(c4, num_classes)
+        self.spatial_channels = spatial_channels
+
+    def _trunk(self, x):
+        h = F.avg_pool2d(self.res1(self.stem(x)), 2)  # (B, C1, 14, 14)
+        h = F.avg_pool2d(self.res2(self.widen2(h)), 2)  # (B, C2, 7, 7)
+        s = self.widen3(h)  # (B, C3, 7, 7)
+        pool = F.gelu(self.norm(self.widen4(self.res3(s)))).mean(dim=(2, 3))  # (B, C4)
+        return s, pool
+
+    def forward(self, x):
+        """Class logits (B, num_classes) of images x (B, 1, 28, 28) in [-1, 1]."""
+        return self.head(self._trunk(x)[1])
+
+    def features(self, x):
+        """dict(pool (B, C4), spatial (B, spatial_channels*49), logits (B, num_classes)) of x (B, 1, 28, 28)."""
+        s, pool = self._trunk(x)
+        return dict(pool=pool, spatial=s[:, : self.spatial_channels].flatten(1), logits=self.head(pool))
+
+
+ARCHITECTURES = {"cnn": FMNISTClassifier, "resnet": FMNISTResNet}  # arch "kind" -> class (absent kind: "cnn")
+
+
+def build_classifier(arch: dict) -> nn.Module:
+    """The classifier an architecture dict (a file's "arch" metadata) describes, with fresh weights.
+
+    Raises:
+        CheckpointError: an unknown architecture kind.
+    """
+    arch = dict(arch)
+    kind = arch.pop("kind", "cnn")
+    if kind not in ARCHITECTURES:
+        raise CheckpointError(f"unknown classifier architecture {kind!r}: this lazydit knows {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[kind](**arch)
+
+
+def save_classifier(model: nn.Module, path, meta: dict | None = None):
     """Save the classifier as .safetensors; metadata = format marker, architecture, fingerprint + `meta` (JSON)."""
     md = {"format": FORMAT, "arch": json.dumps(model.arch), "fingerprint": fingerprint(model)}
     for k, v in (meta or {}).items():
@@ -95,10 +176,10 @@ def read_classifier_metadata(path) -> dict:
     return meta
 
 
-def load_classifier(path, device="cpu") -> FMNISTClassifier:
+def load_classifier(path, device="cpu") -> nn.Module:
     """Build the classifier from the file's architecture and load its weights strictly (eval mode)."""
     meta = read_classifier_metadata(path)
-    model = FMNISTClassifier(**meta["arch"])
+    model = build_classifier(meta["arch"])
     load_state_dict_strict(model, load_file(str(path)), source=str(path))
     model.meta = meta
     return model.eval().to(device)
@@ -121,6 +202,20 @@ def default_reference() -> dict:
     if not DEFAULT_REFERENCE.is_file():
         raise _missing(DEFAULT_REFERENCE)
     return load_reference(DEFAULT_REFERENCE)
+
+
+def resnet_classifier(device="cpu") -> FMNISTResNet:
+    """The shipped second extractor (FMNISTResNet, eval mode) on `device`."""
+    if not RESNET_CLASSIFIER.is_file():
+        raise _missing(RESNET_CLASSIFIER)
+    return load_classifier(RESNET_CLASSIFIER, device)
+
+
+def resnet_reference() -> dict:
+    """The second extractor's reference statistics of the Fashion-MNIST test split."""
+    if not RESNET_REFERENCE.is_file():
+        raise _missing(RESNET_REFERENCE)
+    return load_reference(RESNET_REFERENCE)
 
 
 # ---------------------------------------------------------------- training
@@ -153,8 +248,8 @@ def evaluate_accuracy(model, images, labels, batch_size=1000) -> float:
 
 def train_classifier(train_images, train_labels, test_images, test_labels, epochs=4, batch_size=128, lr=2e-3,
                      seed=0, progress=True, channels=(32, 64, 128, 128), weight_decay=5e-4, augment=True,
-                     num_classes=10, max_steps=None, device="cpu"):
-    """Train FMNISTClassifier with AdamW + one-cycle (cosine) lr, random shifts and horizontal flips.
+                     num_classes=10, max_steps=None, device="cpu", arch="cnn"):
+    """Train a classifier (`arch`: "cnn" FMNISTClassifier, "resnet" FMNISTResNet) with AdamW + one-cycle (cosine) lr, random shifts and horizontal flips.
 
     Args:
         train_images, test_images: float (N, 1, 28, 28) tensors in [-1, 1] (load_fashion_mnist's layout).
@@ -162,12 +257,14 @@ def train_classifier(train_images, train_labels, test_images, test_labels, epoch
         epochs, batch_size, lr, weight_decay: optimisation; max_steps stops early (tests).
         seed: init, data order and augmentation (deterministic on CPU).
         progress: tqdm bar; channels: architecture widths; augment: shifts of up to 2 px + flips.
+        arch: the architecture kind (`ARCHITECTURES`).
     Returns:
         (model in eval mode, test accuracy in [0, 1]).
     """
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    model = FMNISTClassifier(channels=channels, num_classes=num_classes, in_channels=train_images.shape[1]).to(device)
+    model = build_classifier(dict(kind=arch, channels=channels, num_classes=num_classes,
+                                  in_channels=train_images.shape[1])).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     n = len(train_images)
     steps_per_epoch = max(n // batch_size, 1)
