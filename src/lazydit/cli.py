@@ -767,8 +767,10 @@ def _sampling(sp, steps=50, gates=True, compile_flag=False):
     """The options every sampling command shares."""
     sp.add_argument("--steps", type=_steps, default=steps, help="T, sampling steps")
     sp.add_argument("--cfg", type=_finite, default=DEFAULT_CFG, help="classifier-free guidance scale (1: none)")
-    sp.add_argument("--sampler", choices=["ddim", "dpm++2m"], default="ddim",
-                    help="DDIM, or DPM-Solver++(2M) at the same timesteps (gates and methods attach to either)")
+    spaced = [f"{s}-{p}" for s in ("dpm++2m", "unipc") for p in ("uniform", "trailing", "logsnr")]
+    sp.add_argument("--sampler", choices=["ddim", "dpm++2m", "unipc", *spaced], default="ddim",  # = sampling.SAMPLERS
+                    help="DDIM, DPM-Solver++(2M) or UniPC at the same timesteps (gates and methods attach to each); "
+                         "-uniform / -trailing / -logsnr: at diffusers' spacings (methods only on those timesteps)")
     if not gates:
         return
 

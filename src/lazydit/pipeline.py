@@ -8,7 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lazydit.models.cost import sampling_macs
-from lazydit.sampling import SAMPLER_LABELS, SAMPLERS
+from lazydit.sampling import SAMPLER_LABELS, SAMPLERS, check_policy_schedule
 from lazydit.errors import GateMismatchError, NonFiniteError, UsageError
 from lazydit.lazy import ForcedPlan, LazyConfig, LazyGates, LazyStats, Policy, apply_lazy, policy_for
 
@@ -57,8 +57,9 @@ def sample(model, y, steps: int, *, policy: Policy | None = None, cfg_scale: flo
             chunks keep activations in cache: on CPU, 16 images with CFG run ~1.4x faster per image than 250.
             Per-row decisions do not change, batch-uniform ones (`uniform`) are then taken per chunk. The policy
             is attached per chunk, so with `compile` leave it None.
-        sampler: "ddim" or "dpm++2m" (`lazydit.sampling.SAMPLERS`); both run the model at the same T timesteps, so
-            any policy defined on T steps attaches to either.
+        sampler: a key of `lazydit.sampling.SAMPLERS`: "ddim", "dpm++2m" and "unipc" run at the policy's timesteps
+            (the reference respacing without one), so any policy attaches to them; a spaced one ("dpm++2m-trailing",
+            ...) runs at its own and refuses a policy defined on others (UsageError).
     Returns:
         (samples (B, C, H, W), SampleReport)
     """
@@ -71,6 +72,7 @@ def sample(model, y, steps: int, *, policy: Policy | None = None, cfg_scale: flo
         raise GateMismatchError(f"the {type(policy).__name__} policy is defined on T={policy.steps} steps, not {steps}")
     if sampler not in SAMPLERS:
         raise UsageError(f"unknown sampler {sampler!r}: choose from {', '.join(SAMPLERS)}")
+    check_policy_schedule(sampler, steps, policy)  # a spaced sampler (dpm++2m-trailing, ...) takes its own timesteps
     name = name or _default_name(steps, policy, sampler)
     if micro_batch is not None and y.shape[0] > micro_batch:
         return _sample_chunked(model, y, steps, micro_batch, policy=policy, cfg_scale=cfg_scale, seed=seed, x=x,
@@ -186,6 +188,7 @@ def calibrate(policy: Policy, model, y, target: float, *, cfg_scale: float = 1.0
     cal = policy.calibration
     if cal is None:
         raise UsageError(f"{type(policy).__name__} has no threshold to calibrate to a lazy ratio")
+    check_policy_schedule(sampler, policy.steps, policy)
     policy.prepare(model, y, cfg_scale, seed, sampler)
 
     def at(v):

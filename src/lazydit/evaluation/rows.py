@@ -27,7 +27,7 @@ import numpy as np
 from lazydit.errors import UsageError
 from lazydit.lazy import LazyConfig, make_policy
 from lazydit.lazy.policies import GATE_METHODS, POLICIES, _value, gate_policy  # GATE_METHODS: lazy, l2c (banks)
-from lazydit.sampling import SAMPLER_LABELS, SAMPLERS
+from lazydit.sampling import SAMPLER_LABELS, SAMPLERS, check_policy_schedule, sampler_timesteps
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ def parse_spec(text: str) -> MethodSpec:
     Raises:
         UsageError: an unknown sampler or method, a bad step count or option.
     """
-    samplers = "|".join(re.escape(k) for k in SAMPLERS)
+    samplers = "|".join(re.escape(k) for k in sorted(SAMPLERS, key=len, reverse=True))  # the longest name first
     m = re.fullmatch(rf"({samplers})-(\d+)(?:\+(.*))?", text.strip())
     if not m:
         raise UsageError(f"{text!r}: expected SAMPLER-T[+METHOD[:key=value,...]] with a sampler of "
@@ -109,6 +109,10 @@ def parse_spec(text: str) -> MethodSpec:
     steps = int(m[2])
     if not 1 <= steps <= 1000:
         raise UsageError(f"{text!r}: T must be in [1, 1000], got {steps}")
+    try:
+        sampler_timesteps(SAMPLERS[m[1]], steps)  # a spaced sampler's T fits its spacing (logsnr: T <= 38)
+    except UsageError as e:
+        raise type(e)(f"{text!r}: {e}") from None
     if m[3] is None:
         return MethodSpec(text, m[1], steps)
     name, _, opts = m[3].partition(":")
@@ -151,6 +155,7 @@ def build_policy(spec: MethodSpec, model, threshold: float | None = None, device
                              spec.steps, device=device)
     if fitted:
         policy.load_fitted(fitted)
+    check_policy_schedule(spec.sampler, spec.steps, policy)  # before anything is fitted or sampled
     return policy
 
 

@@ -46,6 +46,76 @@ def respacing_name(steps: int) -> str:
     return f"lazydit's respacing of T={steps} steps, i.e. diffusers' DDIMScheduler with timestep_spacing='linspace'"
 
 
+SPACINGS = ("reference", "uniform", "trailing", "logsnr")  # the timestep schedules of `spaced_timesteps`
+
+
+def half_log_snr(num_timesteps=NUM_TRAIN_TIMESTEPS) -> np.ndarray:
+    """lambda_t = log(alpha_t / sigma_t) = 0.5 log(abar_t / (1 - abar_t)) per original timestep, float64, decreasing."""
+    abar = alphas_cumprod(num_timesteps)
+    return 0.5 * (np.log(abar) - np.log1p(-abar))
+
+
+def spaced_timesteps(steps: int, spacing: str = "reference", num_timesteps=NUM_TRAIN_TIMESTEPS) -> list:
+    """T original timesteps, ascending, of one of the schedules in `SPACINGS` (N = num_timesteps):
+
+    - "reference": `respaced_timesteps` (includes timestep 0; the last step starts there).
+    - "uniform": round(linspace(0, N - 1, T + 1))[1:], time-uniform without t = 0 (diffusers' multistep
+      schedulers with timestep_spacing="linspace").
+    - "trailing": round(arange(N, 0, -N / T))[:T] - 1, reversed (diffusers' timestep_spacing="trailing"; its arange
+      holds a T + 1-th value near 0 for a few T, e.g. 61, which diffusers keeps as timestep -1 and this cuts).
+    - "logsnr": T values uniform in lambda from lambda_{N-1} to lambda_0, each mapped to the fractional timestep
+      that interpolates lambda linearly between its discrete neighbours, then rounded (diffusers'
+      DPMSolverMultistepScheduler with use_lu_lambdas=True); the ends are N - 1 and 0.
+    Rounding is numpy's (half to even), as diffusers'.
+
+    Args:
+        steps: T (1 <= T <= N).
+        spacing: a name of `SPACINGS`.
+    Returns:
+        list of T distinct ascending ints in [0, N).
+    Raises:
+        UsageError: an unknown spacing.
+        OptionRangeError: T out of range, or so large that the spacing repeats a timestep.
+    """
+    from lazydit.errors import OptionRangeError, UsageError
+
+    if spacing not in SPACINGS:
+        raise UsageError(f"unknown timestep spacing {spacing!r}: choose from {', '.join(SPACINGS)}")
+    if not 1 <= steps <= num_timesteps:
+        raise OptionRangeError(f"steps must be in [1, {num_timesteps}], got {steps}")
+    if spacing == "reference":
+        return respaced_timesteps(steps, num_timesteps)
+    out = _spaced(steps, spacing, num_timesteps)
+    if len(set(out)) != steps:
+        most = next(s for s in range(steps - 1, 0, -1) if len(set(_spaced(s, spacing, num_timesteps))) == s)
+        raise OptionRangeError(f"the {spacing!r} spacing of T={steps} steps puts two steps on one of the "
+                               f"{num_timesteps} timesteps: take at most {most} steps")
+    return out
+
+
+def _spaced(steps: int, spacing: str, num_timesteps: int) -> list:
+    """`spaced_timesteps` of a spacing other than the reference, repeats included."""
+    if spacing == "uniform":
+        t = np.linspace(0, num_timesteps - 1, steps + 1).round()[1:]
+    elif spacing == "trailing":
+        t = (np.arange(num_timesteps, 0, -num_timesteps / steps)[:steps].round() - 1)[::-1]
+    else:
+        lam = half_log_snr(num_timesteps)
+        wanted = np.linspace(lam[-1], lam[0], steps)  # sampling order: lambda_{N-1} (T = 1: that one) .. lambda_0
+        t = np.interp(wanted, lam[::-1], np.arange(num_timesteps - 1, -1, -1.0)).round()[::-1]
+    return [int(v) for v in t]
+
+
+def spacing_name(steps: int, spacing: str = "reference") -> str:
+    """A spacing of T steps in words (for messages and report rows)."""
+    if spacing == "reference":
+        return respacing_name(steps)
+    words = {"uniform": "diffusers' timestep_spacing='linspace' (time-uniform, t = 0 left out)",
+             "trailing": "diffusers' timestep_spacing='trailing'",
+             "logsnr": "uniform half log-SNR (diffusers' use_lu_lambdas=True)"}
+    return f"the {spacing!r} spacing of T={steps} steps, {words[spacing]}"
+
+
 class Schedule:
     """The respaced schedule of T steps: abar and abar_prev per respaced index k (float64 numpy).
 
