@@ -15,6 +15,9 @@ step). They differ in two parameters of `ForecastHistory`:
     "taylor"  d_{i+1} = (d_i - d_i of the previous point) / (s - s0)     (every order: the distance between the
               last two points, TaylorSeer's rule)
               F(s) ~ sum_i d_i (s - s0)^i / i!
+    "foca"    order 1 only: d1 = y0 - y1, undivided (FoCa counts computed points, not steps; `lazydit.lazy.foca`)
+              F ~ (y0 + P) / 2 with P = y0 + d1 / 3 = (4 y0 - y1) / 3: the BDF2 predictor without its derivative
+              term, then Heun's mean with the last output; the same value at every later step (s is not read)
 
 Every row keeps its own history (rows of a mixed batch compute at different steps), so a row with fewer computed
 points than the order falls back to the order it has; with one point the forecast is d0 itself, the plain reuse.
@@ -38,7 +41,7 @@ import math
 
 import torch
 
-SERIES = ("newton", "taylor")
+SERIES = ("newton", "taylor", "foca")
 CLOCKS = ("timestep", "step")
 
 
@@ -54,7 +57,8 @@ class ForecastHistory:
 
     Args:
         order: the highest difference kept (>= 1).
-        series: "newton" (divided differences over the last knots) or "taylor" (TaylorSeer's factors).
+        series: "newton" (divided differences over the last knots), "taylor" (TaylorSeer's factors) or "foca"
+            (FoCa's BDF2 + Heun forecast from the last two outputs; order 1).
         clock: "timestep" (original timesteps) or "step" (sampling steps j = T - 1 - k).
     """
 
@@ -66,6 +70,8 @@ class ForecastHistory:
             raise ValueError(f"forecast order must be an integer >= 1 (0 is plain reuse), got {order!r}")
         if series not in SERIES or clock not in CLOCKS:
             raise ValueError(f"series must be one of {SERIES} and clock one of {CLOCKS}, got {series!r}, {clock!r}")
+        if series == "foca" and order != 1:
+            raise ValueError(f"the foca series keeps the last two outputs (order 1), got order {order!r}")
         self.order, self.series, self.clock = order, series, clock
         self.d = None  # [(B, ...)] * (order + 1): d[0] the last computed output, d[i] the i-th difference
         self.least = 0  # host: every row has at least this many points (updates of all rows so far, capped)
@@ -92,7 +98,7 @@ class ForecastHistory:
         new = [y]
         for i in range(self.order):  # d_{i+1} where the row held d_i before
             knot = knots[i] if self.series == "newton" else knots[0]
-            new.append(_difference(new[i], self.d[i][sel], s - knot, n > i, self.least > i))
+            new.append(_difference(new[i], self.d[i][sel], self._distance(s, knot), n > i, self.least > i))
         for i in range(len(knots) - 1, 0, -1):  # the knots shift by one (the latest first, read before written)
             self.knots[i][sel] = knots[i - 1]
         self.knots[0][sel] = torch.full_like(knots[0], float(s))
@@ -121,7 +127,8 @@ class ForecastHistory:
         for i in range(self.order):
             knot = knots[i] if self.series == "newton" else knots[0]
             torch.sub(newer, d[i], out=d[i])  # y - d0 (float32: y widened exactly), then d_i - d_i old
-            d[i].div_(_col(s - knot, d[i]))
+            if self.series != "foca":  # foca's differences are not divided
+                d[i].div_(_col(s - knot, d[i]))
             newer = d[i]
         d[self.order].copy_(out)  # the dropped d_order's buffer takes d_0 = y
         self.d = [d[self.order]] + d[: self.order]
@@ -131,11 +138,17 @@ class ForecastHistory:
         self.least = min(self.least + 1, self.order + 1)
         self.n.add_(1).clamp_(max=self.order + 1)
 
+    def _distance(self, s: float, knot: torch.Tensor) -> torch.Tensor:
+        """(b,) divisor of a row's difference: the clock distance s - knot, or 1 for the foca series."""
+        return torch.ones_like(knot) if self.series == "foca" else s - knot
+
     def predict(self, s: float, dtype) -> torch.Tensor:
         """(B, ...) forecast of every row at clock value s (rows with one point: their d0)."""
         if self.d is None:
             raise RuntimeError("forecast reuse before any computed step")
         d = self.d
+        if self.series == "foca":  # P = d0 + d1 / 3, then (d0 + P) / 2; a row with one point has d1 = 0: d0
+            return torch.div(d[1], 3.0).add_(d[0]).add_(d[0]).mul_(0.5).to(dtype)
         ds = _col(s - self.knots[0], d[0])
         weight = ds  # of d1: s - s0 in both series
         if self.fma:  # every term one multiply-add pass (the product not rounded on its own)
