@@ -30,9 +30,11 @@ from lazydit.lazy.policies import (
 )
 from lazydit.lazy.residual import FirstBlockCache, TeaCache, fit_teacache
 from lazydit.lazy.static import FORA, TaylorSeer
+from lazydit.lazy.foca import FoCa
+from lazydit.lazy.tokens import ToCa  # noqa: F401  (registers --method toca)
 from lazydit.lazy.stats import LazyStats
 
 __all__ = ["FORA", "GATE_FORMAT", "POLICIES", "FirstBlockCache", "ForcedPlan", "GateMismatchError", "Learning2Cache",
-           "TaylorSeer", "TeaCache", "fit_teacache", "LazyConfig", "LazyGates", "LazyHandle",
+           "FoCa", "TaylorSeer", "TeaCache", "fit_teacache", "LazyConfig", "LazyGates", "LazyHandle",
            "LazyStats", "LookaheadGates", "Policy", "ReferenceGates", "apply_lazy", "make_policy", "policy_for",
            "register_policy"]

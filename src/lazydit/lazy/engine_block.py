@@ -21,6 +21,9 @@ needs its gate only). Then:
 - a step where some branch computes part of its rows runs branch by branch (`BlockHook.run_branch`): skipped rows
   add gate * reuse to the residual; computing rows are gathered and run norm -> modulate -> module -> gated
   residual as one function (`_branch_fn`, a `torch.compile` region with `LazyConfig(compile=True)`).
+  So does a step where a token-wise policy's branch computes part of its tokens (`BranchHook.decide_tokens`): the
+  chosen tokens of x are gathered and run through the same function (norm, modulation and module act on each token
+  alone), their outputs are written into a copy of the cache, and the whole gated residual is added.
 
 On a block that is not fused the module engine's hook runs the plan.
 
@@ -34,6 +37,7 @@ import torch
 
 from lazydit.lazy.engine_module import ModuleHook, hook_modules
 from lazydit.lazy.engine_module import attach as attach_module
+from lazydit.lazy.hooks import gather_tokens, scatter_tokens
 from lazydit.models.dit import modulate
 
 
@@ -47,17 +51,26 @@ class BlockHook(ModuleHook):
         self.fn = None  # the fused branch function (built lazily, maybe compiled)
         super().__init__(run, layer, branch, module)
 
-    def run_branch(self, x, shift, scale, gate, extra=(), rows=None):
+    def run_branch(self, x, shift, scale, gate, extra=(), rows=None, tokens=None):
         """x (B, N, D) -> x + gate * F(modulate(norm(x), shift, scale)), in sample mode.
 
-        The decisions are known before the branch starts (`rows`: this step's `decide(B, None)`), so skipped rows
-        reuse without touching the norm or the modulation; shift and scale may be None when no row computes.
+        The decisions are known before the branch starts (`rows`, `tokens`: this step's `decide_tokens(B, N,
+        None)`), so skipped rows reuse without touching the norm or the modulation; shift and scale may be None when
+        no row computes. `tokens` (B, n): every row computes only these tokens, the others keep the cache.
         """
         run, B = self.run, x.shape[0]
         if self.fn is None:
             cfg = run.config
             fn = _branch_fn(self.norm, self.module, compiled=cfg.compile, scratch=run.scratch)
             self.fn = torch.compile(fn, mode=cfg.compile_mode) if cfg.compile else fn
+        if tokens is not None:
+            idx = _to_device(tokens, x)
+            _, part, _ = self.fn(gather_tokens(x, idx), shift, scale, gate, *extra)
+            out = scatter_tokens(self.reused(writable=True), idx, part)  # a copy of the cache, chosen tokens fresh
+            self.keep(out, learn=False)  # a merged output: the cache, not a point of a forecast history
+            x = _residual(x, gate, out, run.scratch)
+            self.count(B, B, None, x.shape[1], fresh=idx.shape[1])
+            return x
         if rows is None or bool(rows.all()):
             x, out, z = self.fn(x, shift, scale, gate, *extra)
             run.policy.computed(self, run.k, z)
@@ -69,16 +82,20 @@ class BlockHook(ModuleHook):
             self.keep(out, learn=False)
             n = 0
         else:
-            idx = rows.nonzero().squeeze(1)
-            idx = idx.pin_memory().to(x.device, non_blocking=True) if x.is_cuda else idx.to(x.device)
+            idx = _to_device(rows.nonzero().squeeze(1), x)
             _, part, _ = self.fn(x[idx], shift[idx], scale[idx], gate[idx], *extra)
             out = self.reused(writable=True)  # a buffer of our own: the computed rows are written into it
             out[idx] = part.to(out.dtype)
             self.keep(out, idx)
             x = _residual(x, gate, out, run.scratch)
             n = len(idx)
-        self.count(B, n, rows)
+        self.count(B, n, rows, x.shape[1])
         return x
+
+
+def _to_device(idx, x):
+    """Host indices on x's device (through pinned memory to a GPU, without waiting)."""
+    return idx.pin_memory().to(x.device, non_blocking=True) if x.is_cuda else idx.to(x.device)
 
 
 def _block_forward(self, x, *args, **kwargs):
@@ -87,14 +104,14 @@ def _block_forward(self, x, *args, **kwargs):
     if run.mode != "sample":
         return type(self).forward(self, x, *args, **kwargs)
     c, extras = spec.inputs(self, *args, **kwargs)
-    B = x.shape[0]
-    rows = [hook.decide(B, None) for hook in hooks]  # no decision depends on a branch output
-    pattern = static_pattern(rows)
+    B, N = x.shape[:2]
+    rows, tokens = zip(*(hook.decide_tokens(B, N, None) for hook in hooks))  # none depends on a branch output
+    pattern = static_pattern(rows) if all(t is None for t in tokens) else None
     skipped = tuple(not p for p in pattern) if pattern is not None else tuple(_skips_all(r) for r in rows)
     mods = _modulations(self, spec, c, skipped, run.scratch)
-    if pattern is None:  # some branch computes part of the rows: branch by branch, gathering them
+    if pattern is None:  # some branch computes part of the rows or tokens: branch by branch, gathering them
         for b, hook in enumerate(hooks):
-            x = hook.run_branch(x, *mods[b], extras[b], rows=rows[b])
+            x = hook.run_branch(x, *mods[b], extras[b], rows=rows[b], tokens=tokens[b])
         return x
     # every branch computes every row or skips every row: the decisions are Python constants, the block's work one
     # region (compiled whole with LazyConfig(compile=True)); what skipped rows receive, the caches, the histories,
@@ -108,7 +125,7 @@ def _block_forward(self, x, *args, **kwargs):
             hook.keep(out)
         else:
             hook.keep(reuse, learn=False)
-        hook.count(B, B if p else 0, r)
+        hook.count(B, B if p else 0, r, N)
     return x
 
 

@@ -4,15 +4,17 @@ The block runs as written: its `forward` builds Z = modulate(norm(x)) and calls 
 is replaced on the instance by its `ModuleHook` (bound with `types.MethodType`, so `copy.deepcopy` of an attached
 model stays correct; module types and state-dict keys stay as they were). The hook asks `Policy.compute_rows` on z,
 runs the module on the rows that compute, gives the others what `BranchHook.reused` says, merges mixed batches,
-keeps the output and counts. Every branch hook runs here outside sample mode (record, soft, off), and so does a
-block-engine policy on a block that is not fused (diffusers' blocks: `BlockSpec.fused`).
+keeps the output and counts. A token-wise policy's chosen tokens (`BranchHook.decide_tokens`) run the module on
+those tokens of z, and its output is written into a copy of the cache. Every branch hook runs here outside sample
+mode (record, soft, off), and so does a block-engine policy on a block that is not fused (diffusers' blocks:
+`BlockSpec.fused`).
 """
 
 import types
 
 import torch
 
-from lazydit.lazy.hooks import BranchHook
+from lazydit.lazy.hooks import BranchHook, gather_tokens, scatter_tokens
 
 
 class ModuleHook(BranchHook):
@@ -38,10 +40,17 @@ class ModuleHook(BranchHook):
             run.probs.append((self.branch, p))
             pb = p.to(z.dtype)[:, None, None]
             return pb * forward(module, z, *extra) + (1 - pb) * self.reused()
-        B = z.shape[0]
+        B, N = z.shape[:2]
         ahead = run.policy.engine == "block"  # a block that is not fused runs block-engine policies here
-        compute = self.decide(B, None if ahead else z)
+        compute, tokens = self.decide_tokens(B, N, None if ahead else z)
         n = B if compute is None else int(compute.sum())  # one host sync per branch, as the reference
+        if tokens is not None:  # every row computes the tokens `tokens` (B, n) of a token-wise branch
+            idx = tokens.to(z.device)
+            out = self.reused(writable=True)  # a buffer of our own: the computed tokens are written into it
+            scatter_tokens(out, idx, forward(module, gather_tokens(z, idx), *extra))
+            self.keep(out, learn=False)  # a merged output: the cache, not a point of a forecast history
+            self.count(B, B, None, N, fresh=idx.shape[1])
+            return out
         if n == B:
             out = forward(module, z, *extra)
             if ahead:
@@ -55,7 +64,7 @@ class ModuleHook(BranchHook):
             out = self.reused(writable=True)  # a buffer of our own: the computed rows are written into it
             out[idx] = forward(module, z[idx], *_rows(extra, idx, B)).to(out.dtype)
             self.keep(out, idx)
-        self.count(B, n, compute)
+        self.count(B, n, compute, N)
         return out
 
 

@@ -13,6 +13,13 @@ policy's `engine` attribute, one file each:
 training, pending decisions, the guards around `Policy.compute_rows`, the one question for what skipped rows
 receive (`reused`), the one place the cache and the history are updated (`keep`), and the counting.
 
+Token-wise policies (`token_wise = True` on the policy class, e.g. `lazydit.lazy.tokens.ToCa`) decide below the
+module as well: on a branch every row of which computes, `decide_tokens` asks `policy.compute_tokens(hook, k, z)`
+for the (B, n) indices of the tokens that compute; the engines run the module on those tokens only
+(`gather_tokens`) and write its output into a copy of the cache (`scatter_tokens`). Only branches of a token-wise
+kind (TOKENWISE_KINDS: the output at a token is a function of that token's input alone, so the partial output is
+exactly the full output at those tokens) are asked. The counts of a token-wise run are in tokens (`count`).
+
 Modes: "sample" (hard per-row decisions), "soft" (gate training: y = p F(z) + (1 - p) reuse), "record" (run every
 branch and fill the caches), "off" (the bare model).
 """
@@ -26,6 +33,7 @@ from lazydit.lazy.policies import Policy
 from lazydit.lazy.stats import StatsCollector
 
 MODES = ("off", "record", "soft", "sample")
+TOKENWISE_KINDS = ("mlp",)  # branch kinds whose output at a token depends on that token's input alone
 
 
 class _Transient:
@@ -62,6 +70,7 @@ class LazyRun(_Transient):
         self.scratch: dict = {}  # the block engine's reused buffers: the gated residual, modulation weight subsets
         self.blocks: list = []  # the model's blocks
         self.block_cache = None  # the residual engine's BlockCache (None on the branch engines)
+        self.token_wise = bool(getattr(policy, "token_wise", False))  # counts in tokens; asks compute_tokens
 
     @property
     def t(self) -> int:
@@ -109,6 +118,7 @@ class BranchHook(_Transient):
         self.score = None  # look-ahead: (B,) device compute decisions for the next step
         self.plan = None  # plans ahead: (B,) host compute decisions of this step
         self.skips = None  # LazyConfig.max_skips: (B,) consecutive skips of each row so far (None: none)
+        self.token_state = None  # token-wise policies: their per-token state of this branch (ToCa: staleness)
 
     def decide(self, rows: int, z):
         """Compute decisions (B,) bool or None (all compute): nothing to reuse, or a branch that may not skip, always
@@ -132,6 +142,35 @@ class BranchHook(_Transient):
         self.skips = torch.where(compute, 0, prev + 1)
         return compute
 
+    def decide_tokens(self, rows: int, tokens: int, z):
+        """Row and token decisions of this branch at this step: `decide`, then, for a branch every row of which
+        computes, the token-wise policy's `compute_tokens`.
+
+        The policy is asked only when it is token-wise, the branch is of a token-wise kind (TOKENWISE_KINDS) and may
+        skip, and the hook holds a cache of exactly these rows and tokens.
+
+        Args:
+            rows: B, the rows of the batch.
+            tokens: N, the tokens of each row.
+            z: the branch input (module engine) or None (block engine), as for `decide`.
+        Returns:
+            (compute, idx): `compute` as `decide` returns it ((B,) bool, or None: every row computes); `idx` the
+            (B, n) long indices of the tokens that compute in every row, 0 < n < N, or None (whole rows). A policy
+            choosing no token makes every row skip (compute all False); one choosing every token is whole rows.
+        """
+        compute = self.decide(rows, z)
+        run = self.run
+        if (compute is not None or not run.token_wise or self.cache is None
+                or tuple(self.cache.shape[:2]) != (rows, tokens) or self.branch not in run.skippable
+                or run.kinds[self.branch] not in TOKENWISE_KINDS):
+            return compute, None
+        idx = run.policy.compute_tokens(self, run.k, z)
+        if idx is None or idx.shape[1] == tokens:
+            return None, None
+        if idx.shape[1] == 0:
+            return torch.zeros(rows, dtype=torch.bool), None
+        return None, idx
+
     def reused(self, writable: bool = False) -> torch.Tensor:
         """What skipped rows receive at this step, asked of the policy once (`Policy.reuse`: the cache, or the
         history's forecast). `writable`: the caller writes computed rows into it, so the cache itself is copied (a
@@ -147,8 +186,33 @@ class BranchHook(_Transient):
         if learn and self.history is not None:
             self.history.learn(out, self.run, rows)
 
-    def count(self, rows: int, computed: int, decision):
-        self.run.collector.count(self.run.k, self.layer, self.branch, rows, computed, decision)
+    def count(self, rows: int, computed: int, decision, tokens: int = 1, fresh: int | None = None):
+        """Count one evaluation of the branch at this step.
+
+        Args:
+            rows: B, the rows of the batch.
+            computed: the rows that ran the module.
+            decision: (B,) bool compute decisions, or None (every row computed).
+            tokens: N, the tokens of each row.
+            fresh: a token-wise partial evaluation: every computing row ran the module on `fresh` of its N tokens
+                (None: on all of them).
+        A token-wise run (`LazyRun.token_wise`) counts in tokens, a row being N of them, so that its lazy ratio is
+        the share of tokens that reused the cache; any other run counts rows. Ratios and MACs
+        (`lazydit.models.cost.sampling_macs`) read the same in either unit.
+        """
+        unit = tokens if self.run.token_wise else 1
+        done = computed * (unit if fresh is None else fresh)
+        self.run.collector.count(self.run.k, self.layer, self.branch, rows, done, decision, unit=unit)
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The tokens idx (B, n) of every row of x (B, N, D): (B, n, D)."""
+    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def scatter_tokens(out: torch.Tensor, idx: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+    """Write part (B, n, D) into the tokens idx (B, n) of out (B, N, D), in place; returns out."""
+    return out.scatter_(1, idx.unsqueeze(-1).expand(-1, -1, out.shape[-1]), part.to(out.dtype))
 
 
 def _short(ts: list) -> str:

@@ -10,7 +10,12 @@ from lazydit.models.registry import BRANCH_NAMES
 
 @dataclass
 class LazyStats:
-    """Counts of module evaluations per (respaced step, layer, branch): skipped and total rows."""
+    """Counts of module evaluations per (respaced step, layer, branch): skipped and total rows.
+
+    A token-wise policy's run (`lazydit.lazy.tokens.ToCa`) counts tokens instead (a row is N of them; a branch run
+    on n of a row's N tokens skipped N - n), so its lazy ratio is the share of tokens that reused the cache. Every
+    ratio below, and the MACs of `lazydit.models.cost.sampling_macs`, read the same in either unit.
+    """
 
     skipped: torch.Tensor  # (T, L, branches) int64
     total: torch.Tensor  # (T, L, branches) int64
@@ -61,14 +66,15 @@ class StatsCollector:
         self.skipped, self.total = torch.from_numpy(self._skipped), torch.from_numpy(self._total)
         self.decisions = None  # (T, L, branches, B) bool, True = computed (record_decisions)
 
-    def count(self, k: int, layer: int, branch: int, rows: int, computed: int, decision=None):
-        """One branch evaluation at step k over `rows` rows, `computed` of which ran the module.
+    def count(self, k: int, layer: int, branch: int, rows: int, computed: int, decision=None, unit: int = 1):
+        """One branch evaluation at step k over `rows` rows, `computed` units of which ran the module.
 
         Args:
             decision: (rows,) bool compute decisions (any device), or None when every row computed.
+            unit: the units of one row: 1 (rows are counted), or N (tokens are: `computed` is in tokens).
         """
-        self._skipped[k, layer, branch] += rows - computed
-        self._total[k, layer, branch] += rows
+        self._skipped[k, layer, branch] += rows * unit - computed
+        self._total[k, layer, branch] += rows * unit
         if self.record_decisions:
             if self.decisions is None or self.decisions.shape[-1] != rows:
                 self.decisions = torch.ones(*self.shape, rows, dtype=torch.bool)

@@ -64,7 +64,10 @@ def sampling_macs(cfg: DiTConfig | LargeDiTConfig, steps: int, stats=None, atten
     Args:
         cfg: the model config.
         steps: T.
-        stats: LazyStats of the run (None for plain DDIM): skipped modules are subtracted, gates added.
+        stats: LazyStats of the run (None for plain DDIM): skipped modules are subtracted, gates added. A
+            token-wise run counts tokens (`lazydit.lazy.tokens`): a branch run on n of N tokens saves (N - n) / N of
+            its MACs, exact for its Linear layers (each token is one row of their products); such partial runs
+            are of token-wise branches only (the MLP), so attention, matmuls included, is skipped or run whole.
         attention_matmuls: count attention matmuls too (skipping an attn module skips them as well).
         forecast: order of the forecast reuse (its elementwise work is added, `forecast_macs`).
         overhead: what the caching policy adds per forward of one image (`Policy.overhead_macs`); None: the gate
@@ -78,8 +81,8 @@ def sampling_macs(cfg: DiTConfig | LargeDiTConfig, steps: int, stats=None, atten
     m = module_macs(cfg)
     attn = m["attn"] + (attention_matmul_macs(cfg) if attention_matmuls else 0)
     skipped = stats.skipped.sum(dim=(0, 1)).double()  # (2,) per branch
-    rows = float(stats.total.sum()) / (2 * cfg.depth * steps)  # rows per forward (both CFG halves)
-    saved = (float(skipped[0]) * attn + float(skipped[1]) * m["mlp"]) / rows  # per row = per image
+    rows = float(stats.total.sum()) / (2 * cfg.depth * steps)  # rows (or tokens) per forward (both CFG halves)
+    saved = (float(skipped[0]) * attn + float(skipped[1]) * m["mlp"]) / rows  # per row = per image (unit-free)
     if overhead is None:
         overhead = gate_macs(cfg) + forecast_macs(cfg, forecast)
     return float(total - saved + steps * overhead)
