@@ -304,13 +304,20 @@ def cmd_compare(args):
 
 
 def _tune_extractor(args, model):
-    """--extractor module:function (called with no arguments: a module with `.features(x)`), else the shipped
-    Fashion-MNIST classifier for the embedded default, else none (PSNR only)."""
+    """--extractor fmnist / fmnist-resnet (the shipped Fashion-MNIST extractors) or module:function (called with no
+    arguments: a module with `.features(x)`), else the shipped Fashion-MNIST classifier for the embedded default,
+    else none (PSNR only)."""
     if not args.extractor:
         return "auto"
     import importlib
 
     from lazydit.errors import UsageError
+
+    if args.extractor in ("fmnist", "fmnist-resnet"):
+        from lazydit.evaluation import fmnist
+
+        load = fmnist.default_classifier if args.extractor == "fmnist" else fmnist.resnet_classifier
+        return load(next(model.parameters()).device)
 
     mod, sep, fn = args.extractor.partition(":")
     if not sep or not mod or not fn:
@@ -329,10 +336,19 @@ def cmd_tune(args):
     check_budget(args.budget, args.budget_kind)
     parse_spec(args.fine)
     _check_out(args.out, folder=True, lock=True)
-    model = _model(args)
+    import torch
+
+    model = _model(args).to(getattr(torch, args.dtype))
+    extractor = _tune_extractor(args, model)
+    ref = args.ref
+    if ref == "default":  # the shipped test-split statistics of the extractor in use
+        from lazydit.evaluation import fmnist
+
+        ref = (fmnist.resnet_reference() if args.extractor == "fmnist-resnet" else fmnist.default_reference())
     recipe = tune(model, args.budget, args.out, budget_kind=args.budget_kind, num_samples=args.num_samples,
                   n0=args.first, fine=args.fine, cfg_scale=args.cfg, seed=args.seed, max_minutes=args.max_minutes,
-                  extractor=_tune_extractor(args, model), model_name=args.model, progress=not args.json,
+                  extractor=extractor, model_name=args.model, progress=not args.json, micro_batch=args.batch_size,
+                  ref=ref, train_gates=args.train_gates, gate_iters=args.gate_iters,
                   log=(lambda m: None) if args.json else (lambda m: print(m, flush=True)))
     q = recipe["quality"]
     row = dict(config=recipe["config"], tmacs=recipe["tmacs"], budget_share=recipe["budget_share"],
@@ -804,8 +820,9 @@ def _sampling(sp, steps=50, gates=True, compile_flag=False):
 
 
 def _evaluator(sp):
-    sp.add_argument("--extractor", choices=["fmnist", "inception"], default="fmnist",
-                    help="fmnist: the shipped classifier and test-split statistics; inception: InceptionV3 (FID)")
+    sp.add_argument("--extractor", choices=["fmnist", "fmnist-resnet", "inception"], default="fmnist",
+                    help="fmnist: the shipped classifier and test-split statistics; fmnist-resnet: the second, "
+                    "independently trained Fashion-MNIST extractor; inception: InceptionV3 (FID)")
     sp.add_argument("--inception-weights", default=None, help="pt_inception-2015-12-05-6726825d.pth (local file)")
     sp.add_argument("--ref", default=None, help="reference statistics (.npz from lazydit) or an ADM reference batch")
 
@@ -1033,13 +1050,27 @@ def build_parser():
     sp.add_argument("--out", default="runs/compare-cli", help="folder: rows/ (resumable) and the report")
     _evaluator(sp)
 
-    sp = add("tune", cmd_tune, "the sampler and caching setting with the best images for a TMACs budget, measured "
-                               "on this model against its own converged sampler; writes a recipe (resumable)")
+    sp = add("tune", cmd_tune, "the sampler and caching setting with the best images for a budget (TMACs or seconds "
+                               "per image), measured on this model against its own converged sampler; writes a "
+                               "recipe (resumable)")
     _common(sp)
     sp.add_argument("--budget", type=float, required=True,
-                    help="the budget: with --budget-kind tmacs a share of DDIM-50's TMACs on this model, in (0, 1]")
+                    help="the budget: with --budget-kind tmacs a share of DDIM-50's TMACs on this model, in (0, 1]; "
+                         "with seconds, seconds per image on this device")
     sp.add_argument("--budget-kind", choices=["tmacs", "seconds"], default="tmacs",
-                    help="tmacs (seconds: not built yet)")
+                    help="tmacs (exact MAC counts) or seconds (every candidate timed here, at --batch-size and "
+                         "--dtype)")
+    sp.add_argument("--batch-size", type=_positive, default=16,
+                    help="images per sampler call: the batch you will sample with (seconds are timed at it)")
+    sp.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                    help="the model's dtype while tuning (the one you will sample with)")
+    sp.add_argument("--ref", default=None, metavar="STATS",
+                    help="reference statistics of real data for the extractor (.npz from lazydit; 'default': the "
+                         "shipped Fashion-MNIST test split of --extractor): rank the finalists by FID to data too")
+    sp.add_argument("--train-gates", action=argparse.BooleanOptionalAction, default=None,
+                    help="train data-free forecast gates for this model as candidates (default: yes, except for the "
+                         "embedded default, whose shipped gates are candidates); kept and reused in --out/gates/")
+    sp.add_argument("--gate-iters", type=_positive, default=200, help="optimiser steps of each gate set tune trains")
     sp.add_argument("--num-samples", type=_positive, default=256, help="images of the final round")
     sp.add_argument("--first", type=_positive, default=64,
                     help="images of the first round (successive halving doubles them up to --num-samples)")
@@ -1049,9 +1080,9 @@ def build_parser():
                     help="stop the search then: candidates not scored are listed as not tried")
     sp.add_argument("--cfg", type=_finite, default=DEFAULT_CFG, help="classifier-free guidance scale (1: none)")
     sp.add_argument("--extractor", default=None, metavar="MODULE:FUNCTION",
-                    help="feature extractor for FID to the fine sampler (a function returning a module with "
-                         ".features(x)); default: the shipped Fashion-MNIST classifier for the embedded default, "
-                         "else PSNR only")
+                    help="feature extractor for FID to the fine sampler: fmnist or fmnist-resnet (the shipped "
+                         "Fashion-MNIST ones), or a function returning a module with .features(x); default: the "
+                         "shipped classifier for the embedded default, else PSNR only")
     sp.add_argument("--out", required=True, help="run folder: recipe.json, report.md, frontier.*, rows/ (resumable)")
 
     sp = add("cost", cmd_cost, "TMACs per image the paper's way (Linear+Conv, CFG not doubled)")

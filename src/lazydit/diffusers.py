@@ -117,6 +117,17 @@ def enable_lazy(pipe, gates, config=None):
     return handle
 
 
+def _denoiser(transformer):
+    """lazydit's view of a pipeline's transformer, enough to build a policy for it: DiT as `DiffusersDiT`, PixArt
+    as `DiffusersPixArt` over a one-caption placeholder bank (a policy reads the blocks and sizes, not captions)."""
+    from diffusers import PixArtTransformer2DModel
+
+    if isinstance(transformer, PixArtTransformer2DModel):
+        width = transformer.config.caption_channels
+        return DiffusersPixArt(transformer, CaptionBank(torch.zeros(1, 1, width), negative=torch.zeros(1, width)))
+    return DiffusersDiT(transformer)
+
+
 def _recipe_policy(pipe, recipe):
     """The policy of a tune recipe for a pipeline's transformer, after checking that the pipeline samples what the
     recipe was tuned for."""
@@ -126,7 +137,7 @@ def _recipe_policy(pipe, recipe):
     if type(pipe.scheduler).__name__ != "DDIMScheduler":
         raise UsageError(f"the recipe is for DDIM; the pipeline runs {schedule_name(pipe.scheduler)}: give it a "
                          "DDIMScheduler")
-    policy = recipe.policy(DiffusersDiT(pipe.transformer))  # refuses other weights
+    policy = recipe.policy(_denoiser(pipe.transformer))  # refuses other weights
     if policy is None:
         raise UsageError(f"the recipe is plain {recipe.config}: no caching to enable; call the pipeline with "
                          f"num_inference_steps={recipe.steps}")

@@ -1,24 +1,32 @@
 """`lazydit tune`: the sampler and caching setting with the best images for a compute budget, measured on the
-user's own model (first slice: budgets in TMACs only).
+user's own model and device.
 
-Given a model and a budget B (a share of DDIM-50's TMACs on that model), `tune`:
-1. lists the candidates within the budget (`candidates`): DDIM-T and DPM-Solver++(2M)-T at every T of the grid that
-   fits; FORA (interval 2, 3) and TaylorSeer (interval 2-4, order 1-2) at the largest T of the grid whose static
-   cost fits; FBCache and TeaCache calibrated to the lazy ratio r that fits at each T the bare sampler does not fit;
+Given a model and a budget B, either a share of DDIM-50's TMACs on that model (`budget_kind="tmacs"`) or seconds per
+image on this device at the batch size and dtype the user samples with (`budget_kind="seconds"`), `tune`:
+1. lists the candidates within the budget (`candidates`): every solver of `lazydit.sampling.SAMPLERS` (DDIM,
+   DPM-Solver++(2M), UniPC, on the reference respacing and diffusers' spacings) at every T of the grid that fits;
+   FORA (interval 2, 3), TaylorSeer (interval 2-4, order 1-2) and FoCa (interval 3, 5, 7) at the largest T of the
+   grid whose static cost fits; FBCache and TeaCache calibrated to the lazy ratio r that fits at each T the bare sampler does not fit;
    for the embedded default also its shipped LazyDiT gates (reference, forecast, every-forecast) at the T they are
    shipped for, calibrated to the r that fits. Costs are exact (`lazydit.models.cost`); a calibrated run's are
-   measured from its samples, and a candidate whose measured TMACs exceed the budget is never scored.
+   measured from its samples, and a candidate whose measured TMACs exceed the budget is never scored. A seconds
+   budget is first turned into TMACs by timing dense DDIM-10 (seconds per MAC on this device), which lists the
+   candidates; then every candidate, calibrated, is timed in interleaved rounds (`lazydit.bench.time_interleaved`,
+   the project's one timing routine) at the user's batch size, and one whose median seconds per image exceed B is
+   never scored (lazy rows cost more seconds than their MACs say, so the TMACs list is an upper bound).
 2. measures quality without a dataset: the distance to the model's own converged sampler (`fine`, e.g. DDIM-250)
    from the same labels and noise: FID between the candidate's and the fine sampler's images in an extractor's
    feature space (the shipped Fashion-MNIST classifier for the embedded default), and PSNR to the same-noise fine
-   image. Without an extractor the ranking metric is the MSE to the fine images (PSNR's, the same order).
+   image. Without an extractor the ranking metric is the MSE to the fine images (PSNR's, the same order). With
+   reference statistics of real data (`ref`), every scored row also gets its FID to data, and the report gives
+   both rankings of the finalists side by side (the choice stays with the distance to the fine sampler).
 3. prunes by successive halving: every candidate is scored on n0 images, the better half (at least two) by the
    ranking metric is scored again on 2 n0, ... up to num_samples. Labels are `driver.eval_labels(num_samples)` and
    batch i (of n0 images, the smallest count, kept fixed) is seeded seed * 1_000_003 + i, as the row engine's
    driver seeds it: the images scored at n are exactly the first n of every larger count.
 4. picks the winner of the two best finalists with a paired bootstrap of the ranking metric (rows of the runner-up,
    the best and the fine images resampled together): a winner when the interval of (runner-up - best) excludes 0,
-   else a tie, settled for the cheaper (fewer TMACs).
+   else a tie, settled for the cheaper (fewer TMACs; fewer seconds for a seconds budget).
 5. writes recipe.json, frontier.md / .csv / .json / .png and report.md into the run folder; rows/ holds what every
    candidate sampled (resumable parts) and one JSON per (candidate, n), so a killed tune continues where it stopped
    and gives the same recipe.
@@ -44,23 +52,26 @@ from lazydit.files import weights_fingerprint, write_text_atomic
 RECIPE_FORMAT = "lazydit-recipe"
 STEPS_GRID = (5, 6, 7, 8, 10, 12, 14, 16, 20, 25, 30, 40, 50)
 STATIC_METHODS = ("fora:interval=2", "fora:interval=3",
-                  *(f"taylorseer:interval={i},order={o}" for i in (2, 3, 4) for o in (1, 2)))
+                  *(f"taylorseer:interval={i},order={o}" for i in (2, 3, 4) for o in (1, 2)),
+                  *(f"foca:interval={i}" for i in (3, 5, 7)))
 RESIDUAL_METHODS = ("fbcache", "teacache")
 GATE_KINDS = {"default": "reference", "default-forecast": "forecast", "default-every-forecast": "every-forecast"}
 GATE_MAX_RATIO = {"reference": 0.48, "forecast": 0.48, "every-forecast": 0.8}  # parity caps the first two at 0.5
 RATIO_MARGIN = 0.03  # calibrate a little past the ratio that fits: the eval images' ratio differs from the grid's
 MAX_RATIO = 0.8
-SAMPLERS = ("ddim", "dpm++2m")
-NOT_BUILT = ("budgets in seconds (--budget-kind seconds)",
-             "gate training for models other than the embedded default (only its shipped gates are candidates)")
+GATE_RECIPE = dict(forecast=1, lr=1e-4, rho_attn=1e-2, rho_mlp=1e-2, data_free=True)  # gates tune trains: the
+# forecast variant of docs/beyond_paper.md, on the model's own trajectories
+GATE_RATIOS = (0.25, 0.48)  # tune trains gates for the T whose fitting lazy ratio lies in this range (two at most)
+BUDGET_KINDS = ("tmacs", "seconds")
+PROBE_STEPS = 10  # the dense DDIM run a seconds budget is converted to TMACs with
 
 
 @dataclass(frozen=True)
 class TuneSettings:
     """What a tune's results depend on (a resumed run must have the same)."""
 
-    budget: float  # share of DDIM-50's TMACs on the model
-    budget_kind: str = "tmacs"
+    budget: float  # share of DDIM-50's TMACs on the model, or seconds per image (budget_kind)
+    budget_kind: str = "tmacs"  # "tmacs" or "seconds"
     num_samples: int = 256  # images of the final round
     n0: int = 64  # images of the first round (and the sampling batch)
     fine: str = "ddim-250"  # the converged sampler quality is measured against
@@ -70,6 +81,11 @@ class TuneSettings:
     reps: int = 200  # bootstrap draws of the winner's interval
     level: float = 0.95
     calib_per_class: int = 4
+    timing_repeats: int = 3  # interleaved timed rounds per candidate (seconds budgets)
+    train_gates: bool = False  # train forecast gates for this model (GATE_RECIPE) and make them candidates
+    gate_iters: int = 200  # their optimiser steps, of gate_batch trajectories from a pool of gate_pool
+    gate_batch: int = 32
+    gate_pool: int = 256
 
     @property
     def levels(self) -> list:
@@ -85,11 +101,12 @@ def check_budget(budget: float, kind: str = "tmacs"):
     """Refuse a budget tune does not take (an `OptionRangeError`: the CLI exits 2)."""
     from lazydit.errors import OptionRangeError
 
-    if kind == "seconds":
-        raise OptionRangeError("--budget-kind seconds: not built yet: use --budget-kind tmacs")
-    if kind != "tmacs":
-        raise OptionRangeError(f"--budget-kind {kind!r}: choose tmacs")
-    if not (isinstance(budget, (int, float)) and math.isfinite(budget) and 0 < budget <= 1):
+    if kind not in BUDGET_KINDS:
+        raise OptionRangeError(f"--budget-kind {kind!r}: choose {' or '.join(BUDGET_KINDS)}")
+    if not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget > 0):
+        raise OptionRangeError(f"--budget {budget}: " + ("seconds per image must be > 0" if kind == "seconds" else
+                                                         "a share of DDIM-50's TMACs lies in (0, 1]"))
+    if kind == "tmacs" and budget > 1:
         raise OptionRangeError(f"--budget {budget}: a share of DDIM-50's TMACs lies in (0, 1]")
 
 
@@ -130,14 +147,20 @@ def candidates(model, budget_macs: float, shipped_default: bool, steps_grid=STEP
     from lazydit.assets import SHIPPED_GATES
     from lazydit.evaluation.rows import build_policy, parse_spec
     from lazydit.models.cost import sampling_macs
+    from lazydit.sampling import SAMPLERS
 
     cfg, out, skipped = model.config, [], []
     bare_fits = [T for T in steps_grid if sampling_macs(cfg, T) <= budget_macs]
-    for s in SAMPLERS:
-        out += [(f"{s}-{T}", sampling_macs(cfg, T)) for T in bare_fits]
+    for s in SAMPLERS:  # every solver and spacing (`lazydit.sampling.SAMPLERS`) the spacing can take
+        for T in bare_fits:
+            try:
+                parse_spec(f"{s}-{T}")
+            except UsageError:
+                continue
+            out.append((f"{s}-{T}", sampling_macs(cfg, T)))
     over = [T for T in steps_grid if T not in bare_fits]
     if over:
-        skipped.append(dict(what=f"ddim / dpm++2m at T in {over}", why="over the budget"))
+        skipped.append(dict(what=f"the bare solvers at T in {over}", why="over the budget"))
     for m in STATIC_METHODS:
         fits = [(T, c) for T in steps_grid
                 for c in [static_macs(build_policy(parse_spec(f"ddim-{T}+{m}"), model), cfg)] if c <= budget_macs]
@@ -275,6 +298,12 @@ def default_extractor(model):
     return default_classifier(next(model.parameters()).device)
 
 
+def denoiser_fingerprint(model) -> str:
+    """The fingerprint a recipe keeps of its model: the weights of the network that denoises (a diffusers wrapper's
+    transformer, without a text-conditional wrapper's caption bank), so that a pipeline's transformer matches."""
+    return weights_fingerprint(getattr(model, "transformer", model))
+
+
 def is_shipped_default(model) -> bool:
     from lazydit.assets import default_model
 
@@ -287,15 +316,17 @@ def is_shipped_default(model) -> bool:
 def tune(model, budget: float, out, *, budget_kind: str = "tmacs", num_samples: int = 256, n0: int = 64,
          fine: str = "ddim-250", cfg_scale: float = 1.5, seed: int = 0, max_minutes: float | None = None,
          extractor="auto", model_name: str | None = None, reps: int = 200, micro_batch: int | None = 16,
-         configs: list | None = None, max_runs: int | None = None, progress: bool = True, log=print) -> dict:
-    """The sampler and caching setting with the best images within a TMACs budget on `model` (see the module
-    docstring); writes the recipe and the frontier into `out`, resumably.
+         configs: list | None = None, max_runs: int | None = None, progress: bool = True, log=print, ref=None,
+         timing_repeats: int = 3, train_gates: bool | None = None, gate_iters: int = 200) -> dict:
+    """The sampler and caching setting with the best images within a budget on `model` (see the module docstring);
+    writes the recipe and the frontier into `out`, resumably.
 
     Args:
         model: the model (eval mode) on its device (`lazydit.loading.load_model`).
-        budget: a share of DDIM-50's TMACs on this model, in (0, 1].
+        budget: a share of DDIM-50's TMACs on this model, in (0, 1] ("tmacs"), or seconds per image ("seconds").
         out: the run folder (rows/ and the outputs).
-        budget_kind: "tmacs" (seconds is not built yet).
+        budget_kind: "tmacs" or "seconds" (measured on this device, at `micro_batch` images per call and the model's
+            dtype: convert the model to the dtype you sample with first).
         num_samples, n0: images of the final and of the first round (the first round's count is the batch).
         fine: the converged bare sampler quality is measured against (SAMPLER-T).
         cfg_scale, seed: guidance and the labels / noise every candidate shares.
@@ -307,12 +338,18 @@ def tune(model, budget: float, out, *, budget_kind: str = "tmacs", num_samples: 
         reps: bootstrap draws of the final comparison.
         configs: score these configuration strings instead of `candidates` (the budget still applies).
         max_runs: stop after scoring this many (candidate, n) pairs in this call (as max_minutes; for tests).
+        ref: reference statistics of real data for the extractor (`evaluation.features.load_reference`, or its
+            path): every scored row also gets its FID to data, and the report ranks the finalists both ways.
+        timing_repeats: interleaved timed rounds per candidate (seconds budgets).
+        train_gates: train data-free forecast gates (GATE_RECIPE, `gate_iters` steps) for the step counts
+            `gate_steps` picks and make them candidates; kept in out/gates/ and reused (a killed training resumes).
+            None: for every model but the embedded default, whose shipped gates are candidates already.
     Returns:
         the recipe (dict), as written to out/recipe.json.
     """
     from tqdm.auto import tqdm
 
-    from lazydit.evaluation.metrics import paired_psnr
+    from lazydit.evaluation.metrics import feature_stats, frechet_distance, paired_psnr
     from lazydit.evaluation.rows import RowSettings, build_policy, calibrate, parse_spec
     from lazydit.models.cost import sampling_macs
     from lazydit.pipeline import class_grid_labels
@@ -324,7 +361,10 @@ def tune(model, budget: float, out, *, budget_kind: str = "tmacs", num_samples: 
     if fine_spec.method is not None:
         raise UsageError(f"--fine must be a bare sampler (e.g. ddim-250), not {fine!r}")
     st = TuneSettings(budget=float(budget), budget_kind=budget_kind, num_samples=num_samples, n0=min(n0, num_samples),
-                      fine=fine, cfg_scale=cfg_scale, seed=seed, micro_batch=micro_batch, reps=reps)
+                      fine=fine, cfg_scale=cfg_scale, seed=seed, micro_batch=micro_batch, reps=reps,
+                      timing_repeats=timing_repeats,
+                      train_gates=(not is_shipped_default(model)) if train_gates is None else bool(train_gates),
+                      gate_iters=gate_iters)
     out = Path(out)
     rows = out / "rows"
     rows.mkdir(parents=True, exist_ok=True)
@@ -335,7 +375,9 @@ def tune(model, budget: float, out, *, budget_kind: str = "tmacs", num_samples: 
     if isinstance(extractor, str) and extractor == "auto":
         extractor = default_extractor(model) if shipped else None
     metric_name = "fid_to_fine" if extractor is not None else "mse_to_fine"
-    state = {**asdict(st), "model": fp, "metric": metric_name, "configs": configs}
+    ref = _reference(ref, extractor)
+    state = {**asdict(st), "model": fp, "metric": metric_name, "configs": configs,
+             "ref": None if ref is None else ref["meta"].get("fingerprint", "given")}
     state_path = out / "tune.json"
     if state_path.exists():
         diff = _settings_diff(json.loads(state_path.read_text()), state)
@@ -348,6 +390,33 @@ def tune(model, budget: float, out, *, budget_kind: str = "tmacs", num_samples: 
     ddim50 = sampling_macs(cfg, 50)
     budget_macs = st.budget * ddim50
     device = next(model.parameters()).device
+    timing_path = rows / "timing.json"
+    timed = json.loads(timing_path.read_text()) if timing_path.exists() else {"rows": {}}
+    bs = st.micro_batch or min(st.n0, st.num_samples)
+
+    def time_rows(rows_to_time):
+        """Median seconds per image of TimedRows not timed yet (interleaved; kept in rows/timing.json)."""
+        from lazydit.bench import time_interleaved
+        from lazydit.evaluation.driver import eval_labels
+
+        todo = [r for r in rows_to_time if r.name not in timed["rows"]]
+        if todo:
+            y = eval_labels(bs, cfg.num_classes, st.seed).to(device)
+            res = time_interleaved(todo, y, cfg_scale=st.cfg_scale, repeats=st.timing_repeats, micro_batch=bs)
+            for name, r in res.items():
+                timed["rows"][name] = dict(seconds_per_image=float(np.median(r["times"])) / bs, times=r["times"],
+                                           batch=bs)
+            write_text_atomic(timing_path, json.dumps(timed, indent=1))
+        return {r.name: timed["rows"][r.name]["seconds_per_image"] for r in rows_to_time}
+
+    seconds_per_mac = None
+    if st.budget_kind == "seconds":
+        from lazydit.bench import TimedRow
+
+        probe = f"ddim-{PROBE_STEPS}"
+        log(f"tune: timing {probe} at {bs} images per call to turn {st.budget:g} s per image into TMACs")
+        seconds_per_mac = time_rows([TimedRow(probe, model, PROBE_STEPS)])[probe] / sampling_macs(cfg, PROBE_STEPS)
+        budget_macs = st.budget / seconds_per_mac
 
     if configs is None:
         cands, not_tried = candidates(model, budget_macs, shipped)
@@ -364,8 +433,10 @@ def tune(model, budget: float, out, *, budget_kind: str = "tmacs", num_samples: 
                 cands.append((text, est))
             else:
                 not_tried.append(dict(what=text, why=f"estimated {est / 1e12:.6f} TMACs: over the budget"))
-    log(f"tune: {len(cands)} candidates within {st.budget:g} x DDIM-50 = {budget_macs / 1e12:.6f} TMACs; rounds "
-        f"at {st.levels} images; quality: {metric_name.replace('_', ' ')} ({fine})")
+    what = (f"{st.budget:g} x DDIM-50 = {budget_macs / 1e12:.6f} TMACs" if st.budget_kind == "tmacs" else
+            f"{st.budget:g} s per image (~{budget_macs / 1e12:.6f} TMACs at dense speed)")
+    log(f"tune: {len(cands)} candidates within {what}; rounds at {st.levels} images; quality: "
+        f"{metric_name.replace('_', ' ')} ({fine})")
 
     runs = [0]
     fine_images = {}
@@ -395,7 +466,7 @@ def tune(model, budget: float, out, *, budget_kind: str = "tmacs", num_samples: 
 
     def policy_of(spec):
         """(policy, calibration dict) of a configuration, calibrated once (rows/<name>.calib.json)."""
-        path = rows / f"{spec.filename}.calib.json"
+        path = rows / f"{_file(spec)}.calib.json"
         if path.exists():
             cal = json.loads(path.read_text())
         else:
@@ -420,10 +491,34 @@ def tune(model, budget: float, out, *, budget_kind: str = "tmacs", num_samples: 
         return build_policy(spec, model, cal.get("threshold") if spec.target is not None else None, device=device,
                             fitted=cal.get("fitted")), cal
 
+    if st.train_gates and configs is None:
+        cands += _trained_candidates(model, st, out, budget_macs, not_tried, check_time, progress, log)
+
+    timed_s = {}  # config -> timed seconds per image (seconds budgets)
+    if st.budget_kind == "seconds":
+        from lazydit.bench import TimedRow
+
+        trows = []
+        for text, _ in tqdm(cands, desc="calibrating", unit="config", disable=not progress):
+            spec = parse_spec(text)
+            policy, cal = policy_of(spec)
+            if "error" not in cal:
+                trows.append(TimedRow(text, model, spec.steps, policy, spec.sampler))
+        log(f"tune: timing {len(trows)} candidates ({st.timing_repeats} interleaved rounds of {bs} images)")
+        timed_s = time_rows(trows)
+        kept = []
+        for text, est in cands:
+            if text in timed_s and timed_s[text] > st.budget:
+                not_tried.append(dict(what=text, why=f"measured {timed_s[text]:.4g} s per image: over the budget "
+                                                     "(not scored)"))
+            else:
+                kept.append((text, est))
+        cands = kept
+
     def score(text, n):
         """The record of a configuration at n images (read back if this folder has it)."""
         spec = parse_spec(text)
-        path = rows / f"{spec.filename}-n{n}.json"
+        path = rows / f"{_file(spec)}-n{n}.json"
         if path.exists():
             return json.loads(path.read_text())
         policy, cal = policy_of(spec)
@@ -431,29 +526,41 @@ def tune(model, budget: float, out, *, budget_kind: str = "tmacs", num_samples: 
             return dict(config=text, n=n, error=cal["error"])
         check_time()
         t0 = time.time()
-        images, stats, seconds = _sample(model, spec, policy, st, n, rows, spec.filename, fp, progress)
+        images, stats, seconds = _sample(model, spec, policy, st, n, rows, _file(spec), fp, progress)
         overhead = policy.overhead_macs(cfg) if policy is not None else None
         tmacs = sampling_macs(cfg, spec.steps, stats, overhead=overhead) / 1e12
         rec = dict(config=text, family=spec.family, method=spec.method or "none", sampler_name=spec.sampler,
                    steps=spec.steps, n=n, tmacs=tmacs, budget_share=tmacs * 1e12 / ddim50,
                    lazy_ratio=round(stats.lazy_ratio, 4) if stats else 0.0, seconds_per_image=seconds / n,
                    threshold=cal.get("threshold"), fitted=cal.get("fitted") or {},
-                   calibration_ratio=cal.get("calibration_ratio"), target=spec.target)
-        if tmacs * 1e12 > budget_macs:
+                   calibration_ratio=cal.get("calibration_ratio"), target=spec.target,
+                   timed_seconds_per_image=timed_s.get(text))
+        over = (tmacs * 1e12 > budget_macs if st.budget_kind == "tmacs"
+                else timed_s.get(text, math.inf) > st.budget)
+        if over:
             rec["over_budget"] = True  # measured over the budget: never scored
         else:
-            ref = fine_at(n)
-            p = paired_psnr(images, ref)
+            fine_ref = fine_at(n)
+            p = paired_psnr(images, fine_ref)
             rec.update(psnr_to_fine=p["psnr"], mse_to_fine=p["mse"])
             if extractor is not None:
-                rec["fid_to_fine"] = fid_of_samples(features((text, n), images), features(("fine", n), ref))
+                rec["fid_to_fine"] = fid_of_samples(features((text, n), images), features(("fine", n), fine_ref))
+            if data_ref is not None:
+                mu, sigma = feature_stats(features((text, n), images))
+                rec["fid_to_ref"] = frechet_distance(mu, sigma, data_ref["mu"], data_ref["sigma"])
         rec["wall_s"] = round(time.time() - t0, 2)
         write_text_atomic(path, json.dumps(rec, indent=1))
         runs[0] += 1
         return rec
 
+    data_ref = ref
+
+    def cost(r):
+        """What "cheaper" means for this budget: seconds per image (timed) or TMACs."""
+        return r["timed_seconds_per_image"] if st.budget_kind == "seconds" else r["tmacs"]
+
     def key(r):
-        return (r[metric_name], r["tmacs"], r["config"])
+        return (r[metric_name], cost(r), r["config"])
 
     alive = [c for c, _ in cands]
     scored = {}  # config -> list of records, one per n
@@ -497,23 +604,134 @@ def tune(model, budget: float, out, *, budget_kind: str = "tmacs", num_samples: 
     chosen = best
     if len(final) > 1:
         runner = final[1]
-        ref = fine_at(final_n)
+        fine_final = fine_at(final_n)
         a = features((runner["config"], final_n), _images(model, runner, st, rows, fp, final_n))
         b = features((best["config"], final_n), _images(model, best, st, rows, fp, final_n))
-        interval = paired_bootstrap(metric, a, b, features(("fine", final_n), ref), st.reps, st.seed, st.level)
+        interval = paired_bootstrap(metric, a, b, features(("fine", final_n), fine_final), st.reps, st.seed,
+                                    st.level)
         if interval["lo"] > 0:
             decision = "winner"
         else:
             decision = "tie"
-            chosen = min((best, runner), key=lambda r: (r["tmacs"], r[metric_name]))
+            chosen = min((best, runner), key=lambda r: (cost(r), r[metric_name]))
     recipe = _recipe(model, model_name, fp, chosen, best, runner, decision, interval, st, metric_name, final_n,
                      ddim50, budget_macs, not_tried, stopped, extractor, device)
+    recipe["budget"]["seconds_per_mac"] = seconds_per_mac
+    if st.budget_kind == "seconds":
+        recipe["budget"].update(seconds=st.budget, batch_size=bs, dtype=str(next(model.parameters()).dtype))
+    recipe["seconds_per_image"] = chosen.get("timed_seconds_per_image") or chosen["seconds_per_image"]
+    if data_ref is not None:
+        recipe["rankings"] = _rankings(final, metric_name)
     table = _frontier_rows(scored, final, chosen, metric_name)
     write_outputs(out, recipe, table, st, metric_name)
     log(f"tune: {chosen['config']} ({decision}), {chosen['tmacs']:.6f} TMACs ({chosen['budget_share']:.1%} of "
         f"DDIM-50), {metric_name.replace('_', ' ')} {chosen[metric_name]:.4g} on {final_n} images "
         f"({time.time() - t_start:.0f} s)")
     return recipe
+
+
+def _reference(ref, extractor):
+    """Reference statistics of real data (a dict or a path) checked against the extractor, or None."""
+    if ref is None:
+        return None
+    if extractor is None:
+        raise UsageError("--ref needs a feature extractor (--extractor): FID to data is computed in its features")
+    if not isinstance(ref, dict):
+        from lazydit.evaluation.features import load_reference
+
+        try:
+            ref = load_reference(ref)
+        except (FileNotFoundError, ValueError) as e:
+            raise UsageError(f"--ref: {e}") from None
+    want = ref.get("meta", {}).get("fingerprint")
+    if want is not None and hasattr(extractor, "state_dict") and weights_fingerprint(extractor) != want:
+        raise UsageError(f"--ref: these statistics were computed with another feature extractor (fingerprint {want}, "
+                         f"the extractor's {weights_fingerprint(extractor)})")
+    return ref
+
+
+def _rankings(final: list, metric_name: str) -> dict:
+    """The finalists ranked by the distance to the fine sampler and by FID to data, and where the two agree."""
+    by_fine = [r["config"] for r in sorted(final, key=lambda r: r[metric_name])]
+    by_ref = [r["config"] for r in sorted(final, key=lambda r: r["fid_to_ref"])]
+    n = len(final)
+    pos = {c: i for i, c in enumerate(by_ref)}
+    concordant = sum((pos[by_fine[i]] < pos[by_fine[j]]) for i in range(n) for j in range(i + 1, n))
+    pairs = n * (n - 1) // 2
+    return dict(by_fine=by_fine, by_ref=by_ref, same_best=by_fine[0] == by_ref[0],
+                kendall_tau=None if pairs == 0 else round(2 * concordant / pairs - 1, 4),
+                fid_to_ref={r["config"]: r["fid_to_ref"] for r in final})
+
+
+def _trained_candidates(model, st, out: Path, budget_macs: float, not_tried: list, check_time, progress, log) -> list:
+    """Train (or reuse) forecast gates for the step counts `gate_steps` picks; their calibrated candidates."""
+    from lazydit.evaluation.rows import build_policy, parse_spec
+    from lazydit.models.cost import sampling_macs
+
+    cfg, out_cands = model.config, []
+    steps = gate_steps(cfg, budget_macs)
+    if not steps:
+        not_tried.append(dict(what="trained gates", why="no step count of the grid needs a lazy ratio in "
+                                                        f"{GATE_RATIOS[0]:g}-{GATE_RATIOS[1]:g} at this budget"))
+    for T in steps:
+        folder = out / "gates" / f"forecast-T{T}"
+        try:
+            check_time()
+            log(f"tune: training forecast gates for T={T} ({st.gate_iters} steps, data-free) in {folder}")
+            path = train_tune_gates(model, T, folder, iters=st.gate_iters, batch_size=st.gate_batch,
+                                    pool=st.gate_pool, cfg_scale=st.cfg_scale, seed=st.seed, progress=progress,
+                                    callback=lambda info: check_time())
+        except _Stop:
+            not_tried.append(dict(what=f"forecast gates for T={T}", why="training stopped by --max-minutes (its "
+                                  "checkpoint is kept: run tune again to continue it)"))
+            continue
+        text = f"ddim-{T}+lazy:gates={path}"
+        ovh = build_policy(parse_spec(text), model).overhead_macs(cfg)
+        r = math.ceil((ratio_that_fits(cfg, T, ovh, budget_macs) + RATIO_MARGIN) * 100) / 100
+        if r > GATE_MAX_RATIO["forecast"]:
+            not_tried.append(dict(what=text, why=f"needs a lazy ratio of {r:.2f} (these gates reach "
+                                                 f"{GATE_MAX_RATIO['forecast']:.2f})"))
+            continue
+        out_cands.append((f"{text},target={r:g}", sampling_macs(cfg, T) - r * T * _branch_macs(cfg) + T * ovh))
+    return out_cands
+
+
+def _file(spec) -> str:
+    """A configuration's file stem in rows/: its sanitised text, shortened with a hash when long (gate paths)."""
+    import hashlib
+
+    name = spec.filename
+    return name if len(name) <= 120 else f"{name[:80]}-{hashlib.sha1(spec.text.encode()).hexdigest()[:12]}"
+
+
+def gate_steps(cfg, budget_macs: float, steps_grid=STEPS_GRID) -> list:
+    """The step counts tune trains gates for: of the T whose bare sampler is over the budget and whose fitting lazy
+    ratio lies in GATE_RATIOS, the smallest and the largest."""
+    from lazydit.models.cost import gate_macs, sampling_macs
+
+    fits = [T for T in steps_grid if sampling_macs(cfg, T) > budget_macs
+            and GATE_RATIOS[0] <= ratio_that_fits(cfg, T, gate_macs(cfg), budget_macs) + RATIO_MARGIN
+            <= GATE_RATIOS[1]]
+    return sorted({fits[0], fits[-1]}) if fits else []
+
+
+def train_tune_gates(model, steps: int, folder: Path, *, iters: int, batch_size: int, pool: int, cfg_scale: float,
+                     seed: int, progress: bool, callback=None) -> Path:
+    """Data-free forecast gates for `steps` (GATE_RECIPE) in `folder`, resumed from its checkpoint; returns the gate
+    file (reused when the folder holds it)."""
+    from lazydit.training.gates import GateTrainConfig, train_gates
+    from lazydit.training.trajectories import trajectory_data
+
+    path = folder / "gates.safetensors"
+    if path.is_file():
+        return path
+    cfg = GateTrainConfig(steps=steps, iters=iters, batch_size=batch_size, seed=seed, out=str(folder), ckpt_every=25,
+                          resume=(folder / "checkpoint.pt").is_file(), **GATE_RECIPE)
+    data, source = trajectory_data(model, steps, batch_size, size=pool, cfg_scale=cfg_scale, seed=seed,
+                                   progress=progress)
+    train_gates(model, data, cfg, progress=progress, extra_meta=dict(source=source, trained_by="lazydit tune"),
+                callback=callback)
+    return path
 
 
 def _images(model, rec, st, rows, fp, n):
@@ -523,7 +741,7 @@ def _images(model, rec, st, rows, fp, n):
     spec = parse_spec(rec["config"])
     policy = build_policy(spec, model, rec.get("threshold") if spec.target is not None else None,
                           device=next(model.parameters()).device, fitted=rec.get("fitted"))
-    return _sample(model, spec, policy, st, n, rows, spec.filename, fp, progress=False)[0]
+    return _sample(model, spec, policy, st, n, rows, _file(spec), fp, progress=False)[0]
 
 
 def _machine(device) -> dict:
@@ -548,7 +766,10 @@ def _recipe(model, model_name, fp, chosen, best, runner, decision, interval, st,
             opts["threshold"] = chosen["threshold"]
         policy_spec = spec.method + (":" + ",".join(f"{k}={v}" for k, v in opts.items()) if opts else "")
     other = runner if chosen is best else best
-    notes = [f"not built in this slice: {x}" for x in NOT_BUILT]
+    notes = []
+    if st.train_gates:
+        notes.append(f"gates trained here: forecast LazyDiT gates, data-free, {st.gate_iters} steps of "
+                     f"{st.gate_batch} trajectories (out/gates/)")
     if extractor is None:
         notes.append("no feature extractor for this model (pass --extractor module:function): ranked by the MSE "
                      "(PSNR) to the fine sampler's images only, no FID")
@@ -557,12 +778,14 @@ def _recipe(model, model_name, fp, chosen, best, runner, decision, interval, st,
                      f"candidates scored at {final_n} images")
     return dict(
         format=RECIPE_FORMAT, version=1,
-        model=dict(name=model_name or getattr(model, "name", None) or type(model).__name__, fingerprint=fp),
+        model=dict(name=model_name or getattr(model, "name", None) or type(model).__name__,
+                   fingerprint=denoiser_fingerprint(model)),
         config=chosen["config"], sampler=spec.sampler, steps=spec.steps, method=spec.method,
         policy_spec=policy_spec, threshold=chosen.get("threshold"), fitted=chosen.get("fitted") or {},
         cfg_scale=st.cfg_scale, seed=st.seed,
         tmacs=chosen["tmacs"], lazy_ratio=chosen["lazy_ratio"],
-        budget=dict(kind=st.budget_kind, share=st.budget, tmacs=budget_macs / 1e12, ddim50_tmacs=ddim50 / 1e12),
+        budget=dict(kind=st.budget_kind, share=st.budget if st.budget_kind == "tmacs" else None,
+                    tmacs=budget_macs / 1e12, ddim50_tmacs=ddim50 / 1e12),
         budget_share=chosen["budget_share"],
         quality=dict(metric=metric_name, value=chosen[metric_name], psnr_to_fine=chosen["psnr_to_fine"],
                      fid_to_fine=chosen.get("fid_to_fine"), samples=final_n, fine=st.fine,
@@ -573,8 +796,8 @@ def _recipe(model, model_name, fp, chosen, best, runner, decision, interval, st,
         settings=asdict(st), machine=_machine(device), not_tried=not_tried, notes=notes)
 
 
-COLUMNS = ("config", "family", "tmacs", "budget_share", "lazy_ratio", "n_first", "fid_first", "psnr_first",
-           "n_last", "fid_last", "psnr_last", "status")
+COLUMNS = ("config", "family", "tmacs", "budget_share", "seconds_per_image", "lazy_ratio", "n_first", "fid_first",
+           "psnr_first", "n_last", "fid_last", "psnr_last", "fid_to_ref_last", "status")
 
 
 def _frontier_rows(scored, final, chosen, metric_name) -> list:
@@ -587,12 +810,17 @@ def _frontier_rows(scored, final, chosen, metric_name) -> list:
         first, last = ok[0], ok[-1]
         status = ("chosen" if text == chosen["config"] else "finalist" if text in finalists
                   else f"pruned after {last['n']} images")
+        timed = last.get("timed_seconds_per_image")
         table.append(dict(config=text, family=first["family"], method=first["method"], tmacs=last["tmacs"],
                           budget_share=last["budget_share"], lazy_ratio=last["lazy_ratio"],
+                          seconds_per_image=timed if timed is not None else last["seconds_per_image"],
+                          seconds_source="timed" if timed is not None else "sampling clock",
+                          fid_to_ref_last=last.get("fid_to_ref"),
                           n_first=first["n"], fid_first=first.get("fid_to_fine"), psnr_first=first["psnr_to_fine"],
                           mse_first=first["mse_to_fine"], n_last=last["n"], fid_last=last.get("fid_to_fine"),
                           psnr_last=last["psnr_to_fine"], mse_last=last["mse_to_fine"], status=status,
-                          scores=[{k: r.get(k) for k in ("n", "tmacs", "fid_to_fine", "psnr_to_fine", "mse_to_fine")}
+                          scores=[{k: r.get(k) for k in ("n", "tmacs", "fid_to_fine", "psnr_to_fine", "mse_to_fine",
+                                                         "fid_to_ref")}
                                   for r in ok]))
     return sorted(table, key=lambda r: r["tmacs"])
 
@@ -611,6 +839,8 @@ def _finite(obj):
 
 def write_outputs(out: Path, recipe: dict, table: list, st: TuneSettings, metric_name: str):
     """recipe.json, frontier.md / .csv / .json / .png and report.md, each written atomically."""
+    import matplotlib.pyplot as plt
+
     from lazydit.evaluation.compare import frontier_figure
     from lazydit.files import savefig_atomic
 
@@ -621,31 +851,45 @@ def write_outputs(out: Path, recipe: dict, table: list, st: TuneSettings, metric
     write_text_atomic(out / "frontier.csv", "\n".join(
         [",".join(COLUMNS)] + [",".join("" if r[c] is None else str(r[c]) for c in COLUMNS) for r in table]) + "\n")
     n0 = st.levels[0]
-    lines = [f"# Frontier: {recipe['model']['name']} at {st.budget:g} x DDIM-50 TMACs", "",
+    budget_text = (f"{st.budget:g} x DDIM-50 TMACs" if st.budget_kind == "tmacs" else
+                   f"{st.budget:g} s per image ({recipe['budget']['batch_size']} images per call, "
+                   f"{recipe['budget']['dtype']})")
+    timed = st.budget_kind == "seconds"
+    lines = [f"# Frontier: {recipe['model']['name']} at {budget_text}", "",
              f"Quality is the distance to {st.fine} from the same labels and noise: FID between the two image sets "
              "in the extractor's feature space (blank without one) and PSNR to the same-noise image. "
              f"Every candidate was scored on the first {n0} images; the better half went on to twice as many, up to "
-             f"{st.num_samples} (successive halving).", "",
-             f"| configuration | TMACs | share of DDIM-50 | lazy ratio | FID to fine @{n0} | PSNR @{n0} (dB) | "
-             "images (last) | FID to fine (last) | PSNR (last) | status |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             f"{st.num_samples} (successive halving). Seconds per image: "
+             + ("timed before scoring, median of interleaved rounds on this device." if timed else
+                "the sampling run's own clock (not a quiet timing: tune with --budget-kind seconds for that)."), "",
+             f"| configuration | TMACs | share of DDIM-50 | s / image | lazy ratio | FID to fine @{n0} | "
+             f"PSNR @{n0} (dB) | images (last) | FID to fine (last) | PSNR (last) | FID to data (last) | status |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in table:
-        lines.append(f"| {r['config']} | {r['tmacs']:.6f} | {r['budget_share']:.3f} | {r['lazy_ratio']:.1%} | "
+        lines.append(f"| {r['config']} | {r['tmacs']:.6f} | {r['budget_share']:.3f} | "
+                     f"{r['seconds_per_image']:.4g} | {r['lazy_ratio']:.1%} | "
                      f"{fmt(r['fid_first'], '.4f')} | {r['psnr_first']:.2f} | {r['n_last']} | "
-                     f"{fmt(r['fid_last'], '.4f')} | {r['psnr_last']:.2f} | {r['status']} |")
+                     f"{fmt(r['fid_last'], '.4f')} | {r['psnr_last']:.2f} | {fmt(r['fid_to_ref_last'], '.4f')} | "
+                     f"{r['status']} |")
     write_text_atomic(out / "frontier.md", "\n".join(lines) + "\n")
     y_key = "fid_first" if metric_name == "fid_to_fine" else "mse_first"
     fig_rows = [dict(r, fid=r[y_key]) for r in table]
-    fig = frontier_figure(fig_rows, "tmacs", "TMACs per image",
-                          f"{recipe['model']['name']}: distance to {st.fine} vs TMACs ({n0} images each)")
-    ax = fig.axes[0]
-    ax.set_ylabel(("FID to the fine sampler" if y_key == "fid_first" else "MSE to the fine sampler")
-                  + " (lower is better)")
     ch = next(r for r in table if r["status"] == "chosen")
-    ax.plot([ch["tmacs"]], [ch[y_key]], marker="*", ms=16, color="k", ls="none", label=f"chosen: {ch['config']}")
-    ax.axvline(recipe["budget"]["tmacs"], color="grey", ls=":", lw=1, label="budget")
-    ax.legend(fontsize=7, ncol=2)
-    savefig_atomic(fig, out / "frontier.png")
+    for x_key, x_label, name in (("tmacs", "TMACs per image", "frontier.png"),
+                                 ("seconds_per_image", "seconds per image" + ("" if timed else " (sampling clock)"),
+                                  "frontier_seconds.png")):
+        fig = frontier_figure(fig_rows, x_key, x_label, f"{recipe['model']['name']}: distance to {st.fine} vs "
+                                                        f"{x_label.split(' (')[0]} ({n0} images each)")
+        ax = fig.axes[0]
+        ax.set_ylabel(("FID to the fine sampler" if y_key == "fid_first" else "MSE to the fine sampler")
+                      + " (lower is better)")
+        ax.plot([ch[x_key]], [ch[y_key]], marker="*", ms=16, color="k", ls="none", label=f"chosen: {ch['config']}")
+        if (x_key == "tmacs") == (st.budget_kind == "tmacs"):
+            ax.axvline(recipe["budget"]["tmacs"] if x_key == "tmacs" else st.budget, color="grey", ls=":", lw=1,
+                       label="budget")
+        ax.legend(fontsize=7, ncol=2)
+        savefig_atomic(fig, out / name)
+        plt.close(fig)
     q = recipe["quality"]
     iv = q["interval"]
     why = {"only candidate": "it was the only candidate scored within the budget.",
@@ -658,12 +902,27 @@ def write_outputs(out: Path, recipe: dict, table: list, st: TuneSettings, metric
                    f"interval of the difference, [{iv and fmt(iv['lo'], '.4g')}, {iv and fmt(iv['hi'], '.4g')}], "
                    "holds 0; the cheaper (fewer TMACs) is chosen.")}[q["decision"]]
     report = [f"# lazydit tune: {recipe['model']['name']}", "",
-              f"Budget: {st.budget:g} x DDIM-50 = {recipe['budget']['tmacs']:.6f} TMACs per image.", "",
+              (f"Budget: {st.budget:g} x DDIM-50 = {recipe['budget']['tmacs']:.6f} TMACs per image." if not timed
+               else f"Budget: {budget_text} on {recipe['machine']['platform']} ({recipe['machine']['device']}); "
+                    f"dense DDIM-{PROBE_STEPS} ran at {recipe['budget']['seconds_per_mac'] * 1e12:.4g} s per TMAC, "
+                    f"so the candidates were listed within {recipe['budget']['tmacs']:.6f} TMACs and each was "
+                    "timed."), "",
               f"**Chosen: `{recipe['config']}`** ({recipe['tmacs']:.6f} TMACs, {recipe['budget_share']:.1%} of "
               f"DDIM-50; {q['metric'].replace('_', ' ')} {q['value']:.4g}, PSNR to {st.fine} "
               f"{q['psnr_to_fine']:.2f} dB on {q['samples']} images)" +
               (f", threshold {recipe['threshold']:.6g}" if recipe.get("threshold") is not None else "") + ".", "",
-              f"Why: {why}", "", f"{len(table)} candidates scored (frontier.md).", "", "## Not tried", ""]
+              f"Why: {why}", "", f"{len(table)} candidates scored (frontier.md).", ""]
+    if recipe.get("rankings"):
+        rk = recipe["rankings"]
+        report += ["## Two rankings of the finalists", "",
+                   f"By the distance to {st.fine} (the choice) and by FID to real data (--ref), on {q['samples']} "
+                   f"images: the two rankings {'agree' if rk['same_best'] else 'disagree'} on the best "
+                   f"({rk['by_fine'][0]}" + ("" if rk["same_best"] else f" against {rk['by_ref'][0]}") + ")"
+                   + ("" if rk["kendall_tau"] is None else f"; Kendall's tau over the finalists {rk['kendall_tau']:+.2f}")
+                   + ".", "", "| rank | by distance to the fine sampler | by FID to data (FID) |", "|---:|---|---|"]
+        report += [f"| {i + 1} | {a} | {b} ({rk['fid_to_ref'][b]:.4f}) |"
+                   for i, (a, b) in enumerate(zip(rk["by_fine"], rk["by_ref"]))] + [""]
+    report += ["## Not tried", ""]
     report += [f"- {d['what']}: {d['why']}" for d in recipe["not_tried"]] or ["- nothing"]
     report += ["", "## Notes", ""] + [f"- {x}" for x in recipe["notes"]]
     write_text_atomic(out / "report.md", "\n".join(report) + "\n")
@@ -686,7 +945,7 @@ class Recipe:
 
     def check_model(self, model):
         """Raise `UsageError` unless `model` has the weights the recipe was tuned on."""
-        have = weights_fingerprint(model)
+        have = denoiser_fingerprint(model)
         if have != self.fingerprint:
             raise UsageError(f"the recipe {self.path or ''} was tuned on model {self.model_name} (fingerprint "
                              f"{self.fingerprint}), not this one (fingerprint {have}): tune this model")
