@@ -385,22 +385,29 @@ def test_bench_methods_tiny(tmp_path, capsys):
     assert "TMACs/dense" in capsys.readouterr().out
 
 
-def test_compare_methods_small_run(tmp_path, fake_fmnist):
-    """Three configurations with tiny settings: the learned methods trained, the rows sampled, the report written."""
+def test_compare_methods_small_run(tmp_path):
+    """Two families at one budget with tiny sizes: the grid fits the budget, selection on seed 1 picks each family's
+    best, the final rows carry both extractors' FIDs and the distance to DDIM-250 with draws, the write-up exists."""
     cm = load("compare_methods", "experiments")
     run, docs = tmp_path / "run", tmp_path / "docs"
-    specs = cm.specs(run)
-    picks = [specs.index("ddim-5"), specs.index("ddim-20+fora:interval=3"),
-             next(i for i, s in enumerate(specs) if s.startswith("ddim-20+l2c") and s.endswith("0.5"))]
-    cm.main(["--num-samples", "8", "--iters", "2", "--batch-size", "4", "--ref-samples", "4", "--run", str(run),
-             "--docs", str(docs), "--only", ",".join(map(str, picks)), "--quiet"])
+    cm.main(["--budgets", "0.15", "--families", "DDIM,FORA", "--select-n", "4", "--final-n", "8", "--fine-n", "4",
+             "--reps", "5", "--run", str(run), "--docs", str(docs), "--quiet"])
     out = json.loads((docs / "compare_methods.json").read_text())
-    rows = {r["sampler"]: r for r in out["rows"]}
-    assert set(rows) == {"ddim-5", "ddim-20+fora:interval=3", "ddim-20+l2c:router=router-T20/gates.safetensors,target=0.5"}
-    assert rows["ddim-20+fora:interval=3"]["lazy_ratio"] == pytest.approx(12 / 20)  # k = 19 and k % 3 == 0 compute
-    l2c = rows["ddim-20+l2c:router=router-T20/gates.safetensors,target=0.5"]
-    assert abs(l2c["lazy_ratio"] - 0.5) < 0.05 and l2c["family"] == "L2C"
-    assert (run / "router-T20" / "gates.safetensors").exists() and (run / "forecast-T20" / "gates.safetensors").exists()
+    assert out["budgets"] == [0.15] and out["sizes"]["final_n"] == 8
+    sel = out["selection"]["0.15"]
+    cap = 0.15 * out["ddim50_tmacs"]
+    assert {r["family"] for r in sel["grid"]} == {"DDIM", "FORA"} and len(sel["grid"]) == 4  # ddim-7, FORA 2-4
+    assert all(r["tmacs"] <= cap * 1.0001 for r in sel["grid"])
+    fora = [r for r in sel["grid"] if r["family"] == "FORA"]
+    assert sel["best"]["FORA"] == min(fora, key=lambda r: (r["fid"], r["tmacs"]))["config"]  # the rule, on seed 1
+    rows = {r["family"]: r for r in out["rows"]}
+    assert set(rows) == {"DDIM", "FORA"} and rows["DDIM"]["config"] == "ddim-7"
+    for r in rows.values():
+        assert r["seed"] == 0 and r["n"] == 8
+        assert len(r["fid_fmnist_draws"]) == len(r["fid_resnet_draws"]) == len(r["fid_to_fine_draws"]) == 5
+        assert r["fid_fmnist"] != r["fid_resnet"] and r["fid_to_fine"] >= 0 and r["psnr_to_fine"] > 0
+    assert "0.15" not in out["verdicts"]  # no LazyDiT row: nothing to claim
     md = (docs / "compare_methods.md").read_text()
-    assert str(run) not in md and "| ddim-5 |" in md
+    assert "`ddim-7`" in md and "not run yet: 10%, 20%, 30%, 50%" in md and str(run) not in md
+    assert "**`" + sel["best"]["FORA"] + "`**" in (docs / "compare_methods_selection.md").read_text()
     assert (docs / "compare_methods_tmacs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # a PNG, not a stub
