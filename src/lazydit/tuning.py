@@ -6,14 +6,15 @@ image on this device at the batch size and dtype the user samples with (`budget_
 1. lists the candidates within the budget (`candidates`): every solver of `lazydit.sampling.SAMPLERS` (DDIM,
    DPM-Solver++(2M), UniPC, on the reference respacing and diffusers' spacings) at every T of the grid that fits;
    FORA (interval 2, 3), TaylorSeer (interval 2-4, order 1-2) and FoCa (interval 3, 5, 7) at the largest T of the
-   grid whose static cost fits; FBCache and TeaCache calibrated to the lazy ratio r that fits at each T the bare sampler does not fit;
-   for the embedded default also its shipped LazyDiT gates (reference, forecast, every-forecast) at the T they are
+   grid whose static cost fits; FBCache and TeaCache calibrated to the lazy ratio r that fits at each T the bare
+   sampler does not fit; for the embedded default also its shipped LazyDiT gates (reference, forecast, every-forecast) at the T they are
    shipped for, calibrated to the r that fits. Costs are exact (`lazydit.models.cost`); a calibrated run's are
    measured from its samples, and a candidate whose measured TMACs exceed the budget is never scored. A seconds
    budget is first turned into TMACs by timing dense DDIM-10 (seconds per MAC on this device), which lists the
    candidates; then every candidate, calibrated, is timed in interleaved rounds (`lazydit.bench.time_interleaved`,
    the project's one timing routine) at the user's batch size, and one whose median seconds per image exceed B is
-   never scored (lazy rows cost more seconds than their MACs say, so the TMACs list is an upper bound).
+   never scored (the TMACs list, taken within SECONDS_SLACK of the equivalent, is an upper bound: lazy rows
+   cost more seconds than their MACs say).
 2. measures quality without a dataset: the distance to the model's own converged sampler (`fine`, e.g. DDIM-250)
    from the same labels and noise: FID between the candidate's and the fine sampler's images in an extractor's
    feature space (the shipped Fashion-MNIST classifier for the embedded default), and PSNR to the same-noise fine
@@ -64,6 +65,7 @@ GATE_RECIPE = dict(forecast=1, lr=1e-4, rho_attn=1e-2, rho_mlp=1e-2, data_free=T
 GATE_RATIOS = (0.25, 0.48)  # tune trains gates for the T whose fitting lazy ratio lies in this range (two at most)
 BUDGET_KINDS = ("tmacs", "seconds")
 PROBE_STEPS = 10  # the dense DDIM run a seconds budget is converted to TMACs with
+SECONDS_SLACK = 1.1  # a seconds budget lists the candidates within this many times its TMACs equivalent
 
 
 @dataclass(frozen=True)
@@ -418,8 +420,11 @@ def tune(model, budget: float, out, *, budget_kind: str = "tmacs", num_samples: 
         seconds_per_mac = time_rows([TimedRow(probe, model, PROBE_STEPS)])[probe] / sampling_macs(cfg, PROBE_STEPS)
         budget_macs = st.budget / seconds_per_mac
 
+    # a seconds budget lists within SECONDS_SLACK x its TMACs equivalent: seconds per MAC vary a little with T (fixed
+    # costs per step), and the timing below decides
+    listing = budget_macs * (SECONDS_SLACK if st.budget_kind == "seconds" else 1.0)
     if configs is None:
-        cands, not_tried = candidates(model, budget_macs, shipped)
+        cands, not_tried = candidates(model, listing, shipped)
     else:
         cands, not_tried = [], []
         for text in configs:
@@ -429,7 +434,7 @@ def tune(model, budget: float, out, *, budget_kind: str = "tmacs", num_samples: 
                 static_macs(p, cfg) if hasattr(p, "computes") else sampling_macs(cfg, s.steps) + s.steps * p.overhead_macs(cfg))
             if s.target is not None:
                 est -= s.target * s.steps * _branch_macs(cfg)
-            if est <= budget_macs:
+            if est <= listing or st.budget_kind == "seconds":  # a given configuration is timed whatever its MACs
                 cands.append((text, est))
             else:
                 not_tried.append(dict(what=text, why=f"estimated {est / 1e12:.6f} TMACs: over the budget"))

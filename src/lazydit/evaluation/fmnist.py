@@ -147,7 +147,8 @@ def build_classifier(arch: dict) -> nn.Module:
     arch = dict(arch)
     kind = arch.pop("kind", "cnn")
     if kind not in ARCHITECTURES:
-        raise CheckpointError(f"unknown classifier architecture {kind!r}: this lazydit knows {', '.join(ARCHITECTURES)}")
+        raise CheckpointError(f"unknown classifier architecture {kind!r}: this lazydit knows "
+                              f"{', '.join(ARCHITECTURES)}")
     return ARCHITECTURES[kind](**arch)
 
 
