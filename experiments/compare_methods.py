@@ -1,6 +1,7 @@
 """Every method at its best on the embedded default (DiT-FMNIST-Latent), at fixed shares of DDIM-50's TMACs.
 
     python experiments/compare_methods.py --budgets 0.15        # select on seed 1, then the final rows on seed 0
+    python experiments/compare_methods.py --timing              # seconds of every final row: one quiet run
     python experiments/compare_methods.py --write-only          # the write-up from the committed records
 
 Protocol, the same for every family (written down before any row ran):
@@ -28,6 +29,7 @@ different sessions pair exactly; the run folder holds the samples and is resumab
 import argparse
 import json
 import math
+import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,7 +149,8 @@ def _draws_to_fine(feats, fine_feats, reps: int, seed: int) -> np.ndarray:
     """FID(row, fine) of each bootstrap resample of the rows both sets share (same indices for every row)."""
     rng = np.random.default_rng(seed)
     n = len(fine_feats)
-    return np.array([fid_of_samples(feats[idx], fine_feats[idx]) for idx in (rng.integers(0, n, n) for _ in range(reps))])
+    draws = (rng.integers(0, n, n) for _ in range(reps))
+    return np.array([fid_of_samples(feats[idx], fine_feats[idx]) for idx in draws])
 
 
 def score_final(rec: dict, npz: Path, extractors: dict, fine_images, reps: int) -> dict:
@@ -229,6 +232,25 @@ def final(model, budget: float, chosen: dict, run: Path, extractors: dict, fine_
     return out
 
 
+def time_rows(model, rows: list, repeats: int, batch: int = 16) -> dict:
+    """Seconds per image of every final row's configuration (calibrated as its record says), timed together in one
+    interleaved run (`lazydit.bench.time_interleaved`) at `batch` images per call."""
+    from lazydit.bench import TimedRow, time_interleaved
+
+    timed, seen = [], set()
+    for r in rows:
+        if r["config"] in seen:
+            continue
+        seen.add(r["config"])
+        spec = parse_spec(r["config"])
+        fitted = {"coefficients": r["coefficients"]} if "coefficients" in r else None
+        policy = build_policy(spec, model, r.get("threshold") if spec.target is not None else None, fitted=fitted)
+        timed.append(TimedRow(r["config"], model, spec.steps, policy, spec.sampler))
+    y = torch.arange(batch) % model.config.num_classes
+    res = time_interleaved(timed, y, cfg_scale=1.5, repeats=repeats, micro_batch=batch)
+    return {name: float(np.median(v["times"])) / batch for name, v in res.items()}
+
+
 def verdict(a: dict, b: dict) -> dict:
     """a (best LazyDiT) against b (best other): the three paired intervals of (a - b) and the claim they allow."""
     iv = {k: paired_interval(a[f], b[f], a[f + "_draws"], b[f + "_draws"])
@@ -257,8 +279,9 @@ def write_up(doc: dict, docs: Path, command: str):
              f"{', '.join(f'{b:.0%}' for b in sorted(doc['budgets']))} of DDIM-50's TMACs"
              + (f"; not run yet: {', '.join(f'{b:.0%}' for b in BUDGETS if b not in doc['budgets'])}"
                 if set(BUDGETS) - set(doc["budgets"]) else "") + ".", "",
-             f"{sizes.final_n:,} samples per row (seed 0: the same labels and noise for every row), CFG 1.5. Each family's "
-             f"setting was chosen on seed {SELECT_SEED} ({sizes.select_n:,} images, FID under the shipped extractor; the "
+             f"{sizes.final_n:,} samples per row (seed 0: the same labels and noise for every row), CFG 1.5. Each "
+             f"family's setting was chosen on seed {SELECT_SEED} ({sizes.select_n:,} images, FID under the shipped "
+             "extractor; the "
              "grid is in compare_methods_selection.md). FID: against the 10,000-image test split under the shipped "
              "extractor and under the second one (fmnist-resnet). To DDIM-250: FID between the row's first "
              f"{sizes.fine_n:,} images and DDIM-250's from the same noise, and PSNR to them.", ""]
@@ -287,7 +310,8 @@ def write_up(doc: dict, docs: Path, command: str):
         [",".join(cols)] + [",".join("" if r.get(c) is None else str(r[c]) for c in cols) for r in rows]) + "\n")
     write_text_atomic(docs / "compare_methods.json", json.dumps(doc, indent=1))
     sel = ["# compare_methods: the selection runs", "",
-           f"Seed {SELECT_SEED}, {sizes.select_n:,} images per configuration, FID under the shipped extractor; the lowest "
+           f"Seed {SELECT_SEED}, {sizes.select_n:,} images per configuration, FID under the shipped extractor; the "
+           "lowest "
            "FID of each family within the budget is its setting (bold).", ""]
     for b in sorted(doc["budgets"]):
         s = doc["selection"][f"{b:g}"]
@@ -317,6 +341,8 @@ def main(argv=None):
     ap.add_argument("--l2c-steps", default="", help="comma-separated T of the L2C routers to train (e.g. 14)")
     ap.add_argument("--l2c-iters", type=int, default=300)
     ap.add_argument("--write-only", action="store_true")
+    ap.add_argument("--timing", action="store_true", help="time every final row (run it on a quiet machine)")
+    ap.add_argument("--repeats", type=int, default=5, help="interleaved timed rounds of --timing")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--select-n", type=int, default=SELECT_N, help=argparse.SUPPRESS)  # tests shrink the sizes
     ap.add_argument("--final-n", type=int, default=FINAL_N, help=argparse.SUPPRESS)
@@ -338,7 +364,13 @@ def main(argv=None):
     doc["ddim50_tmacs"] = sampling_macs(model.config, 50) / 1e12
     command = "python experiments/compare_methods.py --budgets " + ",".join(f"{b:g}" for b in sorted(
         set(doc["budgets"]) | {float(b) for b in filter(None, args.budgets.split(","))}))
-    if not args.write_only:
+    if args.timing:
+        secs = time_rows(model, doc["rows"], args.repeats)
+        for r in doc["rows"]:
+            r["timed_seconds_per_image"] = secs[r["config"]]
+        doc["timing"] = dict(repeats=args.repeats, batch=16, machine=platform.platform(),
+                             threads=torch.get_num_threads())
+    if not args.write_only and not args.timing:
         log = print
         extractors = {"fmnist": (fmnist.default_classifier(), fmnist.default_reference()),
                       "resnet": (fmnist.resnet_classifier(), fmnist.resnet_reference())}

@@ -390,8 +390,8 @@ def test_compare_methods_small_run(tmp_path):
     best, the final rows carry both extractors' FIDs and the distance to DDIM-250 with draws, the write-up exists."""
     cm = load("compare_methods", "experiments")
     run, docs = tmp_path / "run", tmp_path / "docs"
-    cm.main(["--budgets", "0.15", "--families", "DDIM,FORA", "--select-n", "4", "--final-n", "8", "--fine-n", "4",
-             "--reps", "5", "--run", str(run), "--docs", str(docs), "--quiet"])
+    sizes = ["--select-n", "4", "--final-n", "8", "--fine-n", "4", "--reps", "5", "--run", str(run), "--docs", str(docs)]
+    cm.main(["--budgets", "0.15", "--families", "DDIM,FORA", *sizes, "--quiet"])
     out = json.loads((docs / "compare_methods.json").read_text())
     assert out["budgets"] == [0.15] and out["sizes"]["final_n"] == 8
     sel = out["selection"]["0.15"]
@@ -411,3 +411,8 @@ def test_compare_methods_small_run(tmp_path):
     assert "`ddim-7`" in md and "not run yet: 10%, 20%, 30%, 50%" in md and str(run) not in md
     assert "**`" + sel["best"]["FORA"] + "`**" in (docs / "compare_methods_selection.md").read_text()
     assert (docs / "compare_methods_tmacs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # a PNG, not a stub
+    cm.main(["--timing", "--repeats", "1", *sizes])  # the seconds of every final row, in one interleaved run
+    timed = json.loads((docs / "compare_methods.json").read_text())
+    assert timed["rows"][0]["fid_fmnist"] == out["rows"][0]["fid_fmnist"]  # the records are kept
+    assert all(r["timed_seconds_per_image"] > 0 for r in timed["rows"]) and timed["timing"]["repeats"] == 1
+    assert (docs / "compare_methods_seconds.png").is_file()
