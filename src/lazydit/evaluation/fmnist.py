@@ -186,37 +186,33 @@ def load_classifier(path, device="cpu") -> nn.Module:
     return model.eval().to(device)
 
 
-def _missing(path: Path):
-    return FileNotFoundError(f"shipped asset {path.name} is missing from {path.parent}: reinstall lazydit, or "
-                             "rebuild it with `OMP_NUM_THREADS=1 python scripts/build_fmnist_eval.py`")
+def _shipped(path: Path) -> Path:
+    """A shipped evaluator file, or FileNotFoundError naming how to rebuild it."""
+    if not path.is_file():
+        arch = " --arch resnet ..." if path in (RESNET_CLASSIFIER, RESNET_REFERENCE) else ""
+        raise FileNotFoundError(f"shipped asset {path.name} is missing from {path.parent}: reinstall lazydit, or "
+                                f"rebuild it with `OMP_NUM_THREADS=1 python scripts/build_fmnist_eval.py{arch}`")
+    return path
 
 
 def default_classifier(device="cpu") -> FMNISTClassifier:
     """The shipped Fashion-MNIST classifier (eval mode) on `device`."""
-    if not DEFAULT_CLASSIFIER.is_file():
-        raise _missing(DEFAULT_CLASSIFIER)
-    return load_classifier(DEFAULT_CLASSIFIER, device)
+    return load_classifier(_shipped(DEFAULT_CLASSIFIER), device)
 
 
 def default_reference() -> dict:
     """The shipped reference statistics of the 10,000-image Fashion-MNIST test split (see load_reference)."""
-    if not DEFAULT_REFERENCE.is_file():
-        raise _missing(DEFAULT_REFERENCE)
-    return load_reference(DEFAULT_REFERENCE)
+    return load_reference(_shipped(DEFAULT_REFERENCE))
 
 
 def resnet_classifier(device="cpu") -> FMNISTResNet:
     """The shipped second extractor (FMNISTResNet, eval mode) on `device`."""
-    if not RESNET_CLASSIFIER.is_file():
-        raise _missing(RESNET_CLASSIFIER)
-    return load_classifier(RESNET_CLASSIFIER, device)
+    return load_classifier(_shipped(RESNET_CLASSIFIER), device)
 
 
 def resnet_reference() -> dict:
     """The second extractor's reference statistics of the Fashion-MNIST test split."""
-    if not RESNET_REFERENCE.is_file():
-        raise _missing(RESNET_REFERENCE)
-    return load_reference(RESNET_REFERENCE)
+    return load_reference(_shipped(RESNET_REFERENCE))
 
 
 # ---------------------------------------------------------------- training
